@@ -1,1 +1,39 @@
-fn main() {}
+//! # openims
+//!
+//! The single binary: `serve` runs the service, `admin` manages identities directly on the
+//! data directory, `image` inspects and converts image files locally. It owns configuration
+//! (flags, `OPENIMS_*` environment variables, `openims.toml`), logging and process lifecycle;
+//! everything else is done by the library crates.
+
+mod admin;
+mod config;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "openims",
+    version,
+    about = "OpenIMS: a self-hosted image management service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (API, workers) on a data directory.
+    Serve(config::ServeArgs),
+    /// Manage domains, projects, users and keys on a data directory.
+    Admin(admin::AdminArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Admin(args) => admin::run(args),
+    }
+}

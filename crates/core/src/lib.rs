@@ -1,1 +1,32 @@
-//! placeholder
+//! # openims-core
+//!
+//! The domain of the image service: identity (domains, projects, users, AK/SK keys, tokens),
+//! images and their attributes, tags, quotas, durable jobs and the rules that govern them, and the
+//! metadata repository behind them (sqlx over SQLite or PostgreSQL, one schema).
+//!
+//! It owns every rule of the contract (names, limits, state transitions, who may do what) and
+//! expresses violations as [`CoreError`] variants; the api crate maps them to HTTP statuses and
+//! `IMG.xxxx` codes in one place. It must not know about HTTP, request signing or wire formats,
+//! and it reaches image bytes only through `openims-store` and `openims-format`.
+//!
+//! Every query is scoped by the caller's project: functions that read or change an image take a
+//! [`Caller`] and answer `ImageNotFound` for images the caller may not see.
+
+pub mod config;
+pub mod data;
+pub mod db;
+pub mod error;
+pub mod identity;
+pub mod ids;
+pub mod image;
+pub mod jobs;
+pub mod service;
+pub mod tags;
+pub mod time;
+pub mod upload;
+
+pub use config::ServiceConfig;
+pub use error::{CoreError, Result};
+pub use identity::Caller;
+pub use ids::{DomainId, ImageId, JobId, ProjectId, UserId};
+pub use service::Service;

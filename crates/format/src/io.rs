@@ -1,7 +1,5 @@
 //! The three I/O traits the rest of the crate is written against.
 
-use crate::Result;
-
 /// Positional reads from an image file (a local file, a bucket object read by ranges, memory).
 ///
 /// Implementations must be safe to call with any offset: reads past the end return 0 bytes.
@@ -114,6 +112,18 @@ pub trait VirtualDisk: Send {
 
     /// Fills `buf` with the virtual disk's bytes at `offset` (zeros for holes and past the end).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> crate::Result<()>;
+}
+
+impl<T: VirtualDisk + ?Sized> VirtualDisk for Box<T> {
+    fn virtual_size(&self) -> u64 {
+        (**self).virtual_size()
+    }
+    fn extents(&mut self, offset: u64, len: u64) -> crate::Result<Vec<Extent>> {
+        (**self).extents(offset, len)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
+        (**self).read_at(offset, buf)
+    }
 }
 
 /// Where writers put an image file: written front to back, with a bounded window at the start

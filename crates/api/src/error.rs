@@ -1,0 +1,148 @@
+//! The one place domain errors become HTTP: status, `IMG.xxxx` code and message.
+//!
+//! IMS paths answer `{"error":{"code","message"}}`. Glance paths add Glance's own keys
+//! (`message`, `code` like "404 Not Found", `title`) so both client families parse them.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use openims_core::CoreError;
+use serde_json::json;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub glance: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            glance: false,
+        }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "APIGW.0301", message)
+    }
+    pub fn forbidden_project(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "IMG.0030", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "IMG.9404", message)
+    }
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "IMG.9008",
+            format!("The request body exceeds the limit of {limit} bytes."),
+        )
+    }
+    /// Answer Glance-style, with Glance's statuses where they differ from IMS's.
+    pub fn glance(mut self) -> Self {
+        self.glance = true;
+        match self.code {
+            "IMG.0028" | "IMG.0026" => self.status = StatusCode::FORBIDDEN,
+            "IMG.0090" => self.status = StatusCode::CONFLICT,
+            _ => {}
+        }
+        self
+    }
+}
+
+/// Status and code of each domain error (IMS semantics).
+fn classify(e: &CoreError) -> (StatusCode, &'static str) {
+    use CoreError::*;
+    let bad = StatusCode::BAD_REQUEST;
+    match e {
+        InvalidRequest(_) | InvalidAttribute { .. } => (bad, "IMG.0001"),
+        EmptyBody => (bad, "IMG.0007"),
+        NameMissing => (bad, "IMG.0013"),
+        NameTooLong(_) => (bad, "IMG.0002"),
+        NameInvalid(_) => (bad, "IMG.0003"),
+        DescriptionTooLong => (bad, "IMG.0004"),
+        DescriptionInvalid => (bad, "IMG.0054"),
+        ImageNotFound(_) => (StatusCode::NOT_FOUND, "IMG.0027"),
+        JobNotFound(_) => (StatusCode::NOT_FOUND, "IMG.9001"),
+        ImageQuotaExceeded(_) => (bad, "IMG.0015"),
+        TagQuotaExceeded(_) => (bad, "IMG.0116"),
+        TagInvalid(_) => (bad, "IMG.0115"),
+        TagNotFound(_) => (StatusCode::NOT_FOUND, "IMG.9005"),
+        ImageProtected => (bad, "IMG.0028"),
+        ImageNotActive(_) => (bad, "IMG.0046"),
+        ImageBeingCreated => (bad, "IMG.0090"),
+        NotOwner => (bad, "IMG.0047"),
+        BadTransition { .. } => (StatusCode::CONFLICT, "IMG.9006"),
+        ReadOnlyAttribute(_) => (StatusCode::FORBIDDEN, "IMG.9007"),
+        ReservedAttribute(_) => (StatusCode::FORBIDDEN, "IMG.9007"),
+        InvalidFirmware => (bad, "IMG.0141"),
+        InvalidArchitecture => (bad, "IMG.0212"),
+        InvalidOsVersion(_) => (bad, "IMG.0056"),
+        InvalidDiskOrMemory(_) => (bad, "IMG.0055"),
+        DuplicateImage(_) => (StatusCode::CONFLICT, "IMG.9010"),
+        FormatMismatch { .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "IMG.9003"),
+        UnsafeImage(_) => (bad, "IMG.9004"),
+        InvalidImageFile(_) => (bad, "IMG.0057"),
+        ImageTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "IMG.0059"),
+        FormatsNotSet => (bad, "IMG.9011"),
+        DataImageUpdate => (bad, "IMG.0168"),
+        Forbidden(_) => (StatusCode::FORBIDDEN, "IMG.0026"),
+        FlowControl(_) => (bad, "IMG.0060"),
+        KmsKeyNotFound(_) => (bad, "IMG.0095"),
+        NoSuchService(_) => (bad, "IMG.9002"),
+        WholeImageNotReplicable => (bad, "IMG.0130"),
+        IsoImage => (bad, "IMG.0167"),
+        ImageTooLargeToCopy(_) => (bad, "IMG.0059"),
+        UploadInterrupted(_) => (bad, "IMG.9012"),
+        Store(_) | Format(_) | Db(_) | Migrate(_) | Io(_) | Internal(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "IMG.9000")
+        }
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let (status, code) = classify(&e);
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "internal error");
+            "The service failed to complete the request; see the server log for the request id."
+                .to_string()
+        } else {
+            e.to_string()
+        };
+        ApiError {
+            status,
+            code,
+            message,
+            glance: false,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = if self.glance {
+            json!({
+                "message": self.message,
+                "code": format!("{} {}", self.status.as_u16(), self.status.canonical_reason().unwrap_or("")),
+                "title": self.status.canonical_reason().unwrap_or(""),
+                "error": {"code": self.code, "message": self.message},
+            })
+        } else {
+            json!({"error": {"code": self.code, "message": self.message}})
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        resp.headers_mut()
+            .insert("x-openims-error-code", HeaderValue::from_static(self.code));
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,119 @@
+//! Configuration: command-line flags, then `OPENIMS_*` environment variables, then
+//! `openims.toml` (in the working directory, or `--config`), then defaults.
+
+use clap::Args;
+use openims_core::ServiceConfig;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Data directory (SQLite metadata, chunk store, staging).
+    #[arg(long, env = "OPENIMS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Metadata database URL (default: SQLite in the data directory).
+    #[arg(long, env = "OPENIMS_DATABASE")]
+    pub database: Option<String>,
+    /// Configuration file (default: ./openims.toml if present).
+    #[arg(long, env = "OPENIMS_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Address of the API.
+    #[arg(long, env = "OPENIMS_LISTEN")]
+    pub listen: Option<String>,
+    /// Region this deployment serves.
+    #[arg(long, env = "OPENIMS_REGION")]
+    pub region: Option<String>,
+    /// Public URL of the API, if not http://<listen>.
+    #[arg(long, env = "OPENIMS_PUBLIC_ENDPOINT")]
+    pub public_endpoint: Option<String>,
+    /// Private images per project.
+    #[arg(long, env = "OPENIMS_IMAGE_QUOTA")]
+    pub image_quota: Option<u64>,
+    /// Largest image that may be replicated or exported normally, in GB.
+    #[arg(long, env = "OPENIMS_MAX_IMAGE_SIZE_GB")]
+    pub max_image_size_gb: Option<u64>,
+    /// Job workers in this process.
+    #[arg(long, env = "OPENIMS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long, env = "OPENIMS_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// The optional keys of `openims.toml`.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub database: Option<String>,
+    pub listen: Option<String>,
+    pub region: Option<String>,
+    pub public_endpoint: Option<String>,
+    pub image_quota: Option<u64>,
+    pub max_image_size_gb: Option<u64>,
+    pub workers: Option<usize>,
+}
+
+pub fn load_file(common: &CommonArgs) -> anyhow::Result<FileConfig> {
+    let path = match &common.config {
+        Some(p) => p.clone(),
+        None => {
+            let p = PathBuf::from("openims.toml");
+            if !p.exists() {
+                return Ok(FileConfig::default());
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display()))
+}
+
+/// The data directory and database URL in force for admin commands.
+pub fn resolve_common(common: &CommonArgs) -> anyhow::Result<ServiceConfig> {
+    let file = load_file(common)?;
+    let data_dir = common
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("openims-data"));
+    let mut cfg = ServiceConfig::new(data_dir);
+    cfg.database_url = common.database.clone().or(file.database);
+    Ok(cfg)
+}
+
+/// Everything `serve` needs.
+pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, String)> {
+    let file = load_file(&args.common)?;
+    let mut cfg = resolve_common(&args.common)?;
+    let listen = args
+        .listen
+        .clone()
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:9292".into());
+    if let Some(r) = args.region.clone().or(file.region) {
+        cfg.region = r;
+    }
+    cfg.public_endpoint = args
+        .public_endpoint
+        .clone()
+        .or(file.public_endpoint)
+        .unwrap_or_else(|| format!("http://{listen}"));
+    if let Some(q) = args.image_quota.or(file.image_quota) {
+        cfg.image_quota = q;
+    }
+    if let Some(g) = args.max_image_size_gb.or(file.max_image_size_gb) {
+        cfg.max_image_size = g * 1024 * 1024 * 1024;
+    }
+    if let Some(w) = args.workers.or(file.workers) {
+        cfg.workers = w;
+    }
+    Ok((cfg, listen))
+}

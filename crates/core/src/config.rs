@@ -1,0 +1,74 @@
+//! Settings of a running service that the domain rules depend on.
+
+use std::path::PathBuf;
+
+/// Limits and locations the domain needs. Built by the CLI from flags, file and environment.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Root of local state: metadata database (SQLite), chunk store, staging files.
+    pub data_dir: PathBuf,
+    /// Metadata database URL; `None` means SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// Region this deployment serves.
+    pub region: String,
+    /// Public base URL of the API (used in token catalogs and `Location` headers).
+    pub public_endpoint: String,
+    /// Private images per project (IMG.0015).
+    pub image_quota: u64,
+    /// Tags per image (IMG.0116).
+    pub tag_quota: usize,
+    /// Largest image that may be replicated or exported normally, in bytes (128 GB default).
+    pub max_image_size: u64,
+    /// Largest file accepted by an upload, in bytes (128 GB default).
+    pub max_upload_size: u64,
+    /// Largest virtual disk any image file may declare, in bytes (1 TiB default).
+    pub max_virtual_size: u64,
+    /// Concurrent replication jobs per project (5 default).
+    pub max_copy_jobs_per_project: u64,
+    /// Job workers in this process.
+    pub workers: usize,
+    /// Token lifetime in seconds.
+    pub token_ttl_secs: i64,
+    /// A lease on a running job lasts this long without a heartbeat (ms).
+    pub job_lease_ms: i64,
+}
+
+impl ServiceConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServiceConfig {
+            data_dir: data_dir.into(),
+            database_url: None,
+            region: "local-1".into(),
+            public_endpoint: "http://127.0.0.1:9292".into(),
+            image_quota: 50,
+            tag_quota: 10,
+            max_image_size: 128 * 1024 * 1024 * 1024,
+            max_upload_size: 128 * 1024 * 1024 * 1024,
+            max_virtual_size: 1024 * 1024 * 1024 * 1024,
+            max_copy_jobs_per_project: 5,
+            workers: 4,
+            token_ttl_secs: 24 * 3600,
+            job_lease_ms: 30_000,
+        }
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+
+    /// The database URL in force.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(u) => u.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("openims.db").display()
+            ),
+        }
+    }
+}

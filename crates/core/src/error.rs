@@ -1,0 +1,101 @@
+//! The crate's one error type. Each variant is one rule of the contract; the api crate maps it
+//! to an HTTP status and an `IMG.xxxx` code.
+
+/// Everything the domain can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("The request message format is invalid: {0}")]
+    InvalidRequest(String),
+    #[error("The request body is empty.")]
+    EmptyBody,
+    #[error("The image name is not specified.")]
+    NameMissing,
+    #[error("The image name contains more than {0} characters.")]
+    NameTooLong(usize),
+    #[error("The image name format is invalid: {0}")]
+    NameInvalid(String),
+    #[error("The description contains more than 1024 characters.")]
+    DescriptionTooLong,
+    #[error("The image description format is invalid: it must not contain a carriage return, '<' or '>'.")]
+    DescriptionInvalid,
+    #[error("The image ID in the request does not exist: {0}")]
+    ImageNotFound(String),
+    #[error("The job does not exist: {0}")]
+    JobNotFound(String),
+    #[error("The number of private images has reached the maximum allowed ({0}).")]
+    ImageQuotaExceeded(u64),
+    #[error("The number of image tags exceeds the quota ({0}).")]
+    TagQuotaExceeded(usize),
+    #[error("The image tag is invalid: {0}")]
+    TagInvalid(String),
+    #[error("The tag does not exist: {0}")]
+    TagNotFound(String),
+    #[error("The image in the request is protected.")]
+    ImageProtected,
+    #[error("The image is unavailable: its status is {0}.")]
+    ImageNotActive(String),
+    #[error("The image being created cannot be deleted.")]
+    ImageBeingCreated,
+    #[error("This operation can be performed only by the image owner.")]
+    NotOwner,
+    #[error("Image status transition from {from} to {to} is not allowed")]
+    BadTransition { from: String, to: String },
+    #[error("Attribute '{0}' is read-only.")]
+    ReadOnlyAttribute(String),
+    #[error("Attribute '{0}' is reserved.")]
+    ReservedAttribute(String),
+    #[error("Invalid value for attribute '{attr}': {reason}")]
+    InvalidAttribute { attr: String, reason: String },
+    #[error("The value of hw_firmware_type is not uefi or bios.")]
+    InvalidFirmware,
+    #[error("The value of Architecture must be x86 or Arm.")]
+    InvalidArchitecture,
+    #[error("Invalid OS version: {0}")]
+    InvalidOsVersion(String),
+    #[error("The memory or disk size is invalid: {0}")]
+    InvalidDiskOrMemory(String),
+    #[error("The image ID already exists: {0}")]
+    DuplicateImage(String),
+    #[error("Image disk_format {declared} does not match stream data {detected}")]
+    FormatMismatch { declared: String, detected: String },
+    #[error("The image file was refused by the safety checks: {0}")]
+    UnsafeImage(String),
+    #[error("The image file is invalid: {0}")]
+    InvalidImageFile(String),
+    #[error("The size of the image file exceeds the maximum allowed ({0} bytes).")]
+    ImageTooLarge(u64),
+    #[error("The image must have disk_format and container_format set before data is uploaded.")]
+    FormatsNotSet,
+    #[error("Data disk images cannot be updated.")]
+    DataImageUpdate,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("The number of tasks exceeds the flow control limit: {0}")]
+    FlowControl(String),
+    #[error("The KMS key does not exist: {0}")]
+    KmsKeyNotFound(String),
+    #[error("This operation needs {0}, which this deployment does not provide.")]
+    NoSuchService(&'static str),
+    #[error("The full-ECS image cannot be exported or replicated.")]
+    WholeImageNotReplicable,
+    #[error("This operation cannot be performed for ISO images.")]
+    IsoImage,
+    #[error("The image cannot be replicated because it exceeds the size limit of {0} GB.")]
+    ImageTooLargeToCopy(u64),
+    #[error("The upload was interrupted: {0}")]
+    UploadInterrupted(String),
+    #[error("storage error: {0}")]
+    Store(#[from] openims_store::StoreError),
+    #[error("image format error: {0}")]
+    Format(#[from] openims_format::FormatError),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;

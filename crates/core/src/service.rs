@@ -1,0 +1,830 @@
+//! The service: every operation both APIs offer, with its rules, scoped by the caller's
+//! project; and the worker pool that runs jobs.
+
+use crate::config::ServiceConfig;
+use crate::data::DataPlane;
+use crate::db::Db;
+use crate::error::{CoreError, Result};
+use crate::identity::Caller;
+use crate::ids::{ImageId, ProjectId};
+use crate::image::{
+    apply_list_query, find_os_version, validate_description, validate_glance_name,
+    validate_glance_tag, validate_ims_name, validate_tag, Image, ImageStatus, ListQuery, Origin,
+    Page, CONTAINER_FORMATS, DISK_FORMATS, READ_ONLY,
+};
+use crate::jobs::{failure_of, insert_job, Job, JobType, NewJob, Progress};
+use crate::tags::TagChange;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// One JSON-patch operation, from either patch dialect.
+#[derive(Debug, Clone)]
+pub struct PatchOp {
+    pub op: PatchKind,
+    /// The attribute name (path without the leading `/`).
+    pub attr: String,
+    pub value: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchKind {
+    Add,
+    Replace,
+    Remove,
+}
+
+/// Request of an in-region copy (spec A.2).
+#[derive(Debug, Clone, Default)]
+pub struct CopyRequest {
+    pub name: String,
+    pub description: Option<String>,
+    pub cmk_id: Option<String>,
+    pub enterprise_project_id: Option<String>,
+}
+
+/// The image service.
+pub struct Service {
+    pub db: Db,
+    pub data: DataPlane,
+    pub config: ServiceConfig,
+    /// This process's identity in leases and upload tokens.
+    pub node_id: String,
+    job_ready: Notify,
+}
+
+/// IMS `__*` attributes that update_image may change (spec A.3), besides name/min_ram/max_ram.
+const IMS_UPDATABLE: &[&str] = &[
+    "name",
+    "__description",
+    "__support_xen",
+    "__support_largememory",
+    "__support_diskintensive",
+    "__support_highperformance",
+    "__support_xen_gpu_type",
+    "__support_kvm_gpu_type",
+    "__support_xen_hana",
+    "__is_config_init",
+    "enterprise_project_id",
+    "min_ram",
+    "max_ram",
+    "hw_vif_multiqueue_enabled",
+    "hw_firmware_type",
+    "__support_kvm_infiniband",
+    "__support_fc_inject",
+    "__support_amd",
+    "__support_kvm_hi1822_hisriov",
+    "__support_kvm_hi1822_hivirtionet",
+];
+
+fn as_int(attr: &str, v: &Value) -> Result<i64> {
+    let n = match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n >= 0 => Ok(n),
+        _ => Err(CoreError::InvalidAttribute {
+            attr: attr.into(),
+            reason: "must be a non-negative integer".into(),
+        }),
+    }
+}
+
+fn as_str<'a>(attr: &str, v: &'a Value) -> Result<&'a str> {
+    v.as_str().ok_or_else(|| CoreError::InvalidAttribute {
+        attr: attr.into(),
+        reason: "must be a string".into(),
+    })
+}
+
+/// Checks and sets one attribute shared by both APIs' rules (`__*` and custom properties).
+fn set_property(img: &mut Image, attr: &str, v: &Value) -> Result<()> {
+    match attr {
+        "__description" => {
+            let d = as_str(attr, v)?;
+            validate_description(d)?;
+        }
+        "__os_version" => return img.set_os_version(as_str(attr, v)?),
+        "hw_firmware_type" => {
+            if !matches!(as_str(attr, v)?, "bios" | "uefi") {
+                return Err(CoreError::InvalidFirmware);
+            }
+        }
+        "architecture" => {
+            if !matches!(
+                as_str(attr, v)?.to_ascii_lowercase().as_str(),
+                "x86" | "arm"
+            ) {
+                return Err(CoreError::InvalidArchitecture);
+            }
+        }
+        "max_ram" => {
+            as_int(attr, v)?;
+            img.properties
+                .insert(attr.into(), Value::String(crate::image::value_string(v)));
+            return Ok(());
+        }
+        _ => {}
+    }
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => {
+            return Err(CoreError::InvalidAttribute {
+                attr: attr.into(),
+                reason: "must be a string".into(),
+            })
+        }
+    };
+    if s.chars().count() > 255 && attr != "__description" {
+        return Err(CoreError::InvalidAttribute {
+            attr: attr.into(),
+            reason: "at most 255 characters".into(),
+        });
+    }
+    img.properties.insert(attr.into(), Value::String(s));
+    Ok(())
+}
+
+impl Service {
+    /// Opens the database and the data plane, recovers from an earlier crash of this node.
+    pub async fn open(config: ServiceConfig) -> Result<Arc<Service>> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let node_id = node_id(&config)?;
+        let db = Db::connect(&config.database_url()).await?;
+        let data = DataPlane::open(&config)?;
+        let svc = Arc::new(Service {
+            db,
+            data,
+            config,
+            node_id,
+            job_ready: Notify::new(),
+        });
+        let reset = svc
+            .db
+            .reset_interrupted_uploads(&format!("{}:", svc.node_id))
+            .await?;
+        if reset > 0 {
+            tracing::warn!(
+                images = reset,
+                "uploads interrupted by a restart are queued again"
+            );
+        }
+        svc.data.clear_staging()?;
+        let released = svc.db.release_jobs_of(&svc.node_id).await?;
+        if released > 0 {
+            tracing::warn!(jobs = released, "jobs interrupted by a restart will resume");
+        }
+        Ok(svc)
+    }
+
+    // ---- images ----------------------------------------------------------------------------
+
+    /// An image the caller may see, or `ImageNotFound`.
+    pub async fn image(&self, caller: &Caller, id: &str) -> Result<Image> {
+        let Some(iid) = ImageId::parse(id) else {
+            return Err(CoreError::ImageNotFound(id.to_string()));
+        };
+        match self.db.get_image(&iid).await? {
+            Some(img) if img.owner == caller.project_id => Ok(img),
+            _ => Err(CoreError::ImageNotFound(id.to_string())),
+        }
+    }
+
+    /// An image the caller owns (for changes).
+    pub async fn own_image(&self, caller: &Caller, id: &str) -> Result<Image> {
+        self.image(caller, id).await
+    }
+
+    /// Images the caller may see, filtered, sorted and paged.
+    pub async fn list_images(&self, caller: &Caller, q: &ListQuery) -> Result<Page> {
+        let mut q = q.clone();
+        let mut shared_only = false;
+        q.equals.retain(|(k, v)| {
+            if k == "__imagetype" {
+                match v.as_str() {
+                    "private" => {}
+                    _ => shared_only = true,
+                }
+                return false;
+            }
+            if k == "member_status" {
+                shared_only = true;
+                return false;
+            }
+            true
+        });
+        if shared_only {
+            // No image is shared with, published to, or sold to this project.
+            return Ok(Page {
+                images: vec![],
+                more: false,
+            });
+        }
+        let images = self.db.images_of(&caller.project_id).await?;
+        apply_list_query(images, &q)
+    }
+
+    /// Glance `POST /v2/images`.
+    pub async fn create_image_metadata(
+        &self,
+        caller: &Caller,
+        body: &Map<String, Value>,
+    ) -> Result<Image> {
+        let mut img = Image::new(caller.project_id.clone(), None, Origin::Metadata);
+        img.visibility = "shared".into();
+        for (k, v) in body {
+            match k.as_str() {
+                "id" => {
+                    let s = as_str(k, v)?;
+                    img.id = ImageId::parse(s).ok_or_else(|| CoreError::InvalidAttribute {
+                        attr: "id".into(),
+                        reason: format!("{s:?} is not a UUID"),
+                    })?;
+                }
+                "name" => {
+                    if !v.is_null() {
+                        let n = as_str(k, v)?;
+                        validate_glance_name(n)?;
+                        img.name = Some(n.to_string());
+                    }
+                }
+                "tags" => {
+                    let Value::Array(tags) = v else {
+                        return Err(CoreError::InvalidAttribute {
+                            attr: "tags".into(),
+                            reason: "must be a list".into(),
+                        });
+                    };
+                    for t in tags {
+                        let t = as_str("tags", t)?;
+                        validate_glance_tag(t)?;
+                        if !img.tags.iter().any(|(k, _)| k == t) {
+                            img.tags.push((t.to_string(), String::new()));
+                        }
+                    }
+                    if img.tags.len() > self.config.tag_quota {
+                        return Err(CoreError::TagQuotaExceeded(self.config.tag_quota));
+                    }
+                }
+                _ => self.apply_glance_attr(&mut img, k, v, true)?,
+            }
+        }
+        self.db.insert_image(&img, self.config.image_quota).await?;
+        Ok(img)
+    }
+
+    fn apply_glance_attr(
+        &self,
+        img: &mut Image,
+        attr: &str,
+        v: &Value,
+        creating: bool,
+    ) -> Result<()> {
+        if attr.starts_with("os_glance") {
+            return Err(CoreError::ReservedAttribute(attr.into()));
+        }
+        if READ_ONLY.contains(&attr) {
+            return Err(CoreError::ReadOnlyAttribute(attr.into()));
+        }
+        match attr {
+            "name" => {
+                let n = if v.is_null() { None } else { Some(as_str(attr, v)?.to_string()) };
+                if let Some(n) = &n {
+                    validate_glance_name(n)?;
+                }
+                img.name = n;
+            }
+            "visibility" => match as_str(attr, v)? {
+                "private" | "shared" => img.visibility = as_str(attr, v)?.to_string(),
+                "public" | "community" => {
+                    return Err(CoreError::Forbidden(format!(
+                        "Setting visibility to {} is not allowed: only private and shared images are supported",
+                        as_str(attr, v)?
+                    )))
+                }
+                other => {
+                    return Err(CoreError::InvalidAttribute {
+                        attr: attr.into(),
+                        reason: format!("'{other}' is not one of ['community', 'public', 'private', 'shared']"),
+                    })
+                }
+            },
+            "protected" | "os_hidden" => {
+                let b = v.as_bool().ok_or_else(|| CoreError::InvalidAttribute {
+                    attr: attr.into(),
+                    reason: "must be a boolean".into(),
+                })?;
+                if attr == "protected" {
+                    img.protected = b;
+                }
+            }
+            "min_disk" => img.min_disk = as_int(attr, v)?,
+            "min_ram" => img.min_ram = as_int(attr, v)?,
+            "disk_format" | "container_format" => {
+                if !creating && img.status != ImageStatus::Queued {
+                    return Err(CoreError::Forbidden(format!(
+                        "Attribute {attr} can be only replaced for a queued image."
+                    )));
+                }
+                let allowed = if attr == "disk_format" { DISK_FORMATS } else { CONTAINER_FORMATS };
+                let val = if v.is_null() { None } else { Some(as_str(attr, v)?) };
+                if let Some(f) = val {
+                    if !allowed.contains(&f) {
+                        return Err(CoreError::InvalidAttribute {
+                            attr: attr.into(),
+                            reason: format!("'{f}' is not one of [None, '{}']", allowed.join("', '")),
+                        });
+                    }
+                }
+                let val = val.map(str::to_string);
+                if attr == "disk_format" {
+                    img.disk_format = val;
+                } else {
+                    img.container_format = val;
+                }
+            }
+            _ => set_property(img, attr, v)?,
+        }
+        Ok(())
+    }
+
+    /// Glance `PATCH /v2/images/{id}`.
+    pub async fn patch_image_glance(
+        &self,
+        caller: &Caller,
+        id: &str,
+        ops: &[PatchOp],
+    ) -> Result<Image> {
+        let mut img = self.own_image(caller, id).await?;
+        let mut tag_changes: Option<Vec<(String, String)>> = None;
+        for op in ops {
+            let attr = op.attr.as_str();
+            match op.op {
+                PatchKind::Add | PatchKind::Replace => {
+                    let v = op.value.clone().ok_or_else(|| {
+                        CoreError::InvalidRequest(format!("operation on /{attr} needs a value"))
+                    })?;
+                    if attr == "tags" {
+                        let Value::Array(list) = &v else {
+                            return Err(CoreError::InvalidAttribute {
+                                attr: "tags".into(),
+                                reason: "must be a list".into(),
+                            });
+                        };
+                        let mut tags = Vec::new();
+                        for t in list {
+                            let t = as_str("tags", t)?;
+                            validate_glance_tag(t)?;
+                            if !tags.iter().any(|(k, _): &(String, String)| k == t) {
+                                tags.push((t.to_string(), String::new()));
+                            }
+                        }
+                        if tags.len() > self.config.tag_quota {
+                            return Err(CoreError::TagQuotaExceeded(self.config.tag_quota));
+                        }
+                        tag_changes = Some(tags);
+                    } else {
+                        self.apply_glance_attr(&mut img, attr, &v, false)?;
+                    }
+                }
+                PatchKind::Remove => {
+                    if attr.starts_with("os_glance") {
+                        return Err(CoreError::ReservedAttribute(attr.into()));
+                    }
+                    if READ_ONLY.contains(&attr) {
+                        return Err(CoreError::ReadOnlyAttribute(attr.into()));
+                    }
+                    if matches!(
+                        attr,
+                        "name"
+                            | "visibility"
+                            | "protected"
+                            | "min_disk"
+                            | "min_ram"
+                            | "disk_format"
+                            | "container_format"
+                            | "tags"
+                            | "os_hidden"
+                    ) {
+                        return Err(CoreError::Forbidden(format!(
+                            "Cannot remove core property '{attr}'."
+                        )));
+                    }
+                    if img.properties.remove(attr).is_none() {
+                        return Err(CoreError::BadTransition {
+                            from: format!("property {attr}"),
+                            to: "removed (it does not exist)".into(),
+                        });
+                    }
+                }
+            }
+        }
+        self.db.save_image_attrs(&img).await?;
+        if let Some(tags) = tag_changes {
+            let mut changes: Vec<TagChange> = img
+                .tags
+                .iter()
+                .filter(|(k, _)| !tags.iter().any(|(t, _)| t == k))
+                .map(|(k, _)| TagChange::Remove(k.clone()))
+                .collect();
+            changes.extend(tags.into_iter().map(|(k, v)| TagChange::Upsert(k, v)));
+            self.db
+                .change_tags(&img.id, &changes, self.config.tag_quota)
+                .await?;
+        }
+        self.image(caller, id).await
+    }
+
+    /// IMS `PATCH /v2/cloudimages/{id}` (update_image).
+    pub async fn patch_image_ims(
+        &self,
+        caller: &Caller,
+        id: &str,
+        ops: &[PatchOp],
+    ) -> Result<Image> {
+        let mut img = self.own_image(caller, id).await?;
+        if img.status != ImageStatus::Active {
+            return Err(CoreError::ImageNotActive(img.status.as_str().into()));
+        }
+        for op in ops {
+            let attr = op.attr.as_str();
+            let is_extension = !IMS_UPDATABLE.contains(&attr)
+                && !attr.starts_with("__")
+                && !READ_ONLY.contains(&attr)
+                && !matches!(
+                    attr,
+                    "min_disk"
+                        | "protected"
+                        | "visibility"
+                        | "disk_format"
+                        | "container_format"
+                        | "tags"
+                        | "status"
+                );
+            if !IMS_UPDATABLE.contains(&attr) && !is_extension {
+                return Err(CoreError::InvalidAttribute {
+                    attr: attr.into(),
+                    reason: "this attribute cannot be updated".into(),
+                });
+            }
+            if is_extension && attr.chars().any(|c| c.is_ascii_uppercase()) {
+                return Err(CoreError::InvalidAttribute {
+                    attr: attr.into(),
+                    reason: "extension attribute names must not contain upper-case letters".into(),
+                });
+            }
+            match op.op {
+                PatchKind::Remove => {
+                    if matches!(attr, "name" | "min_ram") {
+                        return Err(CoreError::InvalidAttribute {
+                            attr: attr.into(),
+                            reason: "cannot be removed".into(),
+                        });
+                    }
+                    img.properties.remove(attr);
+                }
+                PatchKind::Add | PatchKind::Replace => {
+                    let v = op.value.clone().ok_or_else(|| {
+                        CoreError::InvalidRequest(format!("operation on /{attr} needs a value"))
+                    })?;
+                    match attr {
+                        "name" => {
+                            let n = as_str(attr, &v)?;
+                            validate_ims_name(n)?;
+                            img.name = Some(n.to_string());
+                        }
+                        "min_ram" => img.min_ram = as_int(attr, &v)?,
+                        _ => set_property(&mut img, attr, &v)?,
+                    }
+                }
+            }
+        }
+        self.db.save_image_attrs(&img).await?;
+        self.image(caller, id).await
+    }
+
+    /// Deletes an image the caller owns (both APIs).
+    pub async fn delete_image(&self, caller: &Caller, id: &str) -> Result<()> {
+        let img = self.own_image(caller, id).await?;
+        if img.protected {
+            return Err(CoreError::ImageProtected);
+        }
+        if img.status == ImageStatus::Saving {
+            return Err(CoreError::ImageBeingCreated);
+        }
+        if !self.db.delete_image_row(&img.id).await? {
+            return Err(CoreError::ImageNotFound(id.to_string()));
+        }
+        Ok(())
+    }
+
+    // ---- tags --------------------------------------------------------------------------------
+
+    /// Applies IMS tag changes (validated per the creation rules for upserts).
+    pub async fn change_tags(
+        &self,
+        caller: &Caller,
+        id: &str,
+        changes: Vec<TagChange>,
+    ) -> Result<Vec<(String, String)>> {
+        let img = self.own_image(caller, id).await?;
+        for c in &changes {
+            if let TagChange::Upsert(k, v) = c {
+                validate_tag(k, v)?;
+            }
+        }
+        self.db
+            .change_tags(&img.id, &changes, self.config.tag_quota)
+            .await
+    }
+
+    /// Adds a Glance tag.
+    pub async fn add_glance_tag(&self, caller: &Caller, id: &str, tag: &str) -> Result<()> {
+        let img = self.own_image(caller, id).await?;
+        validate_glance_tag(tag)?;
+        self.db
+            .change_tags(
+                &img.id,
+                &[TagChange::Upsert(tag.into(), String::new())],
+                self.config.tag_quota,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a tag; `TagNotFound` when absent.
+    pub async fn remove_tag_strict(&self, caller: &Caller, id: &str, key: &str) -> Result<()> {
+        let img = self.own_image(caller, id).await?;
+        if !img.tags.iter().any(|(k, _)| k == key) {
+            return Err(CoreError::TagNotFound(key.into()));
+        }
+        self.db
+            .change_tags(
+                &img.id,
+                &[TagChange::Remove(key.into())],
+                self.config.tag_quota,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// All images of the caller's project with their tags (tag queries).
+    pub async fn project_images(&self, caller: &Caller) -> Result<Vec<Image>> {
+        self.db.images_of(&caller.project_id).await
+    }
+
+    // ---- quotas ------------------------------------------------------------------------------
+
+    /// `show_image_quota` resources.
+    pub async fn quota(&self, caller: &Caller) -> Result<Value> {
+        let used = self.db.count_images(&caller.project_id).await?;
+        Ok(json!({"quotas": {"resources": [
+            {"type": "image", "used": used, "quota": self.config.image_quota, "min": 1, "max": 1000},
+            {"type": "image_shared", "used": 0, "quota": 1000, "min": 1, "max": 1000},
+            {"type": "image_member", "used": 0, "quota": 256, "min": 1, "max": 256},
+        ]}}))
+    }
+
+    // ---- jobs --------------------------------------------------------------------------------
+
+    pub async fn job(&self, caller: &Caller, id: &str) -> Result<Job> {
+        self.db
+            .get_job(&caller.project_id, id)
+            .await?
+            .ok_or_else(|| CoreError::JobNotFound(id.to_string()))
+    }
+
+    /// In-region replication (spec C.1): a new private image of the caller sharing the source's
+    /// manifests, so it costs the same whatever the size.
+    pub async fn copy_image_in_region(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: CopyRequest,
+    ) -> Result<crate::ids::JobId> {
+        validate_ims_name(&req.name)?;
+        if let Some(d) = &req.description {
+            validate_description(d)?;
+        }
+        let src = self.image(caller, id).await?;
+        if src.status != ImageStatus::Active {
+            return Err(CoreError::ImageNotActive(src.status.as_str().into()));
+        }
+        if src.is_whole() {
+            return Err(CoreError::WholeImageNotReplicable);
+        }
+        if src.is_iso() {
+            return Err(CoreError::IsoImage);
+        }
+        let size = src.virtual_size.unwrap_or(0).max(src.size.unwrap_or(0)) as u64;
+        if size > self.config.max_image_size {
+            return Err(CoreError::ImageTooLargeToCopy(
+                self.config.max_image_size >> 30,
+            ));
+        }
+        if let Some(k) = req.cmk_id.as_deref().filter(|k| !k.is_empty()) {
+            // Keys exist only where a key service holds them; none is configured here.
+            return Err(CoreError::KmsKeyNotFound(k.to_string()));
+        }
+        if self
+            .db
+            .count_open_jobs(&caller.project_id, JobType::CopyImageInRegion)
+            .await?
+            >= self.config.max_copy_jobs_per_project
+        {
+            return Err(CoreError::FlowControl(format!(
+                "at most {} replication jobs may run at once per project",
+                self.config.max_copy_jobs_per_project
+            )));
+        }
+        if self.db.count_images(&caller.project_id).await? >= self.config.image_quota {
+            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+        }
+        let new_id = ImageId::generate();
+        let mut tx = self.db.pool.begin().await?;
+        let job_id = insert_job(
+            &mut tx,
+            NewJob {
+                project_id: &caller.project_id,
+                job_type: JobType::CopyImageInRegion,
+                params: json!({
+                    "source_image_id": src.id.to_string(),
+                    "new_image_id": new_id.to_string(),
+                    "name": req.name,
+                    "description": req.description,
+                }),
+                image_id: Some(new_id.to_string()),
+                image_name: Some(req.name.clone()),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        self.job_ready.notify_one();
+        Ok(job_id)
+    }
+
+    async fn run_copy(&self, job: &Job) -> Result<Option<Value>> {
+        let p = &job.params;
+        let get = |k: &str| p.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let src_id = get("source_image_id")
+            .ok_or_else(|| CoreError::Internal("job without source".into()))?;
+        let new_id =
+            get("new_image_id").ok_or_else(|| CoreError::Internal("job without target".into()))?;
+        let new_iid =
+            ImageId::parse(&new_id).ok_or_else(|| CoreError::Internal("bad target id".into()))?;
+        // Idempotent: a resumed job whose image already exists is done.
+        if let Some(existing) = self.db.get_image(&new_iid).await? {
+            if existing.status == ImageStatus::Active {
+                return Ok(None);
+            }
+        }
+        let src_iid =
+            ImageId::parse(&src_id).ok_or_else(|| CoreError::Internal("bad source id".into()))?;
+        let src = match self.db.get_image(&src_iid).await? {
+            Some(s) if s.owner == job.project_id && s.status == ImageStatus::Active => s,
+            Some(s) if s.owner == job.project_id => {
+                return Err(CoreError::ImageNotActive(s.status.as_str().into()))
+            }
+            _ => return Err(CoreError::ImageNotFound(src_id)),
+        };
+        let mut img = src.clone();
+        img.id = new_iid;
+        img.owner = job.project_id.clone();
+        img.name = get("name");
+        img.origin = Origin::Copy;
+        img.protected = false;
+        img.visibility = "private".into();
+        img.tags = Vec::new();
+        let now = crate::time::now_ms();
+        img.created_at = now;
+        img.updated_at = now;
+        img.active_at = Some(now);
+        img.properties
+            .insert("__originalimagename".into(), json!(src.id.to_string()));
+        img.properties
+            .insert("__data_origin".into(), json!(format!("image,{}", src.id)));
+        img.properties
+            .insert("__imagetype".into(), json!("private"));
+        img.properties.insert(
+            "__description".into(),
+            json!(get("description").unwrap_or_default()),
+        );
+        // The manifests are immutable and shared: no chunk is read or written.
+        match self.db.insert_image(&img, u64::MAX).await {
+            Ok(()) | Err(CoreError::DuplicateImage(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts `n` workers that run queued jobs until `shutdown` fires.
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        n: usize,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut handles = Vec::new();
+        for w in 0..n.max(1) {
+            let svc = self.clone();
+            let mut stop = shutdown.clone();
+            handles.push(tokio::spawn(async move {
+                loop {
+                    if *stop.borrow() {
+                        break;
+                    }
+                    if w == 0 {
+                        if let Err(e) = svc.db.recover_expired_jobs(5).await {
+                            tracing::error!(error = %e, "job recovery failed");
+                        }
+                    }
+                    match svc
+                        .db
+                        .claim_job(&svc.node_id, svc.config.job_lease_ms)
+                        .await
+                    {
+                        Ok(Some(job)) => svc.run_job(job).await,
+                        Ok(None) => {
+                            tokio::select! {
+                                _ = svc.job_ready.notified() => {}
+                                _ = stop.changed() => {}
+                                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "claiming a job failed");
+                            tokio::select! {
+                                _ = stop.changed() => {}
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        handles
+    }
+
+    async fn run_job(&self, job: Job) {
+        tracing::info!(job_id = %job.id, job_type = %job.job_type, attempt = job.attempts, "job started");
+        let _ = self
+            .db
+            .heartbeat(
+                &job.id,
+                &self.node_id,
+                self.config.job_lease_ms,
+                &Progress {
+                    current_task: "running".into(),
+                    percent: 0.0,
+                    ..Default::default()
+                },
+            )
+            .await;
+        let outcome = match JobType::parse(&job.job_type) {
+            Some(JobType::CopyImageInRegion) => self.run_copy(&job).await,
+            None => Err(CoreError::Internal(format!(
+                "unknown job type {}",
+                job.job_type
+            ))),
+        };
+        let result = match &outcome {
+            Ok(r) => Ok(r.clone()),
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "job failed");
+                Err(failure_of(e))
+            }
+        };
+        match self.db.finish_job(&job.id, &self.node_id, result).await {
+            Ok(true) => tracing::info!(job_id = %job.id, ok = outcome.is_ok(), "job finished"),
+            Ok(false) => tracing::warn!(job_id = %job.id, "job lease was lost before it finished"),
+            Err(e) => tracing::error!(job_id = %job.id, error = %e, "recording a job's end failed"),
+        }
+    }
+
+    /// Validates an OS version string (for list filters and creation).
+    pub fn os_version_known(v: &str) -> bool {
+        find_os_version(v).is_some()
+    }
+
+    /// The owner project of an image id, if it exists (for diagnostics in admin tools).
+    pub async fn image_owner(&self, id: &ImageId) -> Result<Option<ProjectId>> {
+        Ok(self.db.get_image(id).await?.map(|i| i.owner))
+    }
+}
+
+/// A stable id for this node, kept in the data directory.
+fn node_id(config: &ServiceConfig) -> Result<String> {
+    let path = config.data_dir.join("node-id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_string();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    let id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    std::fs::write(&path, &id)?;
+    Ok(id)
+}
