@@ -376,3 +376,43 @@ fn worker(
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_check() {
+        assert!(is_all_zero(&[]));
+        for len in [1usize, 7, 255, 256, 257, 4096, 4099] {
+            let mut v = vec![0u8; len];
+            assert!(is_all_zero(&v));
+            for i in [0, len / 2, len - 1] {
+                v[i] = 1;
+                assert!(!is_all_zero(&v), "len {len} byte {i}");
+                v[i] = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn hole_detection() {
+        let e = |offset, len, kind| Extent { offset, len, kind };
+        let ex = vec![
+            e(0, 100, ExtentKind::Zero),
+            e(100, 50, ExtentKind::Data),
+            e(150, 100, ExtentKind::Zero),
+        ];
+        assert!(range_is_hole(&ex, 0, 100));
+        assert!(range_is_hole(&ex, 10, 90));
+        assert!(!range_is_hole(&ex, 50, 120));
+        assert!(!range_is_hole(&ex, 100, 150));
+        assert!(range_is_hole(&ex, 150, 250));
+        // Not covered by the extents: not a hole (read it).
+        assert!(!range_is_hole(&ex, 200, 300));
+        assert!(!range_is_hole(&[], 0, 10));
+        // A gap between extents is not a hole.
+        let gap = vec![e(0, 10, ExtentKind::Zero), e(20, 10, ExtentKind::Zero)];
+        assert!(!range_is_hole(&gap, 0, 30));
+    }
+}

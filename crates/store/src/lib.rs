@@ -9,7 +9,8 @@
 //! - **manifests** ([`Manifest`]): the immutable, content-addressed ([`ManifestId`]) chunk list
 //!   of one virtual disk, in a compact checksummed binary form;
 //! - **backends** ([`Backend`]): a small synchronous object-store interface, with
-//!   [`LocalBackend`] (files under a directory, atomic renames, explicit durability barrier);
+//!   [`LocalBackend`] (files under a directory, atomic renames, explicit durability barrier)
+//!   and [`MemBackend`] (in memory, for tests);
 //! - **the store** ([`Store`]): ingesting a `VirtualDisk` ([`Store::ingest`]), reading one back
 //!   verified ([`Store::open_disk`], [`Store::stream_raw`]), metering ([`Store::usage`]),
 //!   mark-and-sweep **GC** ([`Store::gc`]) and **fsck** ([`Store::fsck`]).
@@ -30,7 +31,7 @@ mod ingest;
 pub mod manifest;
 mod store;
 
-pub use backend::{Backend, LocalBackend, ObjectMeta, SyncMode};
+pub use backend::{Backend, LocalBackend, MemBackend, ObjectMeta, SyncMode};
 pub use disk::{ManifestDisk, ManifestReader};
 pub use error::{Result, StoreError};
 pub use gc::{FsckReport, GcReport};

@@ -213,3 +213,81 @@ impl Manifest {
         Manifest::new(virtual_size, chunk_size, chunks).map_err(|e| bad(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let a = ChunkId::hash(b"a");
+        let b = ChunkId::hash(b"b");
+        Manifest::new(
+            4096 * 4 + 10,
+            4096,
+            vec![Some(a), None, Some(b), Some(a), Some(b)],
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn round_trip_and_id() {
+        let m = sample();
+        let bytes = m.to_bytes();
+        assert_eq!(bytes.len(), HEADER_LEN + 5 * 32 + TRAILER_LEN);
+        assert_eq!(Manifest::from_bytes(&bytes, "k").expect("parse"), m);
+        assert_eq!(m.id(), ManifestId::hash(&bytes));
+        assert_eq!(m.stored_chunks().len(), 2);
+        assert_eq!(m.chunk_len(4), 10);
+        assert_eq!(m.chunk_len(5), 0);
+        assert_eq!(m.plain_physical_bytes(), 4096 * 2);
+        assert_eq!(m.physical_bytes(&|_| 7), 14);
+        assert_eq!(m.logical_size(), 4096 * 4 + 10);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let bytes = sample().to_bytes();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            let e = Manifest::from_bytes(&b, "k").expect_err("flip must fail");
+            assert!(e.is_corrupt(), "byte {i}: {e}");
+        }
+        assert!(Manifest::from_bytes(&bytes[..40], "k").is_err());
+        assert!(Manifest::from_bytes(&[], "k").is_err());
+    }
+
+    #[test]
+    fn inconsistent_manifests_are_refused() {
+        // Wrong count.
+        assert!(Manifest::new(4097, 4096, vec![None]).is_err());
+        assert!(Manifest::new(0, 4096, vec![None]).is_err());
+        assert!(Manifest::new(0, 4096, vec![]).is_ok());
+        // Bad chunk sizes.
+        assert!(Manifest::new(0, 0, vec![]).is_err());
+        assert!(Manifest::new(0, MAX_CHUNK_SIZE + 1, vec![]).is_err());
+        // Reserved id.
+        assert!(Manifest::new(4096, 4096, vec![Some(ChunkId::RESERVED_ZERO)]).is_err());
+        // A well-checksummed body with a count that does not match the size.
+        let mut body = Manifest::new(8192, 4096, vec![None, None])
+            .expect("m")
+            .to_bytes();
+        body.truncate(body.len() - TRAILER_LEN);
+        body[16..24].copy_from_slice(&100_000u64.to_le_bytes());
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        assert!(Manifest::from_bytes(&body, "k")
+            .expect_err("count mismatch")
+            .is_corrupt());
+    }
+
+    #[test]
+    fn ids_round_trip_as_hex_and_json() {
+        let id = ChunkId::hash(b"x");
+        assert_eq!(id.to_hex().parse::<ChunkId>().expect("parse"), id);
+        let json = serde_json::to_string(&id).expect("json");
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<ChunkId>(&json).expect("de"), id);
+        assert!("zz".parse::<ManifestId>().is_err());
+    }
+}

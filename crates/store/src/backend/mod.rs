@@ -7,8 +7,10 @@
 //! existing chunk) and [`Backend::delete_if_older`] (delete only if not refreshed since a cutoff).
 
 mod local;
+mod mem;
 
 pub use local::{LocalBackend, SyncMode};
+pub use mem::MemBackend;
 
 use crate::error::{Result, StoreError};
 use std::sync::Arc;
