@@ -112,6 +112,7 @@ struct Tally {
     chunks: Vec<Option<ChunkId>>,
     progress: IngestProgress,
     zero_chunks: u64,
+    zeros_unreported: u64,
 }
 
 impl Tally {
@@ -122,7 +123,8 @@ impl Tally {
         let report = match d.outcome {
             Outcome::Zero => {
                 self.zero_chunks += 1;
-                p.chunks_done % ZERO_PROGRESS_EVERY == 0
+                self.zeros_unreported += 1;
+                self.zeros_unreported >= ZERO_PROGRESS_EVERY
             }
             Outcome::Stored { id, new } => {
                 if let Some(slot) = self.chunks.get_mut(d.index) {
@@ -136,6 +138,7 @@ impl Tally {
             }
         };
         if report || p.chunks_done == p.chunks_total {
+            self.zeros_unreported = 0;
             progress(*p);
         }
     }
@@ -173,6 +176,7 @@ impl Store {
                 new_bytes: 0,
             },
             zero_chunks: 0,
+            zeros_unreported: 0,
         };
         if total == 0 {
             progress(tally.progress);
