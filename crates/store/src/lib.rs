@@ -21,6 +21,22 @@
 //!
 //! Invariant: a manifest is written only after every chunk it references is durably stored,
 //! and nothing GC deletes can be referenced by a manifest written concurrently (see [`gc`]).
+//!
+//! ## Design notes
+//! - Keys: `chunks/ab/cd/<hex>` and `manifests/<hex>`; the serialized manifest format is in
+//!   [`manifest`].
+//! - Ingest pipeline: the caller's thread asks the disk for its allocation map (64 chunks at a
+//!   time) and never reads chunks that are wholly holes; data chunks go through a pool of
+//!   `ingest_workers + 2` buffers to worker threads that zero-check, hash and write them.
+//! - Dedup check = [`Backend::touch`]: "exists" and "refresh the modification time" in one
+//!   call, so a chunk reused by a running ingest looks young to GC. [`Store::put_manifest`]
+//!   touches every referenced chunk again (failing if one vanished) before `sync` and the
+//!   manifest write: a manifest can never reference a missing chunk.
+//! - GC deletes through [`Backend::delete_if_older`], atomic with respect to `touch` (the
+//!   local backend renames the object aside, re-checks its mtime, then deletes or restores).
+//! - Reads verify every chunk's BLAKE3 and length; `ManifestDisk` caches the last chunk.
+//! - Durability: see [`SyncMode`] (measured; per-file `fdatasync` before rename is the
+//!   default because a surviving name must mean complete content).
 
 pub mod backend;
 mod disk;

@@ -212,18 +212,23 @@ impl Store {
     /// its plaintext length (known from the manifests; no chunk is read).
     pub fn usage(&self, manifests: &[ManifestId]) -> Result<Usage> {
         let mut seen_chunks = HashSet::new();
-        let mut seen_manifests = HashSet::new();
+        let mut logical: std::collections::HashMap<ManifestId, u64> = Default::default();
         let mut u = Usage::default();
         for id in manifests {
-            let m = self.manifest(id)?;
-            u.logical_bytes += m.logical_size();
-            if seen_manifests.insert(*id) {
-                for (c, len) in m.stored_chunks_with_len() {
-                    if seen_chunks.insert(c) {
-                        u.physical_bytes += len;
+            let size = match logical.get(id) {
+                Some(size) => *size,
+                None => {
+                    let m = self.manifest(id)?;
+                    for (c, len) in m.stored_chunks_with_len() {
+                        if seen_chunks.insert(c) {
+                            u.physical_bytes += len;
+                        }
                     }
+                    logical.insert(*id, m.logical_size());
+                    m.logical_size()
                 }
-            }
+            };
+            u.logical_bytes += size;
         }
         Ok(u)
     }

@@ -20,6 +20,13 @@ const TMP_DIR: &str = ".tmp";
 const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// How [`LocalBackend`] makes writes durable.
+///
+/// Measured with `examples/ingest_bench.rs` (1 GiB raw, 256 MiB random data in 4 MiB chunks,
+/// 2 workers, ext4 on virtio, 2 shared vCPUs, 3 runs each): `Syncfs` 1.37-1.39 s,
+/// `FsyncEach` 1.48-1.80 s, `FsyncAtSync` 1.39-1.90 s. `Syncfs` is ~10-20% faster, but only
+/// `FsyncEach` guarantees that a name that exists after a crash has complete content, which
+/// deduplication relies on (an ingest skips a chunk whose name exists). `FsyncEach` is the
+/// default; its fsyncs run on the ingest workers, overlapped with reading and hashing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SyncMode {
     /// `fdatasync` each object's temp file before renaming it into place; `sync()` fsyncs the
