@@ -7,7 +7,7 @@
 
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
-use crate::manifest::{chunk_count, Manifest};
+use crate::manifest::{chunk_count, Manifest, MAX_CHUNKS};
 use crate::store::Store;
 use openims_format::io::{Extent, ExtentKind};
 use openims_format::VirtualDisk;
@@ -163,6 +163,11 @@ impl Store {
         }
         let cs = u64::from(cfg.chunk_size);
         let total = chunk_count(virtual_size, cfg.chunk_size);
+        if total > MAX_CHUNKS {
+            return Err(StoreError::Invalid(format!(
+                "{total} chunks exceed the per-manifest limit {MAX_CHUNKS}; raise chunk_size"
+            )));
+        }
         let total_usize =
             usize::try_from(total).map_err(|_| StoreError::Invalid("too many chunks".into()))?;
         let mut tally = Tally {

@@ -29,6 +29,8 @@ pub const MANIFEST_VERSION: u32 = 1;
 pub const MIN_CHUNK_SIZE: u32 = 512;
 /// Largest chunk size a manifest may declare (bounds memory per chunk read).
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Most chunks one manifest may hold (64 TiB at 4 MiB; a 512 MiB manifest).
+pub const MAX_CHUNKS: u64 = 1 << 24;
 
 /// The content of one virtual disk: its size and its chunks in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +57,11 @@ impl Manifest {
             )));
         }
         let want = chunk_count(virtual_size, chunk_size);
+        if want > MAX_CHUNKS {
+            return Err(StoreError::Invalid(format!(
+                "a {virtual_size}-byte disk at {chunk_size} needs {want} chunks (limit {MAX_CHUNKS})"
+            )));
+        }
         if chunks.len() as u64 != want {
             return Err(StoreError::Invalid(format!(
                 "manifest has {} chunks, a {virtual_size}-byte disk at {chunk_size} needs {want}",

@@ -526,6 +526,20 @@ fn store_rejects_bad_config_and_huge_disks() {
         s.ingest(&mut MemDisk::new(CS + 1), &mut |_| {}),
         Err(StoreError::Invalid(_))
     ));
+    // Too many chunks for one manifest (tiny chunks, huge disk): refused before allocating.
+    let s = Store::open(
+        MemBackend::new(),
+        StoreConfig {
+            chunk_size: 512,
+            ..StoreConfig::default()
+        },
+    )
+    .expect("store");
+    let mut huge = HugeEmptyDisk(1 << 40);
+    assert!(matches!(
+        s.ingest(&mut huge, &mut |_| {}),
+        Err(StoreError::Invalid(_))
+    ));
 }
 
 #[test]
@@ -577,4 +591,29 @@ fn store_is_send_sync_and_concurrent_ingests_agree() {
     // Racing ingests may each write a chunk, but the store holds each once.
     assert_eq!(keys(&*b, "chunks/").len(), 4);
     assert!(s.fsck(&[reports[0].manifest_id]).expect("fsck").is_clean());
+}
+
+/// A disk that claims a huge size (never read in the test that uses it).
+struct HugeEmptyDisk(u64);
+
+impl VirtualDisk for HugeEmptyDisk {
+    fn virtual_size(&self) -> u64 {
+        self.0
+    }
+    fn extents(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> openims_format::Result<Vec<openims_format::io::Extent>> {
+        let end = offset.saturating_add(len).min(self.0);
+        Ok(vec![openims_format::io::Extent {
+            offset,
+            len: end.saturating_sub(offset),
+            kind: ExtentKind::Zero,
+        }])
+    }
+    fn read_at(&mut self, _offset: u64, buf: &mut [u8]) -> openims_format::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
 }
