@@ -1,1 +1,57 @@
-//! placeholder
+//! # openims-store
+//!
+//! The data plane's content-addressed chunk store.
+//!
+//! This crate owns:
+//! - **chunks**: a virtual disk is cut into fixed-size chunks ([`CHUNK_SIZE`], 4 MiB by
+//!   default); all-zero chunks are not stored; each stored chunk is addressed by the BLAKE3 of
+//!   its plaintext ([`ChunkId`]), so identical data is stored once across images and tenants;
+//! - **manifests** ([`Manifest`]): the immutable, content-addressed ([`ManifestId`]) chunk list
+//!   of one virtual disk, in a compact checksummed binary form;
+//! - **backends** ([`Backend`]): a small synchronous object-store interface, with
+//!   [`LocalBackend`] (files under a directory, atomic renames, explicit durability barrier)
+//!   and [`MemBackend`] (in memory, for tests);
+//! - **the store** ([`Store`]): ingesting a `VirtualDisk` ([`Store::ingest`]), reading one back
+//!   verified ([`Store::open_disk`], [`Store::stream_raw`]), metering ([`Store::usage`]),
+//!   mark-and-sweep **GC** ([`Store::gc`]) and **fsck** ([`Store::fsck`]).
+//!
+//! It must not: use a database, know about tenants, images or quotas (callers pass the live
+//! manifest ids), speak HTTP, or run an async runtime. All methods block; async callers use
+//! `spawn_blocking`.
+//!
+//! Invariant: a manifest is written only after every chunk it references is durably stored,
+//! and nothing GC deletes can be referenced by a manifest written concurrently (see [`gc`]).
+//!
+//! ## Design notes
+//! - Keys: `chunks/ab/cd/<hex>` and `manifests/<hex>`; the serialized manifest format is in
+//!   [`manifest`].
+//! - Ingest pipeline: the caller's thread asks the disk for its allocation map (64 chunks at a
+//!   time) and never reads chunks that are wholly holes; data chunks go through a pool of
+//!   `ingest_workers + 2` buffers to worker threads that zero-check, hash and write them.
+//! - Dedup check = [`Backend::touch`]: "exists" and "refresh the modification time" in one
+//!   call, so a chunk reused by a running ingest looks young to GC. [`Store::put_manifest`]
+//!   touches every referenced chunk again (failing if one vanished) before `sync` and the
+//!   manifest write: a manifest can never reference a missing chunk.
+//! - GC deletes through [`Backend::delete_if_older`], atomic with respect to `touch` (the
+//!   local backend renames the object aside, re-checks its mtime, then deletes or restores).
+//! - Reads verify every chunk's BLAKE3 and length; `ManifestDisk` caches the last chunk.
+//! - Durability: see [`SyncMode`] (measured; per-file `fdatasync` before rename is the
+//!   default because a surviving name must mean complete content).
+
+pub mod backend;
+mod disk;
+pub mod error;
+pub mod gc;
+mod id;
+mod ingest;
+pub mod manifest;
+mod store;
+
+pub use backend::{Backend, LocalBackend, MemBackend, ObjectMeta, SyncMode};
+pub use disk::{ManifestDisk, ManifestReader};
+pub use error::{Result, StoreError};
+pub use gc::{FsckReport, GcReport};
+pub use id::{ChunkId, ManifestId};
+pub use ingest::{is_all_zero, IngestProgress, IngestReport};
+pub use manifest::Manifest;
+pub use store::{Store, StoreConfig, Usage, CHUNK_SIZE};

@@ -1,0 +1,271 @@
+//! Mark-and-sweep GC and fsck.
+//!
+//! GC needs no shared counters: the caller (the metadata database) names the live manifests;
+//! everything else older than a grace period goes. Safety against concurrent ingests:
+//! - a chunk an ingest writes is young (its mtime is "now");
+//! - a chunk an ingest finds already stored is touched (mtime refreshed) at that moment and
+//!   again by `put_manifest` just before the manifest is written;
+//! - deletion is `Backend::delete_if_older`, atomic with respect to touch: a touch before it
+//!   keeps the object, a touch after it fails, which makes the ingest rewrite the chunk (or,
+//!   in `put_manifest`, fail instead of writing a manifest with a dangling reference);
+//! - manifests not (yet) in the live set but younger than the grace period are kept and
+//!   their chunks marked.
+//!
+//! So `grace` must exceed the longest ingest (a chunk written at its start must survive until
+//! its manifest exists) and the longest GC run. Hours are reasonable; tests use seconds.
+
+use crate::backend::{chunk_key, manifest_key, CHUNK_PREFIX, MANIFEST_PREFIX};
+use crate::error::{Result, StoreError};
+use crate::id::{ChunkId, ManifestId};
+use crate::store::Store;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+/// What a GC run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Manifests deleted.
+    pub manifests_deleted: u64,
+    /// Bytes of deleted manifests.
+    pub manifest_bytes_freed: u64,
+    /// Chunks deleted.
+    pub chunks_deleted: u64,
+    /// Bytes of deleted chunks.
+    pub chunk_bytes_freed: u64,
+    /// Manifests kept because they are live.
+    pub manifests_live: u64,
+    /// Manifests kept because they are younger than the grace period (or were refreshed).
+    pub manifests_young: u64,
+    /// Chunks kept because a kept manifest references them.
+    pub chunks_live: u64,
+    /// Unreferenced chunks kept because they are younger than the grace period.
+    pub chunks_young: u64,
+    /// Objects under the store's prefixes whose keys are not ours (left alone).
+    pub foreign_keys: u64,
+}
+
+/// What fsck found. Orphans are not errors (GC removes them); everything else is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FsckReport {
+    /// Live manifests checked.
+    pub manifests_checked: u64,
+    /// Distinct referenced chunks checked (read and hashed).
+    pub chunks_checked: u64,
+    /// Bytes read and hashed.
+    pub bytes_checked: u64,
+    /// Live manifests that do not exist.
+    pub missing_manifests: Vec<ManifestId>,
+    /// Live manifests that exist but fail verification, with the reason.
+    pub corrupt_manifests: Vec<(ManifestId, String)>,
+    /// Referenced chunks that do not exist.
+    pub missing_chunks: Vec<ChunkId>,
+    /// Referenced chunks whose content does not match their id or expected length.
+    pub corrupt_chunks: Vec<(ChunkId, String)>,
+    /// Stored manifests not in the live set.
+    pub orphan_manifests: Vec<ManifestId>,
+    /// Stored chunks no live manifest references.
+    pub orphan_chunks: Vec<ChunkId>,
+    /// Keys under the store's prefixes that do not name a chunk or manifest.
+    pub foreign_keys: Vec<String>,
+}
+
+impl FsckReport {
+    /// True if nothing is missing or corrupt (orphans and foreign keys are tolerated).
+    pub fn is_clean(&self) -> bool {
+        self.missing_manifests.is_empty()
+            && self.corrupt_manifests.is_empty()
+            && self.missing_chunks.is_empty()
+            && self.corrupt_chunks.is_empty()
+    }
+}
+
+/// The manifest id named by a key, if it is exactly a manifest key.
+fn parse_manifest_key(key: &str) -> Option<ManifestId> {
+    let id = ManifestId::from_hex(key.strip_prefix(MANIFEST_PREFIX)?).ok()?;
+    (manifest_key(&id) == key).then_some(id)
+}
+
+/// The chunk id named by a key, if it is exactly a chunk key.
+fn parse_chunk_key(key: &str) -> Option<ChunkId> {
+    let id = ChunkId::from_hex(key.rsplit('/').next()?).ok()?;
+    (chunk_key(&id) == key).then_some(id)
+}
+
+impl Store {
+    /// Deletes manifests not in `live` and chunks referenced by no kept manifest, but only
+    /// objects last modified more than `grace` ago (see the module docs for why this is safe
+    /// with concurrent ingests). Refuses to sweep (returns the error) if a live or young
+    /// manifest cannot be loaded: its chunks would be unknown.
+    pub fn gc(&self, live: &[ManifestId], grace: Duration) -> Result<GcReport> {
+        let b = &self.inner.backend;
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let live: HashSet<ManifestId> = live.iter().copied().collect();
+        let mut report = GcReport::default();
+
+        // 1. Manifests: delete old unlisted ones, keep the rest.
+        let mut keep: Vec<ManifestId> = live.iter().copied().collect();
+        for meta in b.list(MANIFEST_PREFIX)? {
+            let meta = meta?;
+            let Some(id) = parse_manifest_key(&meta.key) else {
+                report.foreign_keys += 1;
+                continue;
+            };
+            if live.contains(&id) {
+                report.manifests_live += 1;
+                continue;
+            }
+            if meta.modified >= cutoff {
+                report.manifests_young += 1;
+                keep.push(id);
+                continue;
+            }
+            match b.delete_if_older(&meta.key, cutoff)? {
+                Some(size) => {
+                    report.manifests_deleted += 1;
+                    report.manifest_bytes_freed += size;
+                }
+                None => {
+                    report.manifests_young += 1;
+                    keep.push(id);
+                }
+            }
+        }
+
+        // 2. Mark.
+        let mut marked: HashSet<ChunkId> = HashSet::new();
+        for id in &keep {
+            let m = match self.manifest(id) {
+                Ok(m) => m,
+                // A young manifest deleted meanwhile (by a concurrent GC) references nothing.
+                Err(StoreError::NotFound(_)) if !live.contains(id) => continue,
+                Err(e) => {
+                    return Err(StoreError::Invalid(format!(
+                        "gc refused: manifest {id} cannot be loaded ({e}); run fsck"
+                    )))
+                }
+            };
+            marked.extend(m.chunks().iter().flatten().copied());
+        }
+
+        // 3. Sweep chunks.
+        for meta in b.list(CHUNK_PREFIX)? {
+            let meta = meta?;
+            let Some(id) = parse_chunk_key(&meta.key) else {
+                report.foreign_keys += 1;
+                continue;
+            };
+            if marked.contains(&id) {
+                report.chunks_live += 1;
+            } else if meta.modified >= cutoff {
+                report.chunks_young += 1;
+            } else {
+                match b.delete_if_older(&meta.key, cutoff)? {
+                    Some(size) => {
+                        report.chunks_deleted += 1;
+                        report.chunk_bytes_freed += size;
+                    }
+                    None => report.chunks_young += 1,
+                }
+            }
+        }
+        tracing::info!(?report, "gc finished");
+        Ok(report)
+    }
+
+    /// Verifies the store against the live manifests: each parses and matches its id, each
+    /// chunk they reference exists with the right content and length. Lists orphans. Reads
+    /// every referenced chunk (using `ingest_workers` threads).
+    pub fn fsck(&self, live: &[ManifestId]) -> Result<FsckReport> {
+        let b = &self.inner.backend;
+        let mut report = FsckReport::default();
+        let live_set: HashSet<ManifestId> = live.iter().copied().collect();
+        let mut expected: HashMap<ChunkId, u64> = HashMap::new();
+        let mut checked = HashSet::new();
+        for id in live {
+            if !checked.insert(*id) {
+                continue;
+            }
+            report.manifests_checked += 1;
+            match self.manifest(id) {
+                Ok(m) => expected.extend(m.stored_chunks_with_len()),
+                Err(StoreError::NotFound(_)) => report.missing_manifests.push(*id),
+                Err(StoreError::Corrupt { reason, .. }) => {
+                    report.corrupt_manifests.push((*id, reason))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+
+        // Verify chunks in parallel.
+        let todo: Vec<(ChunkId, u64)> = expected.iter().map(|(k, v)| (*k, *v)).collect();
+        let threads = self.inner.config.ingest_workers.max(1);
+        let per = todo.len().div_ceil(threads).max(1);
+        type Part = (Vec<ChunkId>, Vec<(ChunkId, String)>, u64, u64);
+        let parts: Vec<Result<Part>> = std::thread::scope(|s| {
+            let handles: Vec<_> = todo
+                .chunks(per)
+                .map(|part| {
+                    s.spawn(move || -> Result<Part> {
+                        let (mut missing, mut corrupt, mut n, mut bytes) =
+                            (Vec::new(), Vec::new(), 0u64, 0u64);
+                        for (id, len) in part {
+                            n += 1;
+                            match self.get_chunk(id) {
+                                Ok(d) if d.len() as u64 == *len => bytes += *len,
+                                Ok(d) => corrupt.push((
+                                    *id,
+                                    format!("{} bytes, manifests expect {len}", d.len()),
+                                )),
+                                Err(StoreError::NotFound(_)) => missing.push(*id),
+                                Err(StoreError::Corrupt { reason, .. }) => {
+                                    corrupt.push((*id, reason))
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        Ok((missing, corrupt, n, bytes))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(StoreError::Invalid("fsck thread panicked".into())))
+                })
+                .collect()
+        });
+        for p in parts {
+            let (missing, corrupt, n, bytes) = p?;
+            report.missing_chunks.extend(missing);
+            report.corrupt_chunks.extend(corrupt);
+            report.chunks_checked += n;
+            report.bytes_checked += bytes;
+        }
+        report.missing_chunks.sort();
+        report.corrupt_chunks.sort();
+
+        for meta in b.list(MANIFEST_PREFIX)? {
+            let meta = meta?;
+            match parse_manifest_key(&meta.key) {
+                Some(id) if !live_set.contains(&id) => report.orphan_manifests.push(id),
+                Some(_) => {}
+                None => report.foreign_keys.push(meta.key),
+            }
+        }
+        for meta in b.list(CHUNK_PREFIX)? {
+            let meta = meta?;
+            match parse_chunk_key(&meta.key) {
+                Some(id) if !expected.contains_key(&id) => report.orphan_chunks.push(id),
+                Some(_) => {}
+                None => report.foreign_keys.push(meta.key),
+            }
+        }
+        report.orphan_manifests.sort();
+        report.orphan_chunks.sort();
+        report.foreign_keys.sort();
+        Ok(report)
+    }
+}

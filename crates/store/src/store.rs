@@ -1,0 +1,235 @@
+//! [`Store`]: chunks and manifests on a [`Backend`].
+
+use crate::backend::{chunk_key, manifest_key, Backend};
+use crate::error::{Result, StoreError};
+use crate::id::{ChunkId, ManifestId};
+use crate::manifest::{Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Default chunk size: 4 MiB.
+pub const CHUNK_SIZE: u32 = 4 << 20;
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Chunk size for new ingests (existing manifests keep theirs). Default [`CHUNK_SIZE`];
+    /// must lie within [`MIN_CHUNK_SIZE`, `MAX_CHUNK_SIZE`].
+    pub chunk_size: u32,
+    /// Threads that zero-check, hash and write chunks during an ingest while the caller's
+    /// thread reads the disk. Default 2. Memory per ingest is about
+    /// `(ingest_workers + 2) * chunk_size`.
+    pub ingest_workers: usize,
+    /// Largest virtual disk accepted by `ingest` (bounds the manifest: 32 bytes per chunk).
+    /// Default 64 TiB.
+    pub max_virtual_size: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            chunk_size: CHUNK_SIZE,
+            ingest_workers: 2,
+            max_virtual_size: 64 << 40,
+        }
+    }
+}
+
+/// Logical and physical size of a set of manifests (for metering).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Sum of the virtual sizes of the manifests listed (each entry counts, even repeated).
+    pub logical_bytes: u64,
+    /// Bytes of the distinct stored chunks they reference (shared chunks count once).
+    pub physical_bytes: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) config: StoreConfig,
+}
+
+/// The content-addressed chunk store. Cheap to clone (shared state), `Send + Sync`; all
+/// methods block, so call them from `spawn_blocking` in async code.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens a store on `backend`, checking the config.
+    pub fn open<B: Backend + 'static>(backend: B, config: StoreConfig) -> Result<Store> {
+        Self::open_shared(Arc::new(backend), config)
+    }
+
+    /// Opens a store on a shared backend.
+    pub fn open_shared(backend: Arc<dyn Backend>, config: StoreConfig) -> Result<Store> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&config.chunk_size) {
+            return Err(StoreError::Invalid(format!(
+                "chunk_size {} outside [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]",
+                config.chunk_size
+            )));
+        }
+        if config.ingest_workers == 0 || config.ingest_workers > 64 {
+            return Err(StoreError::Invalid(format!(
+                "ingest_workers {} outside [1, 64]",
+                config.ingest_workers
+            )));
+        }
+        Ok(Store {
+            inner: Arc::new(Inner { backend, config }),
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    /// The config.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// Loads a manifest, verifying that its bytes hash to `id` and that it parses.
+    pub fn manifest(&self, id: &ManifestId) -> Result<Manifest> {
+        let key = manifest_key(id);
+        let bytes = self.inner.backend.get(&key).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(format!("manifest {id}")),
+            e => e,
+        })?;
+        if ManifestId::hash(&bytes) != *id {
+            return Err(StoreError::corrupt(
+                key,
+                "manifest content does not match its id",
+            ));
+        }
+        Manifest::from_bytes(&bytes, &key)
+    }
+
+    /// Stores a manifest and returns its id. Every chunk it references must already be stored:
+    /// each is touched (which also protects it from a concurrent GC, see [`Store::gc`]); a
+    /// missing one fails with `NotFound` and nothing is written. Chunks are made durable
+    /// (`sync`) before the manifest is written, and the manifest is durable on return.
+    pub fn put_manifest(&self, m: &Manifest) -> Result<ManifestId> {
+        let b = &self.inner.backend;
+        for id in m.stored_chunks() {
+            if !b.touch(&chunk_key(&id))? {
+                return Err(StoreError::NotFound(format!(
+                    "chunk {id} referenced by the manifest is not stored"
+                )));
+            }
+        }
+        b.sync()?;
+        let bytes = m.to_bytes();
+        let id = ManifestId::hash(&bytes);
+        let key = manifest_key(&id);
+        // Same id = same bytes: refreshing the existing object is enough (and keeps GC off it).
+        if !b.touch(&key)? {
+            b.put(&key, &bytes)?;
+            b.sync()?;
+        }
+        Ok(id)
+    }
+
+    /// Whether a chunk is stored.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.inner.backend.exists(&chunk_key(id))
+    }
+
+    /// The ids in `ids` that are not stored (duplicates reported once, in input order).
+    pub fn missing_chunks(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for id in ids {
+            if seen.insert(*id) && !self.has_chunk(id)? {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a chunk and verifies that its content hashes to `id` (`Corrupt` otherwise).
+    pub fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let key = chunk_key(id);
+        let data = self.inner.backend.get(&key).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(format!("chunk {id}")),
+            e => e,
+        })?;
+        if ChunkId::hash(&data) != *id {
+            return Err(StoreError::corrupt(
+                key,
+                "chunk content does not match its id",
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Stores a chunk (if not already stored) and returns its id. Not durable until
+    /// [`Store::sync`] or [`Store::put_manifest`]. Empty or over-sized data is refused.
+    pub fn put_chunk(&self, data: &[u8]) -> Result<ChunkId> {
+        Ok(self.put_chunk_inner(data)?.0)
+    }
+
+    /// Stores a chunk unless present (touching it if present); returns its id and whether it
+    /// was newly written.
+    pub(crate) fn put_chunk_inner(&self, data: &[u8]) -> Result<(ChunkId, bool)> {
+        if data.is_empty() || data.len() > MAX_CHUNK_SIZE as usize {
+            return Err(StoreError::Invalid(format!(
+                "chunk of {} bytes (must be 1..={MAX_CHUNK_SIZE})",
+                data.len()
+            )));
+        }
+        let id = ChunkId::hash(data);
+        if id == ChunkId::RESERVED_ZERO {
+            return Err(StoreError::Invalid(
+                "chunk hashes to the reserved id".into(),
+            ));
+        }
+        let key = chunk_key(&id);
+        let b = &self.inner.backend;
+        if b.touch(&key)? {
+            return Ok((id, false));
+        }
+        b.put(&key, data)?;
+        Ok((id, true))
+    }
+
+    /// Durability barrier for chunks written with [`Store::put_chunk`].
+    pub fn sync(&self) -> Result<()> {
+        self.inner.backend.sync()
+    }
+
+    /// Logical and physical bytes of `manifests`. Physical counts each distinct chunk once at
+    /// its plaintext length (known from the manifests; no chunk is read).
+    pub fn usage(&self, manifests: &[ManifestId]) -> Result<Usage> {
+        let mut seen_chunks = HashSet::new();
+        let mut logical: std::collections::HashMap<ManifestId, u64> = Default::default();
+        let mut u = Usage::default();
+        for id in manifests {
+            let size = match logical.get(id) {
+                Some(size) => *size,
+                None => {
+                    let m = self.manifest(id)?;
+                    for (c, len) in m.stored_chunks_with_len() {
+                        if seen_chunks.insert(c) {
+                            u.physical_bytes += len;
+                        }
+                    }
+                    logical.insert(*id, m.logical_size());
+                    m.logical_size()
+                }
+            };
+            u.logical_bytes += size;
+        }
+        Ok(u)
+    }
+}

@@ -1,0 +1,619 @@
+mod common;
+
+use common::*;
+use openims_format::io::ExtentKind;
+use openims_format::VirtualDisk;
+use openims_store::backend::{chunk_key, manifest_key};
+use openims_store::{
+    Backend, ChunkId, IngestProgress, LocalBackend, Manifest, MemBackend, Store, StoreConfig,
+    StoreError, SyncMode,
+};
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+const CS: u64 = 4096;
+
+fn config() -> StoreConfig {
+    StoreConfig {
+        chunk_size: CS as u32,
+        ..StoreConfig::default()
+    }
+}
+
+fn local_store() -> (tempfile::TempDir, Arc<LocalBackend>, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = Arc::new(LocalBackend::open(dir.path()).expect("open"));
+    let s = Store::open(Arc::clone(&b), config()).expect("store");
+    (dir, b, s)
+}
+
+/// 11 chunks, the last one short (1000 bytes):
+/// 0 random | 1 hole | 2 allocated zeros | 3 = copy of 0 | 4 half data, half hole |
+/// 5,6 hole | 7 random | 8 = copy of 7 | 9 hole | 10 short random.
+fn sample_disk() -> MemDisk {
+    let mut d = MemDisk::new(10 * CS + 1000);
+    let a = random_bytes(1, CS as usize);
+    let b = random_bytes(2, CS as usize);
+    d.write(0, &a);
+    d.write(2 * CS, &vec![0u8; CS as usize]);
+    d.write(3 * CS, &a);
+    d.write(4 * CS, &random_bytes(3, (CS / 2) as usize));
+    d.write(7 * CS, &b);
+    d.write(8 * CS, &b);
+    d.write(10 * CS, &random_bytes(4, 1000));
+    d
+}
+
+fn read_all(s: &Store, id: &openims_store::ManifestId) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.stream_raw(id)
+        .expect("stream")
+        .read_to_end(&mut out)
+        .expect("read");
+    out
+}
+
+#[test]
+fn ingest_round_trip_with_holes_zeros_repeats_and_short_tail() {
+    let (_dir, b, s) = local_store();
+    let mut disk = sample_disk();
+    let mut events: Vec<IngestProgress> = Vec::new();
+    let r = s
+        .ingest(&mut disk, &mut |p| events.push(p))
+        .expect("ingest");
+
+    assert_eq!(r.virtual_size, 10 * CS + 1000);
+    assert_eq!(r.chunk_count, 11);
+    // Holes: 1, 5, 6, 9; zero data: 2.
+    assert_eq!(r.zero_chunks, 5);
+    // Distinct: a, half-chunk, b, tail.
+    assert_eq!(r.stored_chunks, 4);
+    assert_eq!(r.new_chunks, 4);
+    assert_eq!(r.new_bytes, 3 * CS + 1000);
+    // Holes were not read: 6 data chunk reads (0, 2, 3, 4, 7, 8, 10 = 7).
+    assert_eq!(disk.reads, 7);
+
+    // Progress: monotonic, ends complete.
+    let last = events.last().expect("progress");
+    assert_eq!(last.bytes_done, r.virtual_size);
+    assert_eq!(last.chunks_done, 11);
+    assert_eq!(last.new_chunks, 4);
+    assert!(events
+        .windows(2)
+        .all(|w| w[0].bytes_done <= w[1].bytes_done));
+
+    // Stored objects: 4 chunks, tail at its real length, 1 manifest.
+    let chunks = keys(&*b, "chunks/");
+    assert_eq!(chunks.len(), 4);
+    let tail = ChunkId::hash(&disk.data[(10 * CS) as usize..]);
+    assert_eq!(
+        b.head(&chunk_key(&tail)).expect("head").expect("tail").size,
+        1000
+    );
+    assert_eq!(keys(&*b, "manifests/"), vec![manifest_key(&r.manifest_id)]);
+
+    // Read back: whole stream, random reads, extents.
+    assert_eq!(read_all(&s, &r.manifest_id), disk.data);
+    let mut md = s.open_disk(&r.manifest_id).expect("open");
+    assert_eq!(md.virtual_size(), disk.virtual_size());
+    for (off, len) in [
+        (0u64, 1usize),
+        (CS - 7, 20),
+        (3 * CS + 5, 9000),
+        (10 * CS, 1000),
+        (10 * CS + 990, 100),
+        (0, (11 * CS) as usize),
+    ] {
+        let mut got = vec![0xAAu8; len];
+        md.read_at(off, &mut got).expect("read_at");
+        let mut want = vec![0u8; len];
+        disk.read_at(off, &mut want).expect("mem read");
+        assert_eq!(got, want, "read at {off} len {len}");
+    }
+    let ext = md.extents(0, u64::MAX).expect("extents");
+    let kinds: Vec<(u64, u64, ExtentKind)> =
+        ext.iter().map(|e| (e.offset, e.len, e.kind)).collect();
+    use ExtentKind::*;
+    assert_eq!(
+        kinds,
+        vec![
+            (0, CS, Data),
+            (CS, 2 * CS, Zero),
+            (3 * CS, 2 * CS, Data),
+            (5 * CS, 2 * CS, Zero),
+            (7 * CS, 2 * CS, Data),
+            (9 * CS, CS, Zero),
+            (10 * CS, 1000, Data),
+        ]
+    );
+    assert_eq!(md.extents(CS + 10, 5).expect("extents")[0].len, 5);
+
+    // Seek + read.
+    let mut rd = s.stream_raw(&r.manifest_id).expect("stream");
+    rd.seek(SeekFrom::End(-500)).expect("seek");
+    let mut tailbuf = Vec::new();
+    rd.read_to_end(&mut tailbuf).expect("read");
+    assert_eq!(tailbuf, &disk.data[disk.data.len() - 500..]);
+}
+
+#[test]
+fn dedup_same_disk_twice_writes_nothing_new() {
+    let (_dir, b, s) = local_store();
+    let mut disk = sample_disk();
+    let r1 = s.ingest(&mut disk, &mut |_| {}).expect("ingest 1");
+    let r2 = s.ingest(&mut disk, &mut |_| {}).expect("ingest 2");
+    assert_eq!(r1.manifest_id, r2.manifest_id);
+    assert_eq!(r2.new_chunks, 0);
+    assert_eq!(r2.new_bytes, 0);
+    assert_eq!(keys(&*b, "chunks/").len(), 4);
+
+    // A second disk sharing chunk 0: only its new chunk is written.
+    let mut other = MemDisk::new(2 * CS);
+    other.write(0, &disk.data[..CS as usize]);
+    other.write(CS, &random_bytes(99, CS as usize));
+    let r3 = s.ingest(&mut other, &mut |_| {}).expect("ingest 3");
+    assert_eq!((r3.stored_chunks, r3.new_chunks, r3.new_bytes), (2, 1, CS));
+    assert_eq!(keys(&*b, "chunks/").len(), 5);
+    assert_eq!(read_all(&s, &r3.manifest_id), other.data);
+
+    // Metering: a copy sharing a manifest adds logical size but no physical bytes.
+    let u1 = s.usage(&[r1.manifest_id]).expect("usage");
+    assert_eq!(u1.logical_bytes, 10 * CS + 1000);
+    assert_eq!(u1.physical_bytes, 3 * CS + 1000);
+    let u2 = s.usage(&[r1.manifest_id, r1.manifest_id]).expect("usage");
+    assert_eq!(u2.logical_bytes, 2 * u1.logical_bytes);
+    assert_eq!(u2.physical_bytes, u1.physical_bytes);
+    let u3 = s.usage(&[r1.manifest_id, r3.manifest_id]).expect("usage");
+    assert_eq!(u3.physical_bytes, u1.physical_bytes + CS);
+    let m = s.manifest(&r1.manifest_id).expect("manifest");
+    assert_eq!(m.physical_bytes(&|_| 1), 4);
+    assert_eq!(m.plain_physical_bytes(), u1.physical_bytes);
+}
+
+#[test]
+fn zero_chunks_are_not_stored() {
+    let (_dir, b, s) = local_store();
+    let mut disk = MemDisk::new(5 * CS + 17);
+    disk.write(CS, &vec![0u8; 3 * CS as usize]); // allocated but zero
+    let r = s.ingest(&mut disk, &mut |_| {}).expect("ingest");
+    assert_eq!((r.stored_chunks, r.new_chunks, r.zero_chunks), (0, 0, 6));
+    assert!(keys(&*b, "chunks/").is_empty());
+    assert_eq!(read_all(&s, &r.manifest_id), disk.data);
+    assert!(s
+        .manifest(&r.manifest_id)
+        .expect("m")
+        .chunks()
+        .iter()
+        .all(Option::is_none));
+
+    // Empty disk.
+    let mut empty = MemDisk::new(0);
+    let r = s.ingest(&mut empty, &mut |_| {}).expect("ingest empty");
+    assert_eq!(r.chunk_count, 0);
+    assert!(read_all(&s, &r.manifest_id).is_empty());
+}
+
+#[test]
+fn corrupt_chunk_fails_reads_and_fsck_reports_it() {
+    let (_dir, b, s) = local_store();
+    let mut disk = sample_disk();
+    let r = s.ingest(&mut disk, &mut |_| {}).expect("ingest");
+    assert!(s.fsck(&[r.manifest_id]).expect("fsck").is_clean());
+
+    let a = ChunkId::hash(&disk.data[..CS as usize]);
+    let path = b.path_of(&chunk_key(&a)).expect("path");
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[100] ^= 1;
+    std::fs::write(&path, &bytes).expect("write");
+
+    let e = s.get_chunk(&a).expect_err("corrupt chunk must fail");
+    assert!(e.is_corrupt(), "{e}");
+
+    let mut md = s.open_disk(&r.manifest_id).expect("open");
+    let mut buf = vec![0u8; 4096];
+    let e = md.read_at(0, &mut buf).expect_err("corrupt read");
+    assert!(
+        StoreError::from_format_error(&e).is_some_and(StoreError::is_corrupt),
+        "{e}"
+    );
+    // Chunks elsewhere still read fine.
+    md.read_at(7 * CS, &mut buf).expect("other chunk");
+
+    let mut out = Vec::new();
+    let e = s
+        .stream_raw(&r.manifest_id)
+        .expect("stream")
+        .read_to_end(&mut out)
+        .expect_err("stream");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    assert!(StoreError::from_io_error(&e).is_some_and(StoreError::is_corrupt));
+
+    // A chunk of the wrong length under the right name is corrupt too (hash mismatch).
+    let b_id = ChunkId::hash(&disk.data[(7 * CS) as usize..(8 * CS) as usize]);
+    std::fs::remove_file(b.path_of(&chunk_key(&b_id)).expect("path")).expect("rm");
+
+    let missing = openims_store::ManifestId::hash(b"nope");
+    let rep = s.fsck(&[r.manifest_id, missing]).expect("fsck");
+    assert!(!rep.is_clean());
+    assert_eq!(rep.corrupt_chunks.len(), 1);
+    assert_eq!(rep.corrupt_chunks[0].0, a);
+    assert_eq!(rep.missing_chunks, vec![b_id]);
+    assert_eq!(rep.missing_manifests, vec![missing]);
+    assert_eq!(rep.chunks_checked, 4);
+    assert!(rep.orphan_chunks.is_empty() && rep.orphan_manifests.is_empty());
+
+    // Corrupt manifest.
+    let mpath = b.path_of(&manifest_key(&r.manifest_id)).expect("path");
+    let mut mb = std::fs::read(&mpath).expect("read");
+    mb[40] ^= 0x80;
+    std::fs::write(&mpath, &mb).expect("write");
+    assert!(s
+        .manifest(&r.manifest_id)
+        .expect_err("corrupt manifest")
+        .is_corrupt());
+    let rep = s.fsck(&[r.manifest_id]).expect("fsck");
+    assert_eq!(rep.corrupt_manifests.len(), 1);
+    // With the manifest unreadable, its chunks look orphaned.
+    assert_eq!(rep.orphan_chunks.len(), 3);
+}
+
+#[test]
+fn fsck_reports_orphans_and_foreign_keys() {
+    let (_dir, b, s) = local_store();
+    let r = s.ingest(&mut sample_disk(), &mut |_| {}).expect("ingest");
+    let mut d2 = MemDisk::new(CS);
+    d2.write(0, &random_bytes(50, CS as usize));
+    let r2 = s.ingest(&mut d2, &mut |_| {}).expect("ingest");
+    b.put("chunks/zz/junk", b"x").expect("put");
+    let rep = s.fsck(&[r.manifest_id]).expect("fsck");
+    assert!(rep.is_clean());
+    assert_eq!(rep.orphan_manifests, vec![r2.manifest_id]);
+    assert_eq!(rep.orphan_chunks, vec![ChunkId::hash(&d2.data)]);
+    assert_eq!(rep.foreign_keys, vec!["chunks/zz/junk".to_string()]);
+}
+
+fn age_all(b: &MemBackend, age: Duration) {
+    let t = SystemTime::now() - age;
+    for k in keys(b, "") {
+        b.set_modified(&k, t);
+    }
+}
+
+#[test]
+fn gc_deletes_exactly_old_unreferenced_objects() {
+    let b = Arc::new(MemBackend::new());
+    let s = Store::open(Arc::clone(&b), config()).expect("store");
+    let disk_a = sample_disk();
+    let mut disk_b = MemDisk::new(2 * CS);
+    disk_b.write(0, &disk_a.data[..CS as usize]); // shared with A
+    disk_b.write(CS, &random_bytes(7, CS as usize)); // only in B
+    let ra = s.ingest(&mut disk_a.clone(), &mut |_| {}).expect("a");
+    let rb = s.ingest(&mut disk_b.clone(), &mut |_| {}).expect("b");
+    let orphan_old = s.put_chunk(&random_bytes(8, 100)).expect("orphan");
+    age_all(&b, Duration::from_secs(3600));
+    let orphan_young = s.put_chunk(&random_bytes(9, 100)).expect("young orphan");
+    let b_only = ChunkId::hash(&disk_b.data[CS as usize..]);
+
+    let grace = Duration::from_secs(600);
+    let rep = s.gc(&[ra.manifest_id], grace).expect("gc");
+    assert_eq!(rep.manifests_deleted, 1);
+    assert_eq!(rep.manifests_live, 1);
+    assert_eq!(rep.chunks_deleted, 2); // b_only + orphan_old
+    assert_eq!(rep.chunk_bytes_freed, CS + 100);
+    assert_eq!(rep.chunks_live, 4);
+    assert_eq!(rep.chunks_young, 1);
+    assert!(!b.exists(&manifest_key(&rb.manifest_id)).expect("exists"));
+    assert!(!s.has_chunk(&b_only).expect("has"));
+    assert!(!s.has_chunk(&orphan_old).expect("has"));
+    assert!(s.has_chunk(&orphan_young).expect("has"));
+    assert_eq!(read_all(&s, &ra.manifest_id), disk_a.data);
+    let f = s.fsck(&[ra.manifest_id]).expect("fsck");
+    assert!(f.is_clean());
+    assert_eq!(f.orphan_chunks, vec![orphan_young]);
+
+    // Second run with nothing old to delete is a no-op.
+    let rep = s.gc(&[ra.manifest_id], grace).expect("gc");
+    assert_eq!((rep.manifests_deleted, rep.chunks_deleted), (0, 0));
+
+    // Nothing live and everything old: everything goes.
+    age_all(&b, Duration::from_secs(3600));
+    let rep = s.gc(&[], grace).expect("gc");
+    assert_eq!((rep.manifests_deleted, rep.chunks_deleted), (1, 5));
+    assert!(b.is_empty());
+}
+
+#[test]
+fn gc_keeps_young_manifests_and_chunks_reused_by_a_new_ingest() {
+    let b = Arc::new(MemBackend::new());
+    let s = Store::open(Arc::clone(&b), config()).expect("store");
+    let disk = sample_disk();
+    let r1 = s.ingest(&mut disk.clone(), &mut |_| {}).expect("ingest");
+    age_all(&b, Duration::from_secs(3600));
+    // The image was deleted (manifest no longer live), then the same content is ingested
+    // again before the database records the new manifest: it reuses the old chunks.
+    let r2 = s.ingest(&mut disk.clone(), &mut |_| {}).expect("ingest");
+    assert_eq!(r2.new_chunks, 0);
+    assert_eq!(r1.manifest_id, r2.manifest_id);
+    let rep = s.gc(&[], Duration::from_secs(600)).expect("gc");
+    assert_eq!((rep.manifests_deleted, rep.chunks_deleted), (0, 0));
+    assert_eq!((rep.manifests_young, rep.chunks_live), (1, 4));
+    assert_eq!(read_all(&s, &r2.manifest_id), disk.data);
+}
+
+#[test]
+fn gc_refuses_to_sweep_when_a_live_manifest_is_unreadable() {
+    let b = Arc::new(MemBackend::new());
+    let s = Store::open(Arc::clone(&b), config()).expect("store");
+    let r = s.ingest(&mut sample_disk(), &mut |_| {}).expect("ingest");
+    age_all(&b, Duration::from_secs(3600));
+    b.corrupt(&manifest_key(&r.manifest_id), vec![1, 2, 3]);
+    let e = s
+        .gc(&[r.manifest_id], Duration::from_secs(1))
+        .expect_err("must refuse");
+    assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+    assert_eq!(keys(&*b, "chunks/").len(), 4);
+}
+
+#[test]
+fn local_gc_honours_grace_and_touch() {
+    let (_dir, b, s) = local_store();
+    let r = s.ingest(&mut sample_disk(), &mut |_| {}).expect("ingest");
+    assert_eq!(keys(&*b, "").len(), 5);
+    assert!(b.exists(&manifest_key(&r.manifest_id)).expect("exists"));
+    let old = SystemTime::now() - Duration::from_secs(7200);
+    for k in keys(&*b, "") {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(b.path_of(&k).expect("path"))
+            .expect("open");
+        f.set_modified(old).expect("set mtime");
+    }
+    // Touch one chunk: it becomes young and survives.
+    let a = ChunkId::hash(&sample_disk().data[..CS as usize]);
+    assert!(b.touch(&chunk_key(&a)).expect("touch"));
+    let rep = s.gc(&[], Duration::from_secs(600)).expect("gc");
+    assert_eq!(
+        (rep.manifests_deleted, rep.chunks_deleted, rep.chunks_young),
+        (1, 3, 1)
+    );
+    assert_eq!(keys(&*b, ""), vec![chunk_key(&a)]);
+    // delete_if_older directly: young kept, old deleted, absent is None.
+    let cutoff = SystemTime::now() - Duration::from_secs(600);
+    assert_eq!(
+        b.delete_if_older(&chunk_key(&a), cutoff).expect("dio"),
+        None
+    );
+    assert!(b.exists(&chunk_key(&a)).expect("exists"));
+    assert_eq!(
+        b.delete_if_older(&chunk_key(&a), SystemTime::now() + Duration::from_secs(5))
+            .expect("dio"),
+        Some(CS)
+    );
+    assert_eq!(
+        b.delete_if_older(&chunk_key(&a), SystemTime::now())
+            .expect("dio"),
+        None
+    );
+    assert!(!b.touch(&chunk_key(&a)).expect("touch"));
+}
+
+#[test]
+fn failed_chunk_write_never_writes_a_manifest() {
+    for puts_ok in [0i64, 1, 2, 3] {
+        let inner = Arc::new(MemBackend::new());
+        let fb = Arc::new(FailingBackend::new(Arc::clone(&inner)));
+        fb.chunk_puts_left
+            .store(puts_ok, std::sync::atomic::Ordering::SeqCst);
+        let s = Store::open(Arc::clone(&fb), config()).expect("store");
+        let e = s
+            .ingest(&mut sample_disk(), &mut |_| {})
+            .expect_err("must fail");
+        assert!(matches!(e, StoreError::Io(_)), "{e}");
+        assert!(
+            keys(&*inner, "manifests/").is_empty(),
+            "after {puts_ok} puts"
+        );
+    }
+    // A failing durability barrier also prevents the manifest.
+    let inner = Arc::new(MemBackend::new());
+    let fb = Arc::new(FailingBackend::new(Arc::clone(&inner)));
+    fb.fail_sync
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let s = Store::open(Arc::clone(&fb), config()).expect("store");
+    assert!(s.ingest(&mut sample_disk(), &mut |_| {}).is_err());
+    assert!(keys(&*inner, "manifests/").is_empty());
+    assert_eq!(keys(&*inner, "chunks/").len(), 4);
+}
+
+#[test]
+fn failed_source_read_never_writes_a_manifest() {
+    let (_dir, b, s) = local_store();
+    let mut disk = sample_disk();
+    disk.fail_at = Some(8 * CS);
+    let e = s.ingest(&mut disk, &mut |_| {}).expect_err("must fail");
+    assert!(matches!(e, StoreError::Format(_)), "{e}");
+    assert!(keys(&*b, "manifests/").is_empty());
+}
+
+#[test]
+fn put_manifest_requires_stored_chunks() {
+    let (_dir, b, s) = local_store();
+    let present = s.put_chunk(&random_bytes(1, CS as usize)).expect("put");
+    let absent = ChunkId::hash(b"absent");
+    let m = Manifest::new(2 * CS, CS as u32, vec![Some(present), Some(absent)]).expect("m");
+    assert!(s
+        .put_manifest(&m)
+        .expect_err("missing chunk")
+        .is_not_found());
+    assert!(keys(&*b, "manifests/").is_empty());
+    assert_eq!(
+        s.missing_chunks(&[present, absent, absent])
+            .expect("missing"),
+        vec![absent]
+    );
+    let m = Manifest::new(2 * CS, CS as u32, vec![Some(present), None]).expect("m");
+    let id = s.put_manifest(&m).expect("put");
+    assert_eq!(id, m.id());
+    assert_eq!(s.manifest(&id).expect("get"), m);
+    assert!(s
+        .manifest(&openims_store::ManifestId::hash(b"x"))
+        .expect_err("nf")
+        .is_not_found());
+}
+
+#[test]
+fn local_backend_basics_in_every_sync_mode() {
+    for mode in [SyncMode::FsyncEach, SyncMode::FsyncAtSync, SyncMode::Syncfs] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = LocalBackend::open_with(dir.path(), mode).expect("open");
+        b.put("a/b/c", b"hello world").expect("put");
+        b.put("a/b/c", b"hello world").expect("put again");
+        b.put("a/x", b"x").expect("put");
+        b.put("ab", b"y").expect("put");
+        b.sync().expect("sync");
+        assert_eq!(b.get("a/b/c").expect("get"), b"hello world");
+        assert_eq!(b.get_range("a/b/c", 6, 100).expect("range"), b"world");
+        assert_eq!(b.get_range("a/b/c", 60, 1).expect("range"), b"");
+        assert!(b.get("nope").expect_err("nf").is_not_found());
+        assert_eq!(keys(&b, "a/"), vec!["a/b/c", "a/x"]);
+        assert_eq!(keys(&b, "a"), vec!["a/b/c", "a/x", "ab"]);
+        assert_eq!(keys(&b, "a/b"), vec!["a/b/c"]);
+        assert_eq!(keys(&b, ""), vec!["a/b/c", "a/x", "ab"]);
+        assert!(keys(&b, "zz/").is_empty());
+        assert!(b.delete("a/x").expect("delete"));
+        assert!(!b.delete("a/x").expect("delete"));
+        for bad in [
+            "",
+            "/a",
+            "a//b",
+            "../x",
+            "a/../b",
+            ".tmp/x",
+            "a/.hidden",
+            "a b",
+            "a/",
+        ] {
+            assert!(b.put(bad, b"x").is_err(), "{bad:?} accepted");
+        }
+        // No temp files left behind.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(".tmp"))
+                .expect("tmp")
+                .count(),
+            0
+        );
+    }
+}
+
+#[test]
+fn store_rejects_bad_config_and_huge_disks() {
+    let b = MemBackend::new();
+    let bad = StoreConfig {
+        chunk_size: 100,
+        ..StoreConfig::default()
+    };
+    assert!(Store::open(b, bad).is_err());
+    let s = Store::open(
+        MemBackend::new(),
+        StoreConfig {
+            max_virtual_size: CS,
+            ..config()
+        },
+    )
+    .expect("store");
+    assert!(matches!(
+        s.ingest(&mut MemDisk::new(CS + 1), &mut |_| {}),
+        Err(StoreError::Invalid(_))
+    ));
+    // Too many chunks for one manifest (tiny chunks, huge disk): refused before allocating.
+    let s = Store::open(
+        MemBackend::new(),
+        StoreConfig {
+            chunk_size: 512,
+            ..StoreConfig::default()
+        },
+    )
+    .expect("store");
+    let mut huge = HugeEmptyDisk(1 << 40);
+    assert!(matches!(
+        s.ingest(&mut huge, &mut |_| {}),
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+#[test]
+fn many_workers_and_default_chunk_size() {
+    let b = Arc::new(MemBackend::new());
+    let s = Store::open(
+        Arc::clone(&b),
+        StoreConfig {
+            ingest_workers: 4,
+            ..StoreConfig::default()
+        },
+    )
+    .expect("store");
+    let mut disk = MemDisk::new(9 * (4 << 20) + 3);
+    for i in 0..9u64 {
+        if i % 3 != 1 {
+            disk.write(i * (4 << 20) + 11, &random_bytes(i % 4, 5 << 19));
+        }
+    }
+    let r = s.ingest(&mut disk, &mut |_| {}).expect("ingest");
+    assert_eq!(r.chunk_count, 10);
+    assert_eq!(read_all(&s, &r.manifest_id), disk.data);
+}
+
+#[test]
+fn store_is_send_sync_and_concurrent_ingests_agree() {
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+    assert_send_sync::<Store>();
+    fn assert_send<T: Send>() {}
+    assert_send::<openims_store::ManifestDisk>();
+    assert_send::<openims_store::ManifestReader>();
+
+    let (_dir, b, s) = local_store();
+    let disk = sample_disk();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            let mut d = disk.clone();
+            std::thread::spawn(move || s.ingest(&mut d, &mut |_| {}).expect("ingest"))
+        })
+        .collect();
+    let reports: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("join"))
+        .collect();
+    assert!(reports
+        .iter()
+        .all(|r| r.manifest_id == reports[0].manifest_id));
+    // Racing ingests may each write a chunk, but the store holds each once.
+    assert_eq!(keys(&*b, "chunks/").len(), 4);
+    assert!(s.fsck(&[reports[0].manifest_id]).expect("fsck").is_clean());
+}
+
+/// A disk that claims a huge size (never read in the test that uses it).
+struct HugeEmptyDisk(u64);
+
+impl VirtualDisk for HugeEmptyDisk {
+    fn virtual_size(&self) -> u64 {
+        self.0
+    }
+    fn extents(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> openims_format::Result<Vec<openims_format::io::Extent>> {
+        let end = offset.saturating_add(len).min(self.0);
+        Ok(vec![openims_format::io::Extent {
+            offset,
+            len: end.saturating_sub(offset),
+            kind: ExtentKind::Zero,
+        }])
+    }
+    fn read_at(&mut self, _offset: u64, buf: &mut [u8]) -> openims_format::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
