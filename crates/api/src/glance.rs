@@ -338,13 +338,15 @@ async fn patch(
     let v20 = match ct.as_str() {
         "application/openstack-images-v2.1-json-patch" => false,
         "application/openstack-images-v2.0-json-patch" => true,
-        _ => return Err(g(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "IMG.0001",
-            format!(
+        _ => {
+            return Err(g(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "IMG.0001",
+                format!(
                 "Unsupported Content-Type {ct:?}: use application/openstack-images-v2.1-json-patch"
             ),
-        ))),
+            )))
+        }
     };
     let ops = parse_patch(&body, v20).map_err(g)?;
     let img = st.svc.patch_image_glance(&c, &id, &ops).await.map_err(g)?;

@@ -71,7 +71,13 @@ impl DataPlane {
         let staging = config.staging_dir();
         std::fs::create_dir_all(&staging)?;
         let backend = LocalBackend::open(config.store_dir())?;
-        let store = Store::open(Arc::new(backend), StoreConfig::default())?;
+        let store = Store::open(
+            backend,
+            StoreConfig {
+                max_virtual_size: config.max_virtual_size,
+                ..StoreConfig::default()
+            },
+        )?;
         Ok(DataPlane {
             store: Arc::new(store),
             staging,
@@ -165,7 +171,7 @@ impl DataPlane {
         Ok(self
             .store
             .manifest(&parse_manifest(manifest)?)?
-            .virtual_size)
+            .virtual_size())
     }
 
     /// A reader of `[offset, offset+len)` of a manifest's data.
