@@ -18,4 +18,4 @@ cargo nextest run --workspace
 
 export OPENIMS_BIN=${OPENIMS_BIN:-$CARGO_TARGET_DIR/debug/openims}
 # Each xdist worker starts its own session server (own data dir and port), so -n is safe.
-"$venv/bin/python" -m pytest tests/e2e -q -x --timeout 300 -p no:cacheprovider -n 2 "$@"
+"$venv/bin/python" -m pytest tests/e2e -q -x --timeout 300 -p no:cacheprovider -n 2 --dist loadfile "$@"

@@ -69,6 +69,15 @@ def parse_credentials(path: Path) -> dict:
     return out
 
 
+def _die_with_parent():
+    """Children get SIGKILL if pytest dies (no orphaned servers holding ports)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
 # Every server started in this process, so a failing test can print their logs.
 RUNNING_SERVERS: list["Server"] = []
 
@@ -110,7 +119,7 @@ class Server:
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
         if self not in RUNNING_SERVERS:
             RUNNING_SERVERS.append(self)
         self.wait_ready(ready_timeout)

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from helpers import (
-    OCTET, GeneratedBody, describe, glance_create, glance_show, glance_upload, make_active_image,
+    OCTET, RawClient, GeneratedBody, describe, glance_create, glance_show, glance_upload, make_active_image,
     make_tenant, md5_hex, raw_bytes, unique,
 )
 
@@ -23,7 +23,8 @@ def start_upload(t, image_id, body):
 
     def run():
         try:
-            result["resp"] = t.raw.put(f"/v2/images/{image_id}/file", stream_body=body, content_type=OCTET,
+            uploader = RawClient(t.endpoint, t.ak, t.sk, t.project_id)  # own session/connection
+            result["resp"] = uploader.put(f"/v2/images/{image_id}/file", stream_body=body, content_type=OCTET,
                                        timeout=120)
         except Exception as e:  # noqa: BLE001 - the connection is expected to break
             result["exc"] = e

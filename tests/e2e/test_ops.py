@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from helpers import (
-    OCTET, GeneratedBody, describe, glance_create, glance_show, make_tenant,
+    OCTET, RawClient, GeneratedBody, describe, glance_create, glance_show, make_tenant,
 )
 
 ROUTE_LABELS = ("route", "path", "endpoint", "handler", "matched_path")
@@ -138,7 +138,8 @@ def test_sigterm_finishes_inflight_upload(fresh_server):
 
     def run():
         try:
-            result["resp"] = t.raw.put(f"/v2/images/{img['id']}/file", stream_body=body, content_type=OCTET,
+            uploader = RawClient(t.endpoint, t.ak, t.sk, t.project_id)  # own session/connection
+            result["resp"] = uploader.put(f"/v2/images/{img['id']}/file", stream_body=body, content_type=OCTET,
                                        timeout=120)
         except Exception as ex:  # noqa: BLE001
             result["exc"] = ex
