@@ -246,7 +246,7 @@ def test_list_versions_and_show_version(tenant):
     for v in r.versions:
         assert v.status in ("CURRENT", "SUPPORTED", "DEPRECATED")
         assert v.links and v.links[0].href and v.links[0].rel == "self"
-    r = tenant.ims.show_version(ShowVersionRequest(version="v2"))
+    r = tenant.ims.show_version(ShowVersionRequest(version="v2.0"))
     assert r.status_code in (200, 300)
     assert r.versions and all(v.id.startswith("v2") for v in r.versions), r.versions
 
