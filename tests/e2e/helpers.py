@@ -186,16 +186,20 @@ class Server:
 
 
 def admin(data_dir: Path, *args: str, binary: Path = OPENIMS_BIN) -> Any:
-    """`openims admin ... --data-dir D --output json`; returns the parsed JSON output.
+    """`openims admin --data-dir D --output json ...`; returns the parsed JSON output.
 
-    The global flags are placed after the subcommand, which clap accepts both for global
-    flags defined on `admin` and for flags defined on each leaf command."""
-    cmd = [str(binary), "admin", *args, "--data-dir", str(data_dir), "--output", "json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\nstdout: {p.stdout}\nstderr: {p.stderr}")
-    out = p.stdout.strip()
-    return json.loads(out) if out else None
+    If the CLI rejects the flags in that position (clap: defined on the leaf commands), the
+    same command is retried with the flags after the subcommand."""
+    flags = ["--data-dir", str(data_dir), "--output", "json"]
+    tries = [[str(binary), "admin", *flags, *args], [str(binary), "admin", *args, *flags]]
+    for i, cmd in enumerate(tries):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if p.returncode == 2 and "unexpected argument" in p.stderr and i == 0:
+            continue
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\nstdout: {p.stdout}\nstderr: {p.stderr}")
+        out = p.stdout.strip()
+        return json.loads(out) if out else None
 
 
 # --------------------------------------------------------------------------------------------
