@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.failed:
         for srv in list(helpers.RUNNING_SERVERS):
-            rep.sections.append((f"openims log {srv.log_path}", srv.log_tail(120)))
+            tail = re.sub(r"\x1b\[[0-9;]*m", "", srv.log_tail(40))
+            rep.sections.append((f"openims log {srv.log_path}", tail))
 
 
 def _start(tmp: Path, name: str, extra=()) -> Server:

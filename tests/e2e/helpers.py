@@ -303,6 +303,84 @@ class RawClient:
         return self.request("DELETE", path, **kw)
 
 
+class _Prepared(Exception):
+    def __init__(self, method, url, headers, body):
+        super().__init__("prepared")
+        self.method, self.url, self.headers, self.body = method, url, headers, body
+
+
+@dataclass
+class EarlyResponse:
+    status_code: int
+    headers: dict
+    content: bytes
+    sent: int
+
+    def json(self):
+        return json.loads(self.content)
+
+
+def send_reading_early(client: "RawClient", method: str, path: str, body: bytes, timeout: float = 60,
+                       **kw) -> EarlyResponse:
+    """Send a (signed) request over a raw socket while watching for an early response, the way
+    curl does: a server may answer 413 before the body is complete and close the connection,
+    which python's http.client only notices as a reset."""
+    import select
+    from urllib.parse import urlsplit
+
+    def capture(m, url, headers, data):
+        raise _Prepared(m, url, headers, data)
+
+    try:
+        client.request(method, path, body=body, mutate_after_sign=capture, **kw)
+    except _Prepared as p:
+        prep = p
+    u = urlsplit(prep.url)
+    target = u.path + (f"?{u.query}" if u.query else "")
+    head = [f"{method.upper()} {target} HTTP/1.1", f"Host: {u.netloc}", f"Content-Length: {len(body)}",
+            "Connection: close"]
+    head += [f"{k}: {v}" for k, v in prep.headers.items() if k.lower() not in ("host", "content-length")]
+    sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+    view, sent, resp = memoryview(body), 0, b""
+    deadline = time.monotonic() + timeout
+    try:
+        while sent < len(body) and time.monotonic() < deadline:
+            r, w, _ = select.select([sock], [sock], [], 1)
+            if r:
+                break
+            if w:
+                try:
+                    sent += sock.send(view[sent:sent + 65536])
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            resp += chunk
+            if b"\r\n\r\n" in resp:
+                hdr, _, rest = resp.partition(b"\r\n\r\n")
+                m = re.search(rb"(?im)^content-length:\s*(\d+)", hdr)
+                if m and len(rest) >= int(m.group(1)):
+                    break
+    finally:
+        sock.close()
+    if not resp:
+        raise ConnectionError(f"no response at all (sent {sent}/{len(body)} bytes)")
+    hdr, _, content = resp.partition(b"\r\n\r\n")
+    lines = hdr.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for ln in lines[1:]:
+        k, _, v = ln.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return EarlyResponse(status, headers, content, sent)
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
