@@ -39,7 +39,7 @@ def ids(images):
 
 
 # ------------------------------------------------------------------------------------------
-# A fixed catalogue in one project: alpha (raw), "beta <sfx>" (qcow2, name with a space),
+# A fixed catalogue in one project: alpha (raw), "beta <sfx>" (raw, name with a space),
 # gamma (raw, protected), queued (no file).
 # ------------------------------------------------------------------------------------------
 
@@ -47,10 +47,9 @@ def ids(images):
 def catalogue(module_tenant, tmp_path_factory):
     t = module_tenant
     sfx = secrets.token_hex(3)
-    q = make_qcow2(tmp_path_factory.mktemp("q") / "b.qcow2", "32M")
     imgs = {
         "alpha": make_active_image(t.raw, name=f"cat-alpha-{sfx}"),
-        "beta": make_active_image(t.raw, q, disk_format="qcow2", name=f"cat-beta {sfx}"),
+        "beta": make_active_image(t.raw, name=f"cat-beta {sfx}", min_ram=2048),
         "gamma": make_active_image(t.raw, name=f"cat-gamma-{sfx}", protected=True),
         "queued": glance_create(t.raw, name=f"cat-queued-{sfx}", disk_format="raw", container_format="bare"),
     }
@@ -101,14 +100,24 @@ def test_list_images_filter_status(catalogue):
     assert sorted(ids(r.images)) == sorted(imgs[k]["id"] for k in ("alpha", "beta", "gamma"))
 
 
-def test_list_images_filter_disk_format_and_protected(catalogue):
+def test_list_images_filter_protected_and_min_ram(catalogue):
     t, imgs = catalogue
-    r = t.ims.list_images(ListImagesRequest(imagetype="private", disk_format="qcow2"))
-    assert ids(r.images) == [imgs["beta"]["id"]]
     r = t.ims.list_images(ListImagesRequest(imagetype="private", protected=True))
     assert ids(r.images) == [imgs["gamma"]["id"]]
     r = t.ims.list_images(ListImagesRequest(imagetype="private", protected=False))
     assert imgs["gamma"]["id"] not in ids(r.images) and imgs["alpha"]["id"] in ids(r.images)
+    r = t.ims.list_images(ListImagesRequest(imagetype="private", min_ram=2048))
+    assert ids(r.images) == [imgs["beta"]["id"]]
+
+
+def test_list_images_filter_disk_format(tenant, tmp_path):
+    raw = make_active_image(tenant.raw, name=unique("fmt-raw"))
+    q = make_active_image(tenant.raw, make_qcow2(tmp_path / "f.qcow2", "32M"), disk_format="qcow2",
+                          name=unique("fmt-qcow2"))
+    r = tenant.ims.list_images(ListImagesRequest(imagetype="private", disk_format="qcow2"))
+    assert ids(r.images) == [q["id"]]
+    r = tenant.ims.list_images(ListImagesRequest(imagetype="private", disk_format="raw"))
+    assert ids(r.images) == [raw["id"]]
 
 
 def test_list_images_sort_by_name(catalogue):
