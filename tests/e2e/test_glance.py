@@ -116,10 +116,11 @@ def test_openstacksdk_update_custom_property(os_conn):
 # ------------------------------------------------------------------------------------------
 
 def test_openstack_cli_roundtrip(openstack_cli, tmp_path):
-    src = tmp_path / "cli.qcow2"
-    data = make_qcow2(src, "16M")
+    src = tmp_path / "cli.raw"
+    data = raw_bytes(3 * 1024 * 1024 + 512)
+    src.write_bytes(data)
     name = unique("cli")
-    created = openstack_cli("image", "create", "--file", str(src), "--disk-format", "qcow2",
+    created = openstack_cli("image", "create", "--file", str(src), "--disk-format", "raw",
                             "--container-format", "bare", name)
     iid = created["id"]
     assert UUID4.match(iid)
@@ -127,9 +128,9 @@ def test_openstack_cli_roundtrip(openstack_cli, tmp_path):
     assert any(row["ID"] == iid and row["Name"] == name and row["Status"] == "active" for row in listed), listed
     shown = openstack_cli("image", "show", iid)
     assert shown["checksum"] == md5_hex(data)
-    assert shown["disk_format"] == "qcow2" and shown["size"] == len(data)
-    assert shown["virtual_size"] == 16 * 1024 * 1024
-    out = tmp_path / "saved.qcow2"
+    assert shown["disk_format"] == "raw" and shown["size"] == len(data)
+    assert shown["virtual_size"] == len(data)
+    out = tmp_path / "saved.raw"
     openstack_cli("image", "save", "--file", str(out), iid, json_out=False)
     assert out.read_bytes() == data
     openstack_cli("image", "set", "--property", "e2e_cli=1", iid, json_out=False)
