@@ -86,6 +86,9 @@ fn as_int(attr: &str, v: &Value) -> Result<i64> {
     };
     match n {
         Some(n) if n >= 0 => Ok(n),
+        _ if matches!(attr, "min_ram" | "max_ram" | "min_disk") => Err(
+            CoreError::InvalidDiskOrMemory(format!("{attr} must be a non-negative integer")),
+        ),
         _ => Err(CoreError::InvalidAttribute {
             attr: attr.into(),
             reason: "must be a non-negative integer".into(),
@@ -397,7 +400,10 @@ impl Service {
                         return Err(CoreError::ReservedAttribute(attr.into()));
                     }
                     if READ_ONLY.contains(&attr) {
-                        return Err(CoreError::ReadOnlyAttribute(attr.into()));
+                        // openstacksdk removes every extra attribute it does not carry over
+                        // when it updates properties; attributes the service computes are
+                        // not the client's to remove, so such a removal changes nothing.
+                        continue;
                     }
                     if matches!(
                         attr,
