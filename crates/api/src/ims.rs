@@ -562,7 +562,7 @@ async fn by_tags(
         Some(_) => return Err(bad("matches must be a list")),
     };
     let mut images = st.svc.project_images(&c).await?;
-    images.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    images.sort_by_key(|i| std::cmp::Reverse(i.created_at));
     let selected: Vec<&Image> = images
         .iter()
         .filter(|img| {

@@ -105,25 +105,21 @@ fn as_str<'a>(attr: &str, v: &'a Value) -> Result<&'a str> {
 
 /// Checks and sets one attribute shared by both APIs' rules (`__*` and custom properties).
 fn set_property(img: &mut Image, attr: &str, v: &Value) -> Result<()> {
+    let fails = |rule: bool, e: CoreError| if rule { Err(e) } else { Ok(()) };
     match attr {
-        "__description" => {
-            let d = as_str(attr, v)?;
-            validate_description(d)?;
-        }
+        "__description" => validate_description(as_str(attr, v)?)?,
         "__os_version" => return img.set_os_version(as_str(attr, v)?),
-        "hw_firmware_type" => {
-            if !matches!(as_str(attr, v)?, "bios" | "uefi") {
-                return Err(CoreError::InvalidFirmware);
-            }
-        }
-        "architecture" => {
-            if !matches!(
+        "hw_firmware_type" => fails(
+            !matches!(as_str(attr, v)?, "bios" | "uefi"),
+            CoreError::InvalidFirmware,
+        )?,
+        "architecture" => fails(
+            !matches!(
                 as_str(attr, v)?.to_ascii_lowercase().as_str(),
                 "x86" | "arm"
-            ) {
-                return Err(CoreError::InvalidArchitecture);
-            }
-        }
+            ),
+            CoreError::InvalidArchitecture,
+        )?,
         "max_ram" => {
             as_int(attr, v)?;
             img.properties

@@ -136,7 +136,7 @@ pub trait ImageSink {
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()>;
     /// Appends `len` zero bytes (a file sink may leave a hole instead).
     fn write_zeros(&mut self, len: u64) -> std::io::Result<()> {
-        const Z: [u8; 65536] = [0u8; 65536];
+        static Z: [u8; 65536] = [0u8; 65536];
         let mut left = len;
         while left > 0 {
             let n = left.min(Z.len() as u64) as usize;

@@ -1,0 +1,204 @@
+//! The job engine survives the death of the node running a job: the job goes back to the
+//! queue (at once when the same node restarts, after its lease when another node takes over)
+//! and runs to SUCCESS exactly once.
+
+use openims_core::image::{Image, ImageStatus, Origin};
+use openims_core::jobs::JobStatus;
+use openims_core::service::CopyRequest;
+use openims_core::{Caller, Service, ServiceConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn open(dir: &std::path::Path, lease_ms: i64) -> Arc<Service> {
+    let mut cfg = ServiceConfig::new(dir);
+    cfg.job_lease_ms = lease_ms;
+    Service::open(cfg).await.expect("service opens")
+}
+
+async fn caller(svc: &Service) -> Caller {
+    let b = match svc.db.bootstrap().await.expect("bootstrap") {
+        Some(b) => b,
+        None => panic!("fresh database must bootstrap"),
+    };
+    svc.db
+        .lookup_key(&b.key.access_key)
+        .await
+        .expect("lookup")
+        .expect("key exists")
+        .caller
+}
+
+/// An active image whose data is a small raw disk in the store.
+async fn active_image(svc: &Service, c: &Caller) -> Image {
+    let mut img = Image::new(c.project_id.clone(), Some("src".into()), Origin::Metadata);
+    img.disk_format = Some("raw".into());
+    img.container_format = Some("bare".into());
+    svc.db.insert_image(&img, 50).await.expect("insert");
+    let bytes: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let data = Arc::new(bytes);
+    let mut disk = openims_format::read::open(data, openims_format::DiskFormat::Raw).expect("raw");
+    let report = svc
+        .data
+        .store
+        .ingest(disk.as_mut(), &mut |_| {})
+        .expect("ingest");
+    assert!(svc
+        .db
+        .transition(&img.id, ImageStatus::Queued, ImageStatus::Saving, Some("t"))
+        .await
+        .expect("saving"));
+    img.disk_manifest = Some(report.manifest_id.to_string());
+    img.size = Some(3 * 1024 * 1024);
+    img.virtual_size = img.size;
+    assert!(svc.db.activate_upload(&img, "t").await.expect("activate"));
+    svc.db
+        .get_image(&img.id)
+        .await
+        .expect("get")
+        .expect("exists")
+}
+
+async fn wait_status(svc: &Service, c: &Caller, job: &str, want: JobStatus) {
+    for _ in 0..200 {
+        let j = svc.job(c, job).await.expect("job");
+        if j.status == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("job {job} never reached {want:?}");
+}
+
+#[tokio::test]
+async fn a_job_of_a_dead_node_is_taken_over_and_finishes_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path(), 200).await;
+    let c = caller(&svc).await;
+    let src = active_image(&svc, &c).await;
+    let job = svc
+        .copy_image_in_region(
+            &c,
+            &src.id.to_string(),
+            CopyRequest {
+                name: "copy".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("copy accepted");
+    // Another node claims the job and dies without a heartbeat.
+    let claimed = svc
+        .db
+        .claim_job("node-dead", 200)
+        .await
+        .expect("claim")
+        .expect("a job");
+    assert_eq!(claimed.id, job);
+    assert_eq!(
+        svc.job(&c, job.as_str()).await.expect("job").status,
+        JobStatus::Running
+    );
+    // This node's workers take it over once the lease has expired.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = svc.spawn_workers(1, stop_rx);
+    wait_status(&svc, &c, job.as_str(), JobStatus::Success).await;
+    let done = svc.job(&c, job.as_str()).await.expect("job");
+    assert_eq!(
+        done.attempts, 2,
+        "claimed once by the dead node, once by the survivor"
+    );
+    let copy_id = done.image_id.expect("copy id");
+    let copy = svc.image(&c, &copy_id).await.expect("copy exists");
+    assert_eq!(copy.status, ImageStatus::Active);
+    assert_eq!(
+        copy.disk_manifest, src.disk_manifest,
+        "the copy shares the source's data"
+    );
+    // The dead node coming back cannot finish the job a second time.
+    assert!(!svc
+        .db
+        .finish_job(&job, "node-dead", Ok(None))
+        .await
+        .expect("finish"));
+    let _ = stop_tx.send(true);
+    for w in workers {
+        w.await.expect("worker stops");
+    }
+}
+
+#[tokio::test]
+async fn restarting_the_same_node_releases_its_jobs_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, job, node) = {
+        // A long lease: only the restart itself may release the job.
+        let svc = open(dir.path(), 3_600_000).await;
+        let c = caller(&svc).await;
+        let src = active_image(&svc, &c).await;
+        let job = svc
+            .copy_image_in_region(
+                &c,
+                &src.id.to_string(),
+                CopyRequest {
+                    name: "copy".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("copy accepted");
+        let node = svc.node_id.clone();
+        svc.db
+            .claim_job(&node, 3_600_000)
+            .await
+            .expect("claim")
+            .expect("a job");
+        svc.db.pool.close().await;
+        (c, job, node)
+    };
+    let svc = open(dir.path(), 3_600_000).await;
+    assert_eq!(svc.node_id, node, "the node id survives restarts");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = svc.spawn_workers(1, stop_rx);
+    wait_status(&svc, &c, job.as_str(), JobStatus::Success).await;
+    let _ = stop_tx.send(true);
+    for w in workers {
+        w.await.expect("worker stops");
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_is_queued_again_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, id) = {
+        let svc = open(dir.path(), 30_000).await;
+        let c = caller(&svc).await;
+        let mut img = Image::new(c.project_id.clone(), Some("u".into()), Origin::Metadata);
+        img.disk_format = Some("raw".into());
+        img.container_format = Some("bare".into());
+        svc.db.insert_image(&img, 50).await.expect("insert");
+        let token = format!("{}:upload", svc.node_id);
+        assert!(svc
+            .db
+            .transition(
+                &img.id,
+                ImageStatus::Queued,
+                ImageStatus::Saving,
+                Some(&token)
+            )
+            .await
+            .expect("saving"));
+        std::fs::write(svc.data.staging_path("leftover"), b"partial").expect("staging file");
+        svc.db.pool.close().await;
+        (c, img.id.to_string())
+    };
+    let svc = open(dir.path(), 30_000).await;
+    let img = svc.image(&c, &id).await.expect("image");
+    assert_eq!(
+        img.status,
+        ImageStatus::Queued,
+        "re-uploadable, never active with partial data"
+    );
+    assert!(
+        !svc.data.staging_path("leftover").exists(),
+        "staging is cleared"
+    );
+}
