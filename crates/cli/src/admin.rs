@@ -3,9 +3,12 @@
 
 use crate::config::{resolve_common, CommonArgs};
 use clap::{Args, Subcommand, ValueEnum};
+use openims_core::data::DataPlane;
 use openims_core::db::Db;
 use openims_core::identity::{random_password, Domain};
+use openims_core::ServiceConfig;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -46,6 +49,15 @@ enum What {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Delete stored data that no image references (older than the grace period).
+    Gc {
+        /// Keep unreferenced data younger than this many seconds.
+        #[arg(long, default_value_t = 21600)]
+        grace_secs: u64,
+    },
+    /// Verify every image's data: manifests parse and every chunk exists and hashes right.
+    /// Exits with status 1 if anything is missing or corrupt.
+    Fsck,
 }
 
 #[derive(Subcommand)]
@@ -127,9 +139,13 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let db = Db::connect(&cfg.database_url()).await?;
-        let out = exec(&db, args.what).await?;
-        print(&out, args.output);
+        let result = exec(&db, &cfg, args.what).await;
         db.pool.close().await;
+        let out = result?;
+        print(&out, args.output);
+        if out.get("clean") == Some(&Value::Bool(false)) {
+            std::process::exit(1);
+        }
         Ok(())
     })
 }
@@ -141,8 +157,40 @@ async fn domain_opt(db: &Db, d: &Option<String>) -> anyhow::Result<Option<Domain
     })
 }
 
-async fn exec(db: &Db, what: What) -> anyhow::Result<Value> {
+async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value> {
     Ok(match what {
+        What::Gc { grace_secs } => {
+            let data = DataPlane::open(cfg)?;
+            let live = db.live_manifests().await?;
+            let r = tokio::task::spawn_blocking(move || {
+                data.gc(&live, Duration::from_secs(grace_secs))
+            })
+            .await??;
+            json!({
+                "manifests_deleted": r.manifests_deleted, "chunks_deleted": r.chunks_deleted,
+                "bytes_freed": r.chunk_bytes_freed + r.manifest_bytes_freed,
+                "manifests_live": r.manifests_live, "chunks_live": r.chunks_live,
+                "manifests_young": r.manifests_young, "chunks_young": r.chunks_young,
+            })
+        }
+        What::Fsck => {
+            let data = DataPlane::open(cfg)?;
+            let live = db.live_manifests().await?;
+            let r = tokio::task::spawn_blocking(move || data.fsck(&live)).await??;
+            let list = |v: Vec<String>| json!(v);
+            json!({
+                "clean": r.is_clean(),
+                "manifests_checked": r.manifests_checked,
+                "chunks_checked": r.chunks_checked,
+                "bytes_checked": r.bytes_checked,
+                "missing_manifests": list(r.missing_manifests.iter().map(|m| m.to_string()).collect()),
+                "corrupt_manifests": list(r.corrupt_manifests.iter().map(|(m, why)| format!("{m}: {why}")).collect()),
+                "missing_chunks": list(r.missing_chunks.iter().map(|c| c.to_string()).collect()),
+                "corrupt_chunks": list(r.corrupt_chunks.iter().map(|(c, why)| format!("{c}: {why}")).collect()),
+                "orphan_manifests": r.orphan_manifests.len(),
+                "orphan_chunks": r.orphan_chunks.len(),
+            })
+        }
         What::Domain { cmd } => match cmd {
             DomainCmd::Create { name } => json!(db.create_domain(&name).await?),
             DomainCmd::List => json!(db.list_domains().await?),

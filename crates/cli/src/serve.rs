@@ -71,6 +71,7 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: String) -> anyhow::Resu
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let gc = svc.spawn_gc(stop_rx.clone());
     let workers = svc.spawn_workers(cfg.workers, stop_rx);
     let app = openims_api::router(svc.clone());
     tracing::info!(listen = %listen, region = %cfg.region, data_dir = %cfg.data_dir.display(), "openims is serving");
@@ -79,7 +80,7 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: String) -> anyhow::Resu
         .await?;
     tracing::info!("shutting down: waiting for workers to stop");
     let _ = stop_tx.send(true);
-    for w in workers {
+    for w in workers.into_iter().chain(gc) {
         let _ = w.await;
     }
     svc.db.pool.close().await;

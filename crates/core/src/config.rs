@@ -31,6 +31,10 @@ pub struct ServiceConfig {
     pub token_ttl_secs: i64,
     /// A lease on a running job lasts this long without a heartbeat (ms).
     pub job_lease_ms: i64,
+    /// How often unreferenced data is collected (seconds; 0 = never).
+    pub gc_interval_secs: u64,
+    /// Unreferenced data younger than this is kept (it may belong to a running ingest).
+    pub gc_grace_secs: u64,
 }
 
 impl ServiceConfig {
@@ -50,6 +54,8 @@ impl ServiceConfig {
             workers: 4,
             token_ttl_secs: 24 * 3600,
             job_lease_ms: 30_000,
+            gc_interval_secs: 3600,
+            gc_grace_secs: 6 * 3600,
         }
     }
 

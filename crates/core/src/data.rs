@@ -166,6 +166,28 @@ impl DataPlane {
         })
     }
 
+    /// Deletes stored data no live manifest references and older than `grace`.
+    pub fn gc(
+        &self,
+        live: &[String],
+        grace: std::time::Duration,
+    ) -> Result<openims_store::GcReport> {
+        let ids = live
+            .iter()
+            .map(|m| parse_manifest(m))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.store.gc(&ids, grace)?)
+    }
+
+    /// Verifies every live manifest and every chunk it references (reads and hashes them).
+    pub fn fsck(&self, live: &[String]) -> Result<openims_store::FsckReport> {
+        let ids = live
+            .iter()
+            .map(|m| parse_manifest(m))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.store.fsck(&ids)?)
+    }
+
     /// Length of the data a manifest describes.
     pub fn manifest_len(&self, manifest: &str) -> Result<u64> {
         Ok(self

@@ -806,6 +806,46 @@ impl Service {
         }
     }
 
+    /// One garbage-collection pass: data no image references, older than the grace period.
+    pub async fn collect_garbage(&self, grace: Duration) -> Result<openims_store::GcReport> {
+        let live = self.db.live_manifests().await?;
+        let data = self.data.clone();
+        tokio::task::spawn_blocking(move || data.gc(&live, grace))
+            .await
+            .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?
+    }
+
+    /// Collects garbage every `gc_interval_secs` until `shutdown` fires.
+    pub fn spawn_gc(
+        self: &Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let every = self.config.gc_interval_secs;
+        if every == 0 {
+            return None;
+        }
+        let svc = self.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(every)) => {}
+                }
+                match svc
+                    .collect_garbage(Duration::from_secs(svc.config.gc_grace_secs))
+                    .await
+                {
+                    Ok(r) => tracing::info!(
+                        chunks_deleted = r.chunks_deleted,
+                        bytes_freed = r.chunk_bytes_freed + r.manifest_bytes_freed,
+                        "garbage collected"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "garbage collection failed"),
+                }
+            }
+        }))
+    }
+
     /// Validates an OS version string (for list filters and creation).
     pub fn os_version_known(v: &str) -> bool {
         find_os_version(v).is_some()
