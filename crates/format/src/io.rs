@@ -1,6 +1,6 @@
 //! The three I/O traits the rest of the crate is written against.
 
-use crate::Result;
+
 
 /// Positional reads from an image file (a local file, a bucket object read by ranges, memory).
 ///
