@@ -103,8 +103,9 @@ pub struct Inspection {
     pub virtual_size: u64,
     /// Size of the image file in bytes.
     pub file_size: u64,
-    /// Best estimate of the bytes of guest data held in the file (exact in deep mode for
-    /// table-based formats; the file size otherwise).
+    /// Best estimate of the guest bytes the file holds data for: allocated clusters × cluster
+    /// size in deep mode for table-based formats (compressed clusters counted decompressed),
+    /// the file size otherwise (shallow mode, raw, fixed).
     pub allocated_size: u64,
     /// Cluster / grain / block size when the format has one.
     pub cluster_size: Option<u64>,
@@ -302,7 +303,7 @@ pub fn inspect(src: &dyn ReadAt, opts: &InspectOptions) -> Result<Inspection> {
         format,
         virtual_size: rep.virtual_size,
         file_size,
-        allocated_size: rep.allocated_size.unwrap_or(file_size).min(file_size),
+        allocated_size: rep.allocated_size.unwrap_or(file_size),
         cluster_size: rep.cluster_size,
         features: rep.features,
         is_iso: format == DiskFormat::Iso,

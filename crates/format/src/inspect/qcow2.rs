@@ -487,7 +487,7 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
     let per_l1 = h.bytes_per_l1_entry();
     let esz = h.l2_entry_size() as usize;
     let data_file = h.has_data_file();
-    let (mut data_clusters, mut compressed, mut compressed_bytes) = (0u64, 0u64, 0u64);
+    let (mut data_clusters, mut compressed) = (0u64, 0u64);
     let slack_end = round_up(fs, 512);
     for (l1i, l2off) in l2_tables {
         let (tbl, _) = read_padded(inp.src, l2off, cs as usize)?;
@@ -508,7 +508,6 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
                     break;
                 }
                 compressed += 1;
-                compressed_bytes = compressed_bytes.saturating_add(clen);
                 continue;
             }
             let off = entry & L2E_OFFSET_MASK;
@@ -539,7 +538,7 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
             rep.v(Violation::Qcow2CompressionBomb { expanded, file_size: fs, max_ratio: ratio });
         }
     }
-    rep.allocated_size = Some(data_clusters.saturating_mul(cs).saturating_add(compressed_bytes));
+    rep.allocated_size = Some(data_clusters.saturating_add(compressed).saturating_mul(cs));
     Ok(())
 }
 

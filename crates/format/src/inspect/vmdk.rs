@@ -502,9 +502,7 @@ fn deep_walk(inp: &Input, h: &SparseExtentHeader, gd_off: u64, entries: u64, rep
         if expanded > (1 << 30) && expanded / fs.max(1) > ratio {
             rep.v(Violation::VmdkCompressionBomb { expanded, file_size: fs, max_ratio: ratio });
         }
-        rep.allocated_size = Some(fs);
-    } else {
-        rep.allocated_size = Some(grains.saturating_mul(gb));
     }
+    rep.allocated_size = Some(grains.saturating_add(cgrains).saturating_mul(gb));
     Ok(())
 }
