@@ -140,3 +140,23 @@ fn odd_sizes_match_qemu() {
         }
     }
 }
+
+#[test]
+fn vmdk_stream_optimized_with_footer_is_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = p(dir.path(), "src.raw");
+    make_source_raw(&src, 40 * MIB);
+    let path = p(dir.path(), "s.vmdk");
+    qemu_img(&["convert", "-q", "-O", "vmdk", "-o", "subformat=streamOptimized", "-f", "raw", src.to_str().unwrap(), path.to_str().unwrap()]);
+    let with_footer = vmdk_stream_with_footer(&std::fs::read(&path).unwrap());
+    std::fs::write(&path, &with_footer).unwrap();
+    let ins = inspect_path(&path);
+    assert!(ins.is_safe(), "{:?}", ins.violations);
+    assert_eq!(ins.virtual_size, 40 * MIB);
+    match &ins.details {
+        openims_format::inspect::Details::Vmdk(v) => assert!(v.footer.is_some()),
+        d => panic!("{d:?}"),
+    }
+    // qemu agrees the file is fine.
+    assert_eq!(qemu_info(&path, "vmdk")["virtual-size"].as_u64(), Some(40 * MIB));
+}

@@ -294,7 +294,10 @@ pub fn inspect(src: &dyn ReadAt, opts: &InspectOptions) -> Result<Inspection> {
     }
 
     if rep.virtual_size == 0 {
-        rep.v(Violation::VirtualSizeZero);
+        // Only meaningful when the header could be read: otherwise the size is just unknown.
+        if rep.violations.is_empty() {
+            rep.v(Violation::VirtualSizeZero);
+        }
     } else if rep.virtual_size > opts.max_virtual_size {
         rep.v(Violation::VirtualSizeTooLarge { size: rep.virtual_size, max: opts.max_virtual_size });
     }

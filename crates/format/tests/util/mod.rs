@@ -60,3 +60,21 @@ pub fn inspect_path_with(path: &Path, opts: &InspectOptions) -> Inspection {
 pub fn p(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// Turns a qemu-made streamOptimized vmdk (grain directory located by the header) into the
+/// VMware layout: header `gd_offset = GD_AT_END`, then footer marker, footer header (holding
+/// the real grain directory offset) and end-of-stream marker at the end.
+pub fn vmdk_stream_with_footer(stream: &[u8]) -> Vec<u8> {
+    let mut b = stream.to_vec();
+    let mut footer = stream[..512].to_vec();
+    b[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut marker = vec![0u8; 512];
+    marker[0..8].copy_from_slice(&1u64.to_le_bytes());
+    marker[12..16].copy_from_slice(&3u32.to_le_bytes());
+    b.resize(b.len().next_multiple_of(512), 0);
+    b.extend_from_slice(&marker);
+    footer[72] = 0;
+    b.extend_from_slice(&footer);
+    b.extend_from_slice(&[0u8; 512]);
+    b
+}
