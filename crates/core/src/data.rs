@@ -111,6 +111,7 @@ impl DataPlane {
             max_virtual_size: max_virtual,
             declared_format: None,
             deep: true,
+            ..InspectOptions::default()
         };
         let report = inspect(file.as_ref(), &opts)?;
         let detected = report.format;

@@ -19,6 +19,7 @@
 //! `VirtualDisk`) -> `write::write_image` (to a `ImageSink`).
 
 pub mod error;
+pub mod inspect;
 pub mod io;
 
 pub use error::{FormatError, Result};
