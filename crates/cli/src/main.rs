@@ -7,6 +7,7 @@
 
 mod admin;
 mod config;
+mod image_cmd;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Serve(config::ServeArgs),
     /// Manage domains, projects, users and keys on a data directory.
     Admin(admin::AdminArgs),
+    /// Inspect and convert image files locally.
+    Image(image_cmd::ImageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Admin(args) => admin::run(args),
+        Command::Image(args) => image_cmd::run(args),
     }
 }
