@@ -670,39 +670,53 @@ pub struct Page {
 }
 
 /// Filters, sorts and pages `images` (all images the caller may see).
+///
+/// The flat attribute view is only built when a filter or sort key needs it.
 pub fn apply_list_query(images: Vec<Image>, q: &ListQuery) -> Result<Page> {
-    let mut rows: Vec<(Image, Map<String, Value>)> = images
-        .into_iter()
-        .map(|i| {
-            let v = i.view();
-            (i, v)
-        })
-        .filter(|(img, view)| {
-            q.equals.iter().all(|(k, want)| match view.get(k) {
-                Some(v) => {
-                    let have = value_string(v);
-                    have == *want || (want.contains(',') && want.split(',').any(|w| w == have))
-                }
-                None => false,
-            }) && q.tags.iter().all(|t| {
-                let (k, v) = t.split_once('=').unwrap_or((t.as_str(), ""));
-                img.tags.iter().any(|(tk, tv)| tk == k && tv == v)
-            }) && time_matches(img.created_at, &q.created_at)
-                && time_matches(img.updated_at, &q.updated_at)
-        })
-        .collect();
     let mut sort = q.sort.clone();
     if sort.is_empty() {
         sort.push(("created_at".into(), false));
     }
+    let needs_view = !q.equals.is_empty()
+        || sort
+            .iter()
+            .any(|(k, _)| k != "created_at" && k != "updated_at");
+    let mut rows: Vec<(Image, Option<Map<String, Value>>)> = images
+        .into_iter()
+        .map(|i| {
+            let v = needs_view.then(|| i.view());
+            (i, v)
+        })
+        .filter(|(img, view)| {
+            let equals_ok =
+                q.equals
+                    .iter()
+                    .all(|(k, want)| match view.as_ref().and_then(|v| v.get(k)) {
+                        Some(v) => {
+                            let have = value_string(v);
+                            have == *want
+                                || (want.contains(',') && want.split(',').any(|w| w == have))
+                        }
+                        None => false,
+                    });
+            equals_ok
+                && q.tags.iter().all(|t| {
+                    let (k, v) = t.split_once('=').unwrap_or((t.as_str(), ""));
+                    img.tags.iter().any(|(tk, tv)| tk == k && tv == v)
+                })
+                && time_matches(img.created_at, &q.created_at)
+                && time_matches(img.updated_at, &q.updated_at)
+        })
+        .collect();
     rows.sort_by(|(a, av), (b, bv)| {
         for (key, asc) in &sort {
-            let o = if key == "created_at" {
-                a.created_at.cmp(&b.created_at)
-            } else if key == "updated_at" {
-                a.updated_at.cmp(&b.updated_at)
-            } else {
-                cmp_values(av.get(key), bv.get(key))
+            let o = match key.as_str() {
+                "created_at" => a.created_at.cmp(&b.created_at),
+                "updated_at" => a.updated_at.cmp(&b.updated_at),
+                _ => cmp_values(
+                    av.as_ref().and_then(|v| v.get(key)),
+                    bv.as_ref().and_then(|v| v.get(key)),
+                ),
             };
             let o = if *asc { o } else { o.reverse() };
             if o != Ordering::Equal {
@@ -710,7 +724,7 @@ pub fn apply_list_query(images: Vec<Image>, q: &ListQuery) -> Result<Page> {
             }
         }
         // Stable tie-break: id in the direction of the first key.
-        let o = a.id.to_string().cmp(&b.id.to_string());
+        let o = a.id.cmp(&b.id);
         if sort[0].1 {
             o
         } else {
