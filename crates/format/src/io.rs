@@ -9,6 +9,13 @@ pub trait ReadAt: Send + Sync {
     /// Total size of the file in bytes.
     fn size(&self) -> std::io::Result<u64>;
 
+    /// The ranges `(offset, len)` of `[offset, offset + len)` that may hold data, as the
+    /// storage knows it without reading (e.g. `SEEK_DATA`/`SEEK_HOLE` on a local file).
+    /// `None` means "unknown: treat everything as data" (the default).
+    fn allocated_ranges(&self, _offset: u64, _len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
         while !buf.is_empty() {
@@ -36,6 +43,52 @@ impl ReadAt for std::fs::File {
     fn size(&self) -> std::io::Result<u64> {
         Ok(self.metadata()?.len())
     }
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        file_allocated_ranges(self, offset, len)
+    }
+}
+
+/// `SEEK_DATA`/`SEEK_HOLE` walk of `[offset, offset + len)`; `None` if the filesystem can't say.
+fn file_allocated_ranges(
+    f: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+    use std::os::unix::io::AsRawFd;
+    let size = f.metadata()?.len();
+    let end = offset.saturating_add(len).min(size);
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        // SAFETY: lseek on a valid fd owned by `f`; only the (unused) file cursor moves, all
+        // reads in this crate are positional.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(Some(out)),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Ok(None);
+        }
+        let hole = (hole as u64).min(end);
+        if hole <= data {
+            return Ok(None);
+        }
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(Some(out))
 }
 
 impl ReadAt for [u8] {
@@ -70,6 +123,9 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
     fn size(&self) -> std::io::Result<u64> {
         (**self).size()
     }
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        (**self).allocated_ranges(offset, len)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
@@ -78,6 +134,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn size(&self) -> std::io::Result<u64> {
         (**self).size()
+    }
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        (**self).allocated_ranges(offset, len)
     }
 }
 
@@ -152,4 +211,9 @@ pub trait ImageSink {
     fn header_window(&self) -> u64;
     /// Bytes written so far.
     fn position(&self) -> u64;
+    /// Called once after the last write or patch: flush buffers, fix the final length (a file
+    /// sink ending in a hole). The default does nothing.
+    fn finish(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

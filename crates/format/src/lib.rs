@@ -18,12 +18,17 @@
 //! Data flows: `ReadAt` (the file) -> `inspect::inspect` (verdict) -> `read::open` (a
 //! `VirtualDisk`) -> `write::write_image` (to a `ImageSink`).
 
+pub mod convert;
 pub mod error;
 pub mod inspect;
 pub mod io;
+pub mod read;
+pub mod sink;
+pub mod write;
 
 pub use error::{FormatError, Result};
 pub use io::{ImageSink, ReadAt, VirtualDisk};
+pub use sink::{FileSink, MemSink};
 
 use serde::{Deserialize, Serialize};
 
