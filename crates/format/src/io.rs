@@ -1,7 +1,5 @@
 //! The three I/O traits the rest of the crate is written against.
 
-
-
 /// Positional reads from an image file (a local file, a bucket object read by ranges, memory).
 ///
 /// Implementations must be safe to call with any offset: reads past the end return 0 bytes.
@@ -126,7 +124,7 @@ pub trait ImageSink {
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()>;
     /// Appends `len` zero bytes (a file sink may leave a hole instead).
     fn write_zeros(&mut self, len: u64) -> std::io::Result<()> {
-        const Z: [u8; 65536] = [0u8; 65536];
+        static Z: [u8; 65536] = [0u8; 65536];
         let mut left = len;
         while left > 0 {
             let n = left.min(Z.len() as u64) as usize;

@@ -25,18 +25,31 @@ fn every_hostile_file_is_refused_with_its_reason() {
         let ins = inspect(&f, &opts).unwrap();
         let names = ins.violation_names();
         eprintln!("{:40} {:?}", c.file, names);
-        let missing: Vec<_> = c.expected.iter().filter(|e| !names.contains(&e.as_str())).collect();
+        let missing: Vec<_> = c
+            .expected
+            .iter()
+            .filter(|e| !names.contains(&e.as_str()))
+            .collect();
         if ins.is_safe() || !missing.is_empty() {
-            failures.push(format!("{}: expected {:?}, got {:?}", c.file, c.expected, names));
+            failures.push(format!(
+                "{}: expected {:?}, got {:?}",
+                c.file, c.expected, names
+            ));
         }
         // Every message is non-empty and names are namespaced.
         for v in &ins.violations {
             assert!(!v.to_string().is_empty() && v.name().contains('.'));
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // The manifest is written and parses.
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("expected.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("expected.json")).unwrap()).unwrap();
     assert_eq!(m.as_array().unwrap().len(), cases.len());
 }
 
@@ -45,6 +58,10 @@ fn every_hostile_file_is_refused_with_its_reason() {
 fn write_corpus_to_dir() {
     if let Some(dir) = std::env::var_os("HOSTILE_CORPUS_DIR") {
         let cases = hostile::write_corpus(std::path::Path::new(&dir));
-        eprintln!("wrote {} hostile files and expected.json to {}", cases.len(), dir.to_string_lossy());
+        eprintln!(
+            "wrote {} hostile files and expected.json to {}",
+            cases.len(),
+            dir.to_string_lossy()
+        );
     }
 }

@@ -31,14 +31,37 @@ fn seeds() -> &'static Vec<(&'static str, Vec<u8>)> {
         ];
         for (name, fmt, opts) in list {
             let d = p(dir.path(), name);
-            qemu_img(&["convert", "-q", "-f", "raw", "-O", fmt, "-o", opts, s, d.to_str().unwrap()]);
+            qemu_img(&[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                fmt,
+                "-o",
+                opts,
+                s,
+                d.to_str().unwrap(),
+            ]);
             let mut bytes = std::fs::read(&d).unwrap();
             if *name == "vmdk-stream" {
                 out.push(("vmdk-stream-footer", vmdk_stream_with_footer(&bytes)));
             }
             if *name == "qcow2" {
                 let c = p(dir.path(), "c.qcow2");
-                qemu_img(&["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", s, c.to_str().unwrap()]);
+                qemu_img(&[
+                    "convert",
+                    "-q",
+                    "-c",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=4k",
+                    s,
+                    c.to_str().unwrap(),
+                ]);
                 out.push(("qcow2-compressed", std::fs::read(&c).unwrap()));
             }
             bytes.shrink_to_fit();
@@ -51,7 +74,10 @@ fn seeds() -> &'static Vec<(&'static str, Vec<u8>)> {
 fn check(bytes: &[u8]) {
     let v = bytes.to_vec();
     for deep in [true, false] {
-        let opts = InspectOptions { deep, ..Default::default() };
+        let opts = InspectOptions {
+            deep,
+            ..Default::default()
+        };
         let a = inspect(&v, &opts).expect("in-memory inspect never errors");
         let b = inspect(&v, &opts).expect("in-memory inspect never errors");
         assert_eq!(a.violation_names(), b.violation_names());
@@ -63,7 +89,30 @@ fn check(bytes: &[u8]) {
     let _ = detect(bytes);
 }
 
-const INTERESTING: &[u64] = &[0, 1, 2, 3, 7, 8, 9, 21, 22, 63, 64, 511, 512, 4096, 65535, 65536, 0x7fff_ffff, 0xffff_ffff, 1 << 32, 1 << 40, i64::MAX as u64, u64::MAX];
+const INTERESTING: &[u64] = &[
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    9,
+    21,
+    22,
+    63,
+    64,
+    511,
+    512,
+    4096,
+    65535,
+    65536,
+    0x7fff_ffff,
+    0xffff_ffff,
+    1 << 32,
+    1 << 40,
+    i64::MAX as u64,
+    u64::MAX,
+];
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]

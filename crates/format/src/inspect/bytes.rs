@@ -30,7 +30,9 @@ int_reader!(le64, u64, 8, from_le_bytes);
 
 /// `b[off..off+n]` or an empty slice when out of range.
 pub fn slice(b: &[u8], off: usize, n: usize) -> &[u8] {
-    off.checked_add(n).and_then(|end| b.get(off..end)).unwrap_or(&[])
+    off.checked_add(n)
+        .and_then(|end| b.get(off..end))
+        .unwrap_or(&[])
 }
 
 /// Copies `N` bytes at `off` into an array (zeros when out of range).
@@ -76,7 +78,8 @@ pub fn round_up(v: u64, align: u64) -> u64 {
     if align == 0 {
         return v;
     }
-    v.checked_add(align - 1).map_or(u64::MAX, |x| x & !(align - 1))
+    v.checked_add(align - 1)
+        .map_or(u64::MAX, |x| x & !(align - 1))
 }
 
 /// `ceil(a / b)`, 0 when `b == 0`.
@@ -111,7 +114,13 @@ pub fn guid_string(g: &[u8; 16]) -> String {
 pub fn printable(b: &[u8], max: usize) -> String {
     b.iter()
         .take(max)
-        .map(|&c| if (0x20..0x7f).contains(&c) { c as char } else { '?' })
+        .map(|&c| {
+            if (0x20..0x7f).contains(&c) {
+                c as char
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 

@@ -25,7 +25,9 @@ pub struct IsoInfo {
 
 /// Does the head hold an ISO 9660 / UDF volume descriptor at 0x8001, 0x8801 or 0x9001?
 pub fn probe(h: &[u8]) -> bool {
-    DESCRIPTOR_OFFSETS.iter().any(|&o| IDENTIFIERS.contains(&slice(h, o + 1, 5)))
+    DESCRIPTOR_OFFSETS
+        .iter()
+        .any(|&o| IDENTIFIERS.contains(&slice(h, o + 1, 5)))
 }
 
 pub(crate) fn analyze(inp: &Input, rep: &mut Report) {
@@ -36,7 +38,9 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) {
             info.pvd_offset = Some(o as u64);
             info.volume_space_size = le32(d, 80);
             info.logical_block_size = le16(d, 128);
-            info.volume_id = super::bytes::printable(slice(d, 40, 32), 32).trim_end().to_string();
+            info.volume_id = super::bytes::printable(slice(d, 40, 32), 32)
+                .trim_end()
+                .to_string();
             break;
         }
     }

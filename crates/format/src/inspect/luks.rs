@@ -21,9 +21,23 @@ pub struct LuksHeader {
 pub(crate) fn analyze(inp: &Input, rep: &mut Report) {
     let b = inp.head;
     let version = be16(b, 6);
-    let payload_offset = if version == 1 { u64::from(be32(b, 104)) * 512 } else { be64(b, 8) };
-    let cipher_name = printable(slice(b, 8, 32), 32).trim_end_matches('?').to_string();
+    let payload_offset = if version == 1 {
+        u64::from(be32(b, 104)) * 512
+    } else {
+        be64(b, 8)
+    };
+    let cipher_name = printable(slice(b, 8, 32), 32)
+        .trim_end_matches('?')
+        .to_string();
     rep.virtual_size = inp.file_size.saturating_sub(payload_offset);
     rep.v(Violation::LuksEncrypted);
-    rep.details = Details::Luks(LuksHeader { version, cipher_name: if version == 1 { cipher_name } else { String::new() }, payload_offset });
+    rep.details = Details::Luks(LuksHeader {
+        version,
+        cipher_name: if version == 1 {
+            cipher_name
+        } else {
+            String::new()
+        },
+        payload_offset,
+    });
 }

@@ -22,8 +22,8 @@ pub mod raw;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
-pub mod vmdk;
 mod violation;
+pub mod vmdk;
 
 pub use violation::Violation;
 
@@ -176,10 +176,17 @@ impl Report {
         }
     }
     pub(crate) fn invalid(&mut self, format: DiskFormat, reason: impl Into<String>) {
-        self.v(Violation::InvalidHeader { format, reason: reason.into() });
+        self.v(Violation::InvalidHeader {
+            format,
+            reason: reason.into(),
+        });
     }
     pub(crate) fn truncated(&mut self, format: DiskFormat, needed: u64, file_size: u64) {
-        self.v(Violation::Truncated { format, needed, file_size });
+        self.v(Violation::Truncated {
+            format,
+            needed,
+            file_size,
+        });
     }
 }
 
@@ -197,7 +204,10 @@ pub(crate) struct Input<'a> {
 /// Returns the highest-priority match, or `Raw`. Footer-only formats (fixed VHD) can not be seen
 /// here; [`inspect`] is authoritative.
 pub fn detect(first_bytes: &[u8]) -> DiskFormat {
-    head_matches(first_bytes).into_iter().next().unwrap_or(DiskFormat::Raw)
+    head_matches(first_bytes)
+        .into_iter()
+        .next()
+        .unwrap_or(DiskFormat::Raw)
 }
 
 /// Formats whose signature appears in the file head, by priority.
@@ -253,7 +263,12 @@ pub fn inspect(src: &dyn ReadAt, opts: &InspectOptions) -> Result<Inspection> {
     }
 
     let format = matched.first().copied().unwrap_or(DiskFormat::Raw);
-    let input = Input { src, file_size, head, opts };
+    let input = Input {
+        src,
+        file_size,
+        head,
+        opts,
+    };
     let mut rep = Report::default();
     match format {
         DiskFormat::Raw => raw::analyze(&input, &mut rep)?,
@@ -270,26 +285,33 @@ pub fn inspect(src: &dyn ReadAt, opts: &InspectOptions) -> Result<Inspection> {
 
     // Format confusion: a partition table (MBR/GPT) inside a header that owns offset 0.
     let mut confusion: Vec<String> = matched.iter().map(|f| f.to_string()).collect();
-    let header_at_zero = !matches!(format, DiskFormat::Raw | DiskFormat::Iso)
-        && !(format == DiskFormat::Vhd && !head.starts_with(vhd::COOKIE));
+    let fixed_vhd = format == DiskFormat::Vhd && !head.starts_with(vhd::COOKIE);
+    let header_at_zero = !matches!(format, DiskFormat::Raw | DiskFormat::Iso) && !fixed_vhd;
     if header_at_zero {
         if let Some(pt) = raw::partition_table(head) {
             confusion.push(pt.to_string());
         }
     }
     if confusion.len() > 1 {
-        rep.violations.insert(0, Violation::MultipleFormats { formats: confusion });
+        rep.violations
+            .insert(0, Violation::MultipleFormats { formats: confusion });
     }
     if format == DiskFormat::Raw {
         if let Some(name) = raw::foreign_signature(src, head, file_size)? {
-            rep.v(Violation::ForeignFormat { name: name.to_string() });
+            rep.v(Violation::ForeignFormat {
+                name: name.to_string(),
+            });
         }
     }
 
     if let Some(declared) = opts.declared_format {
-        let compatible = declared == format || (declared == DiskFormat::Raw && format == DiskFormat::Iso);
+        let compatible =
+            declared == format || (declared == DiskFormat::Raw && format == DiskFormat::Iso);
         if !compatible {
-            rep.v(Violation::DeclaredFormatMismatch { declared, detected: format });
+            rep.v(Violation::DeclaredFormatMismatch {
+                declared,
+                detected: format,
+            });
         }
     }
 
@@ -299,7 +321,10 @@ pub fn inspect(src: &dyn ReadAt, opts: &InspectOptions) -> Result<Inspection> {
             rep.v(Violation::VirtualSizeZero);
         }
     } else if rep.virtual_size > opts.max_virtual_size {
-        rep.v(Violation::VirtualSizeTooLarge { size: rep.virtual_size, max: opts.max_virtual_size });
+        rep.v(Violation::VirtualSizeTooLarge {
+            size: rep.virtual_size,
+            max: opts.max_virtual_size,
+        });
     }
 
     Ok(Inspection {

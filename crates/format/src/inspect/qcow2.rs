@@ -230,13 +230,19 @@ impl Qcow2Header {
                 self.backing_file = Some(printable(slice(b, off, len), 1023));
             }
         }
-        let mut off = if self.version >= 3 { self.header_length as usize } else { 72 };
+        let mut off = if self.version >= 3 {
+            self.header_length as usize
+        } else {
+            72
+        };
         let mut count = 0;
         loop {
             if off.checked_add(8).is_none_or(|e| e > limit) {
                 // qemu requires the end-of-extensions marker when there is room for it.
                 if off < limit {
-                    problems.push(format!("extension header at {off} runs past the header cluster"));
+                    problems.push(format!(
+                        "extension header at {off} runs past the header cluster"
+                    ));
                 }
                 break;
             }
@@ -252,7 +258,9 @@ impl Qcow2Header {
             }
             let data_off = off + 8;
             if data_off.checked_add(len).is_none_or(|e| e > limit) {
-                problems.push(format!("extension {ty:#x} of {len} bytes runs past the header cluster"));
+                problems.push(format!(
+                    "extension {ty:#x} of {len} bytes runs past the header cluster"
+                ));
                 break;
             }
             let data = slice(b, data_off, len);
@@ -314,18 +322,28 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         rep.details = Details::Qcow2(Box::new(h));
         return Ok(());
     }
-    rep.feature(if h.version == 2 { "compat=0.10" } else { "compat=1.1" });
+    rep.feature(if h.version == 2 {
+        "compat=0.10"
+    } else {
+        "compat=1.1"
+    });
     if !(9..=21).contains(&h.cluster_bits) {
-        rep.v(Violation::Qcow2BadClusterBits { bits: h.cluster_bits });
+        rep.v(Violation::Qcow2BadClusterBits {
+            bits: h.cluster_bits,
+        });
         rep.details = Details::Qcow2(Box::new(h));
         return Ok(());
     }
     let cs = h.cluster_size();
     rep.cluster_size = Some(cs);
     if h.version == 3
-        && (h.header_length < 104 || h.header_length % 8 != 0 || u64::from(h.header_length) > cs)
+        && (h.header_length < 104
+            || !h.header_length.is_multiple_of(8)
+            || u64::from(h.header_length) > cs)
     {
-        rep.v(Violation::Qcow2BadHeaderLength { length: h.header_length });
+        rep.v(Violation::Qcow2BadHeaderLength {
+            length: h.header_length,
+        });
         rep.details = Details::Qcow2(Box::new(h));
         return Ok(());
     }
@@ -368,7 +386,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         1 => {
             rep.feature("zstd");
             if incompat & INCOMPAT_COMPRESSION == 0 {
-                rep.invalid(f, "zstd compression without the compression-type feature bit");
+                rep.invalid(
+                    f,
+                    "zstd compression without the compression-type feature bit",
+                );
             }
         }
         t => rep.v(Violation::Qcow2UnknownCompressionType { ctype: t }),
@@ -376,25 +397,35 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
 
     // Safety checks on the header.
     if h.has_backing_file() {
-        rep.v(Violation::Qcow2BackingFile { name: h.backing_file.clone() });
+        rep.v(Violation::Qcow2BackingFile {
+            name: h.backing_file.clone(),
+        });
     }
     if h.has_data_file() || h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 {
-        rep.v(Violation::Qcow2DataFile { name: h.external_data_file.clone() });
+        rep.v(Violation::Qcow2DataFile {
+            name: h.external_data_file.clone(),
+        });
     }
     if incompat & !INCOMPAT_KNOWN != 0 {
-        rep.v(Violation::Qcow2UnknownIncompatibleFeatures { bits: incompat & !INCOMPAT_KNOWN });
+        rep.v(Violation::Qcow2UnknownIncompatibleFeatures {
+            bits: incompat & !INCOMPAT_KNOWN,
+        });
     }
     if incompat & INCOMPAT_CORRUPT != 0 {
         rep.v(Violation::Qcow2Corrupt);
     }
     if h.crypt_method != 0 || h.crypto_header.is_some() {
-        rep.v(Violation::Qcow2Encrypted { method: h.crypt_method });
+        rep.v(Violation::Qcow2Encrypted {
+            method: h.crypt_method,
+        });
     }
     if h.refcount_order > 6 {
         rep.invalid(f, format!("refcount_order {} over 6", h.refcount_order));
     }
     if h.nb_snapshots != 0 {
-        rep.v(Violation::Qcow2Snapshots { count: h.nb_snapshots });
+        rep.v(Violation::Qcow2Snapshots {
+            count: h.nb_snapshots,
+        });
     }
 
     // Tables.
@@ -402,15 +433,25 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let table = |rep: &mut Report, name: &'static str, off: u64, len: u64, max: u64| -> bool {
         let entries = len / 8;
         if len > max {
-            rep.v(Violation::Qcow2TableTooLarge { table: name, entries });
+            rep.v(Violation::Qcow2TableTooLarge {
+                table: name,
+                entries,
+            });
             return false;
         }
-        if off % cs != 0 {
-            rep.v(Violation::Qcow2TableUnaligned { table: name, offset: off });
+        if !off.is_multiple_of(cs) {
+            rep.v(Violation::Qcow2TableUnaligned {
+                table: name,
+                offset: off,
+            });
             return false;
         }
         if off == 0 || !fits(off, len, fs) {
-            rep.v(Violation::Qcow2TableOutOfBounds { table: name, offset: off, len });
+            rep.v(Violation::Qcow2TableOutOfBounds {
+                table: name,
+                offset: off,
+                len,
+            });
             return false;
         }
         true
@@ -419,7 +460,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let needed = h.l1_entries_needed();
     let mut l1_ok = true;
     if u64::from(h.l1_size) < needed {
-        rep.v(Violation::Qcow2L1TooSmall { l1_size: u64::from(h.l1_size), needed });
+        rep.v(Violation::Qcow2L1TooSmall {
+            l1_size: u64::from(h.l1_size),
+            needed,
+        });
         l1_ok = false;
     }
     if h.l1_size > 0 {
@@ -427,9 +471,19 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     }
     let rt_bytes = u64::from(h.refcount_table_clusters).saturating_mul(cs);
     if h.refcount_table_clusters == 0 {
-        rep.v(Violation::Qcow2TableOutOfBounds { table: "refcount", offset: h.refcount_table_offset, len: 0 });
+        rep.v(Violation::Qcow2TableOutOfBounds {
+            table: "refcount",
+            offset: h.refcount_table_offset,
+            len: 0,
+        });
     } else {
-        table(rep, "refcount", h.refcount_table_offset, rt_bytes, MAX_REFTABLE_BYTES);
+        table(
+            rep,
+            "refcount",
+            h.refcount_table_offset,
+            rt_bytes,
+            MAX_REFTABLE_BYTES,
+        );
     }
     if h.nb_snapshots != 0 {
         // Each snapshot entry is at least 40 bytes; qemu caps the count at 65536.
@@ -437,11 +491,21 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         table(rep, "snapshot", h.snapshots_offset, min_len, 65536 * 1024);
     }
     if let Some(b) = h.bitmaps {
-        table(rep, "bitmap directory", b.directory_offset, b.directory_size, 64 << 20);
+        table(
+            rep,
+            "bitmap directory",
+            b.directory_offset,
+            b.directory_size,
+            64 << 20,
+        );
     }
     if let Some((off, len)) = h.crypto_header {
         if !fits(off, len, fs) {
-            rep.v(Violation::Qcow2TableOutOfBounds { table: "encryption header", offset: off, len });
+            rep.v(Violation::Qcow2TableOutOfBounds {
+                table: "encryption header",
+                offset: off,
+                len,
+            });
         }
     }
 
@@ -465,7 +529,7 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
         if off == 0 {
             return true;
         }
-        if off % cs != 0 || !fits(off, cs, fs) {
+        if !off.is_multiple_of(cs) || !fits(off, cs, fs) {
             bad = Some(Violation::Qcow2L1EntryOutOfBounds { index: i, entry });
             return false;
         }
@@ -499,12 +563,17 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
             let entry = be64(e, 0);
             if entry & L2E_COMPRESSED != 0 {
                 if h.extended_l2() && be64(e, 8) != 0 {
-                    bad = Some(Violation::Qcow2L2EntryOutOfBounds { guest_offset: guest, entry });
+                    bad = Some(Violation::Qcow2L2EntryOutOfBounds {
+                        guest_offset: guest,
+                        entry,
+                    });
                     break;
                 }
                 let (coff, clen) = h.compressed_extent(entry);
                 if coff == 0 || coff >= fs || coff.saturating_add(clen) > slack_end {
-                    bad = Some(Violation::Qcow2CompressedClusterOutOfBounds { guest_offset: guest });
+                    bad = Some(Violation::Qcow2CompressedClusterOutOfBounds {
+                        guest_offset: guest,
+                    });
                     break;
                 }
                 compressed += 1;
@@ -514,8 +583,11 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 || (!data_file && !fits(off, cs, fs)) {
-                bad = Some(Violation::Qcow2L2EntryOutOfBounds { guest_offset: guest, entry });
+            if !off.is_multiple_of(cs) || (!data_file && !fits(off, cs, fs)) {
+                bad = Some(Violation::Qcow2L2EntryOutOfBounds {
+                    guest_offset: guest,
+                    entry,
+                });
                 break;
             }
             if h.extended_l2() || entry & L2E_ZERO == 0 {
@@ -535,7 +607,11 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
         let expanded = compressed.saturating_mul(cs);
         let ratio = inp.opts.max_compression_ratio;
         if expanded > (1 << 30) && expanded / fs.max(1) > ratio {
-            rep.v(Violation::Qcow2CompressionBomb { expanded, file_size: fs, max_ratio: ratio });
+            rep.v(Violation::Qcow2CompressionBomb {
+                expanded,
+                file_size: fs,
+                max_ratio: ratio,
+            });
         }
     }
     rep.allocated_size = Some(data_clusters.saturating_add(compressed).saturating_mul(cs));

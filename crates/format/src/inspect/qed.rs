@@ -70,11 +70,16 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     if inp.head.len() < 64 {
         rep.truncated(DiskFormat::Qed, 64, fs);
     }
-    if h.features & F_BACKING_FILE != 0 || h.backing_filename_offset != 0 || h.backing_filename_size != 0 {
+    if h.features & F_BACKING_FILE != 0
+        || h.backing_filename_offset != 0
+        || h.backing_filename_size != 0
+    {
         rep.v(Violation::QedBackingFile);
     }
     if h.features & !F_KNOWN != 0 {
-        rep.v(Violation::QedUnknownFeatures { bits: h.features & !F_KNOWN });
+        rep.v(Violation::QedUnknownFeatures {
+            bits: h.features & !F_KNOWN,
+        });
     }
     if h.features & F_NEED_CHECK != 0 {
         rep.feature("need-check");
@@ -88,7 +93,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         && u64::from(h.header_size) * cs <= (64 << 20);
     if !geometry_ok {
         rep.v(Violation::QedBadGeometry {
-            reason: format!("cluster size {}, table size {}, header size {}", h.cluster_size, h.table_size, h.header_size),
+            reason: format!(
+                "cluster size {}, table size {}, header size {}",
+                h.cluster_size, h.table_size, h.header_size
+            ),
         });
         rep.details = Details::Qed(h);
         return Ok(());
@@ -97,11 +105,19 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let tb = h.table_bytes();
     let entries = tb / 8;
     let max_size = entries.saturating_mul(entries).saturating_mul(cs);
-    if h.image_size > max_size || h.image_size % 512 != 0 {
-        rep.v(Violation::QedBadGeometry { reason: format!("image size {} not representable", h.image_size) });
+    if h.image_size > max_size || !h.image_size.is_multiple_of(512) {
+        rep.v(Violation::QedBadGeometry {
+            reason: format!("image size {} not representable", h.image_size),
+        });
     }
-    if h.l1_table_offset % cs != 0 || h.l1_table_offset == 0 || !fits(h.l1_table_offset, tb, fs) {
-        rep.v(Violation::QedTableOutOfBounds { what: "L1 table", offset: h.l1_table_offset });
+    if !h.l1_table_offset.is_multiple_of(cs)
+        || h.l1_table_offset == 0
+        || !fits(h.l1_table_offset, tb, fs)
+    {
+        rep.v(Violation::QedTableOutOfBounds {
+            what: "L1 table",
+            offset: h.l1_table_offset,
+        });
         rep.details = Details::Qed(h);
         return Ok(());
     }
@@ -115,8 +131,11 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
             if off == 0 {
                 return true;
             }
-            if off % cs != 0 || !fits(off, tb, fs) {
-                bad = Some(Violation::QedTableOutOfBounds { what: "L2 table", offset: off });
+            if !off.is_multiple_of(cs) || !fits(off, tb, fs) {
+                bad = Some(Violation::QedTableOutOfBounds {
+                    what: "L2 table",
+                    offset: off,
+                });
                 return false;
             }
             l2s.push(off);
@@ -126,7 +145,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         sorted.sort_unstable();
         if bad.is_none() {
             if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-                bad = Some(Violation::QedTableOutOfBounds { what: "shared L2 table", offset: w[0] });
+                bad = Some(Violation::QedTableOutOfBounds {
+                    what: "shared L2 table",
+                    offset: w[0],
+                });
             }
         }
         let mut allocated = 0u64;
@@ -138,8 +160,14 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
                     if c <= 1 {
                         continue;
                     }
-                    if c % cs != 0 || !fits(c, cs, fs.saturating_add(cs - 1) / cs * cs) || c >= fs {
-                        bad = Some(Violation::QedTableOutOfBounds { what: "data cluster", offset: c });
+                    if !c.is_multiple_of(cs)
+                        || !fits(c, cs, fs.saturating_add(cs - 1) / cs * cs)
+                        || c >= fs
+                    {
+                        bad = Some(Violation::QedTableOutOfBounds {
+                            what: "data cluster",
+                            offset: c,
+                        });
                         break 'outer;
                     }
                     allocated += cs;

@@ -48,7 +48,11 @@ pub fn partition_table(h: &[u8]) -> Option<&'static str> {
 }
 
 /// The name of a refused image format whose signature the file carries, if any.
-pub fn foreign_signature(src: &dyn ReadAt, h: &[u8], file_size: u64) -> std::io::Result<Option<&'static str>> {
+pub fn foreign_signature(
+    src: &dyn ReadAt,
+    h: &[u8],
+    file_size: u64,
+) -> std::io::Result<Option<&'static str>> {
     if h.starts_with(b"Bochs Virtual HD Image") {
         return Ok(Some("bochs"));
     }
@@ -71,8 +75,13 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     rep.virtual_size = inp.file_size;
     if let Some(pt) = partition_table(inp.head) {
         rep.feature(pt);
-        let used = (0..4).filter(|i| slice(inp.head, 446 + i * 16 + 4, 1) != [0]).count() as u8;
-        rep.details = Details::RawPartitioned(PartitionInfo { scheme: pt.to_string(), mbr_partitions: used });
+        let used = (0..4)
+            .filter(|i| slice(inp.head, 446 + i * 16 + 4, 1) != [0])
+            .count() as u8;
+        rep.details = Details::RawPartitioned(PartitionInfo {
+            scheme: pt.to_string(),
+            mbr_partitions: used,
+        });
     }
     Ok(())
 }

@@ -43,7 +43,9 @@ fn qcow2_minimal_is_safe() {
     assert_eq!(i.cluster_size, Some(65536));
     assert!(i.is_safe(), "{:?}", i.violations);
     assert_eq!(i.allocated_size, 0);
-    let Details::Qcow2(h) = &i.details else { panic!() };
+    let Details::Qcow2(h) = &i.details else {
+        panic!()
+    };
     assert_eq!(h.version, 3);
     assert_eq!(h.l2_entries(), 8192);
 }
@@ -64,31 +66,87 @@ fn qcow2_v2_header_has_no_feature_fields() {
 
 #[test]
 fn qcow2_header_checks() {
-    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
-        (Box::new(|b| put(b, 8, &512u64.to_be_bytes())), "qcow2.backing_file"),
-        (Box::new(|b| put(b, 72, &4u64.to_be_bytes())), "qcow2.data_file"),
-        (Box::new(|b| put(b, 88, &2u64.to_be_bytes())), "qcow2.data_file"),
-        (Box::new(|b| put(b, 72, &0x20u64.to_be_bytes())), "qcow2.unknown_incompatible_features"),
-        (Box::new(|b| put(b, 72, &2u64.to_be_bytes())), "qcow2.corrupt"),
-        (Box::new(|b| put(b, 32, &2u32.to_be_bytes())), "qcow2.encrypted"),
-        (Box::new(|b| put(b, 20, &22u32.to_be_bytes())), "qcow2.bad_cluster_bits"),
-        (Box::new(|b| put(b, 100, &108u32.to_be_bytes())), "qcow2.bad_header_length"),
-        (Box::new(|b| put(b, 4, &1000u32.to_be_bytes())), "qcow2.unsupported_version"),
-        (Box::new(|b| put(b, 40, &12345u64.to_be_bytes())), "qcow2.table_unaligned"),
-        (Box::new(|b| put(b, 40, &(1u64 << 40).to_be_bytes())), "qcow2.table_out_of_bounds"),
-        (Box::new(|b| put(b, 56, &0u32.to_be_bytes())), "qcow2.table_out_of_bounds"),
-        (Box::new(|b| put(b, 56, &1000u32.to_be_bytes())), "qcow2.table_too_large"),
-        (Box::new(|b| put(b, 36, &0u32.to_be_bytes())), "qcow2.l1_too_small"),
-        (Box::new(|b| put(b, 60, &1u32.to_be_bytes())), "qcow2.snapshots"),
-        (Box::new(|b| put(b, 96, &7u32.to_be_bytes())), "image.invalid_header"),
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(Patch, &str)> = vec![
+        (
+            Box::new(|b| put(b, 8, &512u64.to_be_bytes())),
+            "qcow2.backing_file",
+        ),
+        (
+            Box::new(|b| put(b, 72, &4u64.to_be_bytes())),
+            "qcow2.data_file",
+        ),
+        (
+            Box::new(|b| put(b, 88, &2u64.to_be_bytes())),
+            "qcow2.data_file",
+        ),
+        (
+            Box::new(|b| put(b, 72, &0x20u64.to_be_bytes())),
+            "qcow2.unknown_incompatible_features",
+        ),
+        (
+            Box::new(|b| put(b, 72, &2u64.to_be_bytes())),
+            "qcow2.corrupt",
+        ),
+        (
+            Box::new(|b| put(b, 32, &2u32.to_be_bytes())),
+            "qcow2.encrypted",
+        ),
+        (
+            Box::new(|b| put(b, 20, &22u32.to_be_bytes())),
+            "qcow2.bad_cluster_bits",
+        ),
+        (
+            Box::new(|b| put(b, 100, &108u32.to_be_bytes())),
+            "qcow2.bad_header_length",
+        ),
+        (
+            Box::new(|b| put(b, 4, &1000u32.to_be_bytes())),
+            "qcow2.unsupported_version",
+        ),
+        (
+            Box::new(|b| put(b, 40, &12345u64.to_be_bytes())),
+            "qcow2.table_unaligned",
+        ),
+        (
+            Box::new(|b| put(b, 40, &(1u64 << 40).to_be_bytes())),
+            "qcow2.table_out_of_bounds",
+        ),
+        (
+            Box::new(|b| put(b, 56, &0u32.to_be_bytes())),
+            "qcow2.table_out_of_bounds",
+        ),
+        (
+            Box::new(|b| put(b, 56, &1000u32.to_be_bytes())),
+            "qcow2.table_too_large",
+        ),
+        (
+            Box::new(|b| put(b, 36, &0u32.to_be_bytes())),
+            "qcow2.l1_too_small",
+        ),
+        (
+            Box::new(|b| put(b, 60, &1u32.to_be_bytes())),
+            "qcow2.snapshots",
+        ),
+        (
+            Box::new(|b| put(b, 96, &7u32.to_be_bytes())),
+            "image.invalid_header",
+        ),
         (Box::new(|b| b.truncate(80)), "image.truncated"),
-        (Box::new(|b| put(b, 24, &(1u64 << 41).to_be_bytes())), "image.virtual_size_too_large"),
+        (
+            Box::new(|b| put(b, 24, &(1u64 << 41).to_be_bytes())),
+            "image.virtual_size_too_large",
+        ),
     ];
     for (patch, want) in cases {
         let mut b = qcow2(1 << 30, 16);
         patch(&mut b);
         let i = run(&b);
-        assert!(names(&i).contains(&want), "want {want}, got {:?}", names(&i));
+        assert!(
+            names(&i).contains(&want),
+            "want {want}, got {:?}",
+            names(&i)
+        );
     }
 }
 
@@ -115,7 +173,9 @@ fn qcow2_extensions_are_parsed() {
     ext(&mut b, qcow2::EXT_BITMAPS, &bm);
     ext(&mut b, 0x1234, b"x");
     let i = run(&b);
-    let Details::Qcow2(h) = &i.details else { panic!() };
+    let Details::Qcow2(h) = &i.details else {
+        panic!()
+    };
     assert_eq!(h.backing_format.as_deref(), Some("raw"));
     assert_eq!(h.feature_names[0].name, "dirty");
     assert_eq!(h.bitmaps.map(|x| x.nb_bitmaps), Some(1));
@@ -128,7 +188,9 @@ fn qcow2_extensions_are_parsed() {
     put(&mut b, 108, &4u32.to_be_bytes());
     put(&mut b, 112, b"/dev");
     let i = run(&b);
-    assert!(matches!(&i.violations[..], [Violation::Qcow2DataFile { name: Some(n) }] if n == "/dev"));
+    assert!(
+        matches!(&i.violations[..], [Violation::Qcow2DataFile { name: Some(n) }] if n == "/dev")
+    );
 }
 
 #[test]
@@ -136,24 +198,52 @@ fn qcow2_deep_walk_checks_l2_entries() {
     let cs = 65536u64;
     let mut b = qcow2(1 << 30, 16);
     b.resize(6 * cs as usize, 0);
-    put(&mut b, 3 * cs as usize, &((1u64 << 63) | 4 * cs).to_be_bytes());
-    put(&mut b, 4 * cs as usize, &((1u64 << 63) | 5 * cs).to_be_bytes());
+    put(
+        &mut b,
+        3 * cs as usize,
+        &((1u64 << 63) | (4 * cs)).to_be_bytes(),
+    );
+    put(
+        &mut b,
+        4 * cs as usize,
+        &((1u64 << 63) | (5 * cs)).to_be_bytes(),
+    );
     let i = run(&b);
     assert!(i.is_safe(), "{:?}", i.violations);
     assert_eq!(i.allocated_size, cs);
     // Compressed entry: offset 5*cs, 1 sector.
     let mut c = b.clone();
-    put(&mut c, 4 * cs as usize + 8, &((1u64 << 62) | 5 * cs + 100).to_be_bytes());
+    put(
+        &mut c,
+        4 * cs as usize + 8,
+        &((1u64 << 62) | (5 * cs + 100)).to_be_bytes(),
+    );
     let i = run(&c);
     assert!(i.is_safe(), "{:?}", i.violations);
     assert!(i.features.contains(&"compressed-clusters".to_string()));
-    let Details::Qcow2(h) = &i.details else { panic!() };
-    assert_eq!(h.compressed_extent((1u64 << 62) | (3u64 << 54) | 1000), (1000, 4 * 512 - 1000 % 512));
+    let Details::Qcow2(h) = &i.details else {
+        panic!()
+    };
+    assert_eq!(
+        h.compressed_extent((1u64 << 62) | (3u64 << 54) | 1000),
+        (1000, 4 * 512 - 1000 % 512)
+    );
     // Out of range compressed.
-    put(&mut c, 4 * cs as usize + 8, &((1u64 << 62) | (1 << 40)).to_be_bytes());
+    put(
+        &mut c,
+        4 * cs as usize + 8,
+        &((1u64 << 62) | (1 << 40)).to_be_bytes(),
+    );
     assert!(names(&run(&c)).contains(&"qcow2.compressed_cluster_out_of_bounds"));
     // Shallow mode does not walk.
-    let shallow = inspect(&c, &InspectOptions { deep: false, ..Default::default() }).unwrap();
+    let shallow = inspect(
+        &c,
+        &InspectOptions {
+            deep: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(shallow.is_safe());
 }
 
@@ -224,7 +314,9 @@ fn vhd_fixed_and_dynamic() {
     assert_eq!(i.virtual_size, 64 << 20);
     assert!(i.is_safe(), "{:?}", i.violations);
     assert_eq!(detect(&d), DiskFormat::Vhd);
-    let Details::Vhd(v) = &i.details else { panic!() };
+    let Details::Vhd(v) = &i.details else {
+        panic!()
+    };
     assert_eq!(v.dynamic.as_ref().map(|d| d.block_size), Some(2 << 20));
     // Fixed VHD with a size lie.
     let mut lie = vec![0u8; 1 << 20];
@@ -294,10 +386,19 @@ pub(crate) fn vhdx(size: u64) -> Vec<u8> {
     let m = 1usize << 20;
     put(&mut b, m, b"metadata");
     let items: [(&str, Vec<u8>); 4] = [
-        (vhdx::FILE_PARAMETERS_GUID, [(32u32 << 20).to_le_bytes(), 0u32.to_le_bytes()].concat()),
+        (
+            vhdx::FILE_PARAMETERS_GUID,
+            [(32u32 << 20).to_le_bytes(), 0u32.to_le_bytes()].concat(),
+        ),
         (vhdx::VIRTUAL_DISK_SIZE_GUID, size.to_le_bytes().to_vec()),
-        (vhdx::LOGICAL_SECTOR_SIZE_GUID, 512u32.to_le_bytes().to_vec()),
-        (vhdx::PHYSICAL_SECTOR_SIZE_GUID, 4096u32.to_le_bytes().to_vec()),
+        (
+            vhdx::LOGICAL_SECTOR_SIZE_GUID,
+            512u32.to_le_bytes().to_vec(),
+        ),
+        (
+            vhdx::PHYSICAL_SECTOR_SIZE_GUID,
+            4096u32.to_le_bytes().to_vec(),
+        ),
     ];
     put(&mut b, m + 10, &(items.len() as u16).to_le_bytes());
     for (i, (g, data)) in items.iter().enumerate() {
@@ -320,7 +421,9 @@ fn vhdx_minimal_is_safe_and_checked() {
     assert_eq!(i.virtual_size, 1 << 30);
     assert_eq!(i.cluster_size, Some(32 << 20));
     assert!(i.is_safe(), "{:?}", i.violations);
-    let Details::Vhdx(v) = &i.details else { panic!() };
+    let Details::Vhdx(v) = &i.details else {
+        panic!()
+    };
     assert_eq!(v.current_header, Some(1));
     assert_eq!(v.bat_entries, 32);
     assert_eq!(v.metadata.logical_sector_size, 512);
@@ -342,7 +445,9 @@ fn vhdx_minimal_is_safe_and_checked() {
     h[(128 << 10) + 300] = 1;
     let i = run(&h);
     assert!(i.is_safe());
-    let Details::Vhdx(v) = &i.details else { panic!() };
+    let Details::Vhdx(v) = &i.details else {
+        panic!()
+    };
     assert_eq!(v.current_header, Some(0));
 }
 
@@ -399,15 +504,33 @@ fn vmdk_sparse_checks() {
     put(&mut g, 22 * 512, &30u32.to_le_bytes());
     assert!(names(&run(&g)).contains(&"vmdk.grain_out_of_bounds"));
     for (desc, want) in [
-        (good.replace("SPARSE \"x.vmdk\"", "FLAT \"/dev/sda\" 0"), "vmdk.external_extent"),
+        (
+            good.replace("SPARSE \"x.vmdk\"", "FLAT \"/dev/sda\" 0"),
+            "vmdk.external_extent",
+        ),
         (good.replace("x.vmdk", "/dev/sda"), "vmdk.extent_path"),
         (good.replace("x.vmdk", "..\\\\x"), "vmdk.extent_path"),
-        (good.replace("monolithicSparse", "monolithicFlat"), "vmdk.unsupported_create_type"),
-        (good.replace("parentCID=ffffffff", "parentCID=00000001"), "vmdk.parent"),
-        (good.replace("createType", "create Type"), "vmdk.invalid_descriptor"),
-        (format!("{good}RW 1 SPARSE \"y.vmdk\"\n"), "vmdk.extent_count"),
+        (
+            good.replace("monolithicSparse", "monolithicFlat"),
+            "vmdk.unsupported_create_type",
+        ),
+        (
+            good.replace("parentCID=ffffffff", "parentCID=00000001"),
+            "vmdk.parent",
+        ),
+        (
+            good.replace("createType", "create Type"),
+            "vmdk.invalid_descriptor",
+        ),
+        (
+            format!("{good}RW 1 SPARSE \"y.vmdk\"\n"),
+            "vmdk.extent_count",
+        ),
     ] {
-        assert!(names(&run(&vmdk_sparse(2048, &desc))).contains(&want), "{want}: {desc}");
+        assert!(
+            names(&run(&vmdk_sparse(2048, &desc))).contains(&want),
+            "{want}: {desc}"
+        );
     }
 }
 
@@ -495,19 +618,33 @@ fn iso_and_confusion() {
     assert!(i.is_safe(), "{:?}", i.violations);
     // Hybrid ISO with an MBR is fine.
     let mut h = b.clone();
-    put(&mut h, 446, &[0x80, 0, 1, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0]);
+    put(
+        &mut h,
+        446,
+        &[0x80, 0, 1, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0],
+    );
     put(&mut h, 510, &[0x55, 0xaa]);
     assert!(run(&h).is_safe());
     // ISO with a qcow2 header in its system area.
     let mut q = b.clone();
     put(&mut q, 0, &qcow2(1 << 20, 16)[..512]);
     let i = run(&q);
-    assert!(names(&i).contains(&"image.multiple_formats"), "{:?}", names(&i));
+    assert!(
+        names(&i).contains(&"image.multiple_formats"),
+        "{:?}",
+        names(&i)
+    );
     assert_eq!(i.matched_formats, vec![DiskFormat::Qcow2, DiskFormat::Iso]);
     // Declared raw for an ISO is accepted; declared iso for raw is not.
-    let o = InspectOptions { declared_format: Some(DiskFormat::Raw), ..Default::default() };
+    let o = InspectOptions {
+        declared_format: Some(DiskFormat::Raw),
+        ..Default::default()
+    };
     assert!(inspect(&b, &o).unwrap().is_safe());
-    let o = InspectOptions { declared_format: Some(DiskFormat::Iso), ..Default::default() };
+    let o = InspectOptions {
+        declared_format: Some(DiskFormat::Iso),
+        ..Default::default()
+    };
     assert!(!inspect(&vec![0u8; 4096], &o).unwrap().is_safe());
     // Truncated ISO volume.
     let mut t = b.clone();
@@ -518,7 +655,13 @@ fn iso_and_confusion() {
 #[test]
 fn raw_partition_tables_are_fine() {
     let mut b = vec![0u8; 1 << 20];
-    put(&mut b, 446, &[0, 0, 2, 0, 0xee, 0xff, 0xff, 0xff, 1, 0, 0, 0, 0xff, 0x07, 0, 0]);
+    put(
+        &mut b,
+        446,
+        &[
+            0, 0, 2, 0, 0xee, 0xff, 0xff, 0xff, 1, 0, 0, 0, 0xff, 0x07, 0, 0,
+        ],
+    );
     put(&mut b, 510, &[0x55, 0xaa]);
     put(&mut b, 512, b"EFI PART");
     let i = run(&b);
@@ -552,7 +695,9 @@ fn detect_sniffs_every_magic() {
 fn violation_names_are_unique_and_serialisable() {
     let samples = [
         Violation::VirtualSizeZero,
-        Violation::Qcow2BackingFile { name: Some("x".into()) },
+        Violation::Qcow2BackingFile {
+            name: Some("x".into()),
+        },
         Violation::Qcow2DataFile { name: None },
         Violation::VmdkDescriptorOnly,
         Violation::VhdDifferencing,

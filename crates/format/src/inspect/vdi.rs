@@ -86,9 +86,15 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         return Ok(());
     }
     if h.image_type != TYPE_DYNAMIC && h.image_type != TYPE_STATIC {
-        rep.v(Violation::VdiDifferencing { image_type: h.image_type });
+        rep.v(Violation::VdiDifferencing {
+            image_type: h.image_type,
+        });
     }
-    rep.feature(if h.image_type == TYPE_STATIC { "static" } else { "dynamic" });
+    rep.feature(if h.image_type == TYPE_STATIC {
+        "static"
+    } else {
+        "dynamic"
+    });
     let bs = u64::from(h.block_size);
     let blocks = u64::from(h.blocks_in_image);
     let mut geo = Vec::new();
@@ -96,7 +102,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         geo.push(format!("sector size {}", h.sector_size));
     }
     if h.block_size != 1 << 20 || h.block_extra != 0 {
-        geo.push(format!("block size {} (+{} extra)", h.block_size, h.block_extra));
+        geo.push(format!(
+            "block size {} (+{} extra)",
+            h.block_size, h.block_extra
+        ));
     }
     if blocks < div_ceil(h.disk_size, bs.max(1)) || blocks > (1 << 30) / 4 {
         geo.push(format!("{} blocks for {} bytes", blocks, h.disk_size));
@@ -104,17 +113,25 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     if h.blocks_allocated > h.blocks_in_image {
         geo.push("more blocks allocated than exist".into());
     }
-    if h.offset_bmap % 512 != 0 || h.offset_data % 512 != 0 || u64::from(h.offset_data) < u64::from(h.offset_bmap) + blocks * 4 {
+    if !h.offset_bmap.is_multiple_of(512)
+        || !h.offset_data.is_multiple_of(512)
+        || u64::from(h.offset_data) < u64::from(h.offset_bmap) + blocks * 4
+    {
         geo.push("block map / data offsets misaligned or overlapping".into());
     }
     if !geo.is_empty() {
-        rep.v(Violation::VdiBadGeometry { reason: geo.join(", ") });
+        rep.v(Violation::VdiBadGeometry {
+            reason: geo.join(", "),
+        });
         rep.details = Details::Vdi(Box::new(h));
         return Ok(());
     }
     rep.cluster_size = Some(bs);
     if !fits(u64::from(h.offset_bmap), blocks * 4, fs) {
-        rep.v(Violation::VdiBlockMapOutOfBounds { offset: u64::from(h.offset_bmap), entries: blocks });
+        rep.v(Violation::VdiBlockMapOutOfBounds {
+            offset: u64::from(h.offset_bmap),
+            entries: blocks,
+        });
         rep.details = Details::Vdi(Box::new(h));
         return Ok(());
     }

@@ -99,7 +99,10 @@ impl VhdFooter {
         let chs_max = self.cylinders == 65535 && self.heads == 16 && self.sectors_per_track == 255;
         let chs_creator = &self.creator_app == b"vpc " || &self.creator_app == b"qemu";
         if chs_creator && !chs_max {
-            u64::from(self.cylinders) * u64::from(self.heads) * u64::from(self.sectors_per_track) * 512
+            u64::from(self.cylinders)
+                * u64::from(self.heads)
+                * u64::from(self.sectors_per_track)
+                * 512
         } else {
             self.current_size
         }
@@ -190,7 +193,11 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let f = DiskFormat::Vhd;
     let fs = inp.file_size;
     let start = inp.head.starts_with(COOKIE);
-    let (tail, n) = if fs >= 512 { read_padded(inp.src, fs - 512, 512)? } else { (vec![0; 512], 0) };
+    let (tail, n) = if fs >= 512 {
+        read_padded(inp.src, fs - 512, 512)?
+    } else {
+        (vec![0; 512], 0)
+    };
     let end = n == 512 && tail.starts_with(COOKIE);
     let fbytes: &[u8] = if end { &tail } else { inp.head };
     let footer = VhdFooter::parse(fbytes);
@@ -202,7 +209,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         rep.v(Violation::VhdFooterMismatch);
     }
     if footer.checksum != footer.computed_checksum {
-        rep.v(Violation::VhdBadFooterChecksum { stored: footer.checksum, computed: footer.computed_checksum });
+        rep.v(Violation::VhdBadFooterChecksum {
+            stored: footer.checksum,
+            computed: footer.computed_checksum,
+        });
     }
     rep.virtual_size = footer.virtual_size();
     rep.feature(match footer.disk_type {
@@ -211,12 +221,18 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         TYPE_DIFFERENCING => "differencing",
         _ => "unknown-disk-type",
     });
-    let mut info = VhdInfo { footer: footer.clone(), dynamic: None };
+    let mut info = VhdInfo {
+        footer: footer.clone(),
+        dynamic: None,
+    };
     match footer.disk_type {
         TYPE_FIXED => {
             let data = fs.saturating_sub(512);
             if footer.current_size > data || rep.virtual_size > data {
-                rep.v(Violation::VhdSizeMismatch { declared: footer.current_size, actual: data });
+                rep.v(Violation::VhdSizeMismatch {
+                    declared: footer.current_size,
+                    actual: data,
+                });
             }
             rep.allocated_size = Some(data);
         }
@@ -244,25 +260,39 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     Ok(())
 }
 
-fn dynamic_checks(inp: &Input, footer: &VhdFooter, d: &VhdDynamicHeader, rep: &mut Report) -> std::io::Result<()> {
+fn dynamic_checks(
+    inp: &Input,
+    footer: &VhdFooter,
+    d: &VhdDynamicHeader,
+    rep: &mut Report,
+) -> std::io::Result<()> {
     let fs = inp.file_size;
     if d.checksum != d.computed_checksum {
-        rep.v(Violation::VhdBadDynamicHeaderChecksum { stored: d.checksum, computed: d.computed_checksum });
+        rep.v(Violation::VhdBadDynamicHeaderChecksum {
+            stored: d.checksum,
+            computed: d.computed_checksum,
+        });
     }
     if footer.disk_type == TYPE_DYNAMIC && d.parent_locators.iter().any(|p| p.platform_code != 0) {
         rep.v(Violation::VhdDifferencing);
     }
     let bs = u64::from(d.block_size);
     if !d.block_size.is_power_of_two() || d.block_size < 512 || bs > (256 << 20) {
-        rep.v(Violation::VhdBadBlockSize { block_size: d.block_size });
+        rep.v(Violation::VhdBadBlockSize {
+            block_size: d.block_size,
+        });
         return Ok(());
     }
     rep.cluster_size = Some(bs);
     let entries = u64::from(d.max_table_entries);
     let bat_len = round_up(entries * 4, 512);
     let needed = div_ceil(rep.virtual_size.max(footer.current_size), bs);
-    if entries < needed || d.table_offset % 512 != 0 || !fits(d.table_offset, bat_len, fs) {
-        rep.v(Violation::VhdBatOutOfBounds { offset: d.table_offset, entries });
+    if entries < needed || !d.table_offset.is_multiple_of(512) || !fits(d.table_offset, bat_len, fs)
+    {
+        rep.v(Violation::VhdBatOutOfBounds {
+            offset: d.table_offset,
+            entries,
+        });
         return Ok(());
     }
     if !inp.opts.deep {

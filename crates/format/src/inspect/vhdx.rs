@@ -176,7 +176,11 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         rep.v(Violation::VhdxLogNotEmpty);
     }
     if h.log_length != 0 && !fits(h.log_offset, u64::from(h.log_length), fs) {
-        rep.v(Violation::VhdxRegionOutOfBounds { what: "log", offset: h.log_offset, len: u64::from(h.log_length) });
+        rep.v(Violation::VhdxRegionOutOfBounds {
+            what: "log",
+            offset: h.log_offset,
+            len: u64::from(h.log_length),
+        });
     }
 
     // Region table: the first with a valid CRC (both copies must be identical per spec).
@@ -209,10 +213,20 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         let len = u64::from(r.length);
         let known = r.guid == BAT_GUID || r.guid == METADATA_GUID;
         if !known && r.required {
-            rep.v(Violation::VhdxUnknownRequiredRegion { guid: r.guid.clone() });
+            rep.v(Violation::VhdxUnknownRequiredRegion {
+                guid: r.guid.clone(),
+            });
         }
-        if r.file_offset % (1 << 20) != 0 || r.file_offset < (1 << 20) || len == 0 || !fits(r.file_offset, len, fs) {
-            rep.v(Violation::VhdxRegionOutOfBounds { what: "region", offset: r.file_offset, len });
+        if !r.file_offset.is_multiple_of(1 << 20)
+            || r.file_offset < (1 << 20)
+            || len == 0
+            || !fits(r.file_offset, len, fs)
+        {
+            rep.v(Violation::VhdxRegionOutOfBounds {
+                what: "region",
+                offset: r.file_offset,
+                len,
+            });
         } else if r.guid == BAT_GUID {
             bat = Some((r.file_offset, len));
         } else if r.guid == METADATA_GUID {
@@ -221,7 +235,9 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         info.regions.push(r);
     }
     let (Some((bat_off, bat_len)), Some((meta_off, meta_len))) = (bat, meta) else {
-        rep.v(Violation::VhdxBadMetadata { reason: "BAT or metadata region missing".into() });
+        rep.v(Violation::VhdxBadMetadata {
+            reason: "BAT or metadata region missing".into(),
+        });
         rep.details = Details::Vhdx(Box::new(info));
         return Ok(());
     };
@@ -231,13 +247,17 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     // Metadata region: table (64 KiB) then items.
     let (m, _) = read_padded(inp.src, meta_off, (meta_len as usize).min(1 << 20))?;
     if !m.starts_with(b"metadata") {
-        rep.v(Violation::VhdxBadMetadata { reason: "metadata table signature missing".into() });
+        rep.v(Violation::VhdxBadMetadata {
+            reason: "metadata table signature missing".into(),
+        });
         rep.details = Details::Vhdx(Box::new(info));
         return Ok(());
     }
     let mcount = le16(&m, 10);
     if mcount > 2047 {
-        rep.v(Violation::VhdxBadMetadata { reason: format!("{mcount} metadata entries (limit 2047)") });
+        rep.v(Violation::VhdxBadMetadata {
+            reason: format!("{mcount} metadata entries (limit 2047)"),
+        });
     }
     let md = &mut info.metadata;
     let mut seen = 0u8;
@@ -252,7 +272,11 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         let (ioff, ilen) = (u64::from(me.offset), u64::from(me.length));
         let in_region = ilen == 0 || (ioff >= (64 << 10) && fits(ioff, ilen, meta_len));
         if !in_region {
-            rep.v(Violation::VhdxRegionOutOfBounds { what: "metadata item", offset: meta_off + ioff, len: ilen });
+            rep.v(Violation::VhdxRegionOutOfBounds {
+                what: "metadata item",
+                offset: meta_off + ioff,
+                len: ilen,
+            });
             info.metadata_entries.push(me);
             continue;
         }
@@ -276,7 +300,9 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
             PARENT_LOCATOR_GUID => md.has_parent_locator = true,
             _ => {
                 if me.flags & 4 != 0 {
-                    rep.v(Violation::VhdxUnknownRequiredMetadata { guid: me.item_id.clone() });
+                    rep.v(Violation::VhdxUnknownRequiredMetadata {
+                        guid: me.item_id.clone(),
+                    });
                 }
             }
         }
@@ -288,18 +314,24 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         rep.v(Violation::VhdxDifferencing);
     }
     if seen != 7 {
-        rep.v(Violation::VhdxBadMetadata { reason: "file parameters, virtual disk size or logical sector size missing".into() });
+        rep.v(Violation::VhdxBadMetadata {
+            reason: "file parameters, virtual disk size or logical sector size missing".into(),
+        });
         rep.details = Details::Vhdx(Box::new(info));
         return Ok(());
     }
     let bs = u64::from(md.block_size);
     if !md.block_size.is_power_of_two() || !((1 << 20)..=(256 << 20)).contains(&bs) {
-        rep.v(Violation::VhdxBadMetadata { reason: format!("block size {bs}") });
+        rep.v(Violation::VhdxBadMetadata {
+            reason: format!("block size {bs}"),
+        });
         rep.details = Details::Vhdx(Box::new(info));
         return Ok(());
     }
     if md.logical_sector_size != 512 && md.logical_sector_size != 4096 {
-        rep.v(Violation::VhdxBadMetadata { reason: format!("logical sector size {}", md.logical_sector_size) });
+        rep.v(Violation::VhdxBadMetadata {
+            reason: format!("logical sector size {}", md.logical_sector_size),
+        });
         rep.details = Details::Vhdx(Box::new(info));
         return Ok(());
     }
@@ -309,11 +341,18 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     }
     let chunk_ratio = ((1u64 << 23) * u64::from(md.logical_sector_size)) / bs;
     let data_blocks = div_ceil(md.virtual_disk_size, bs);
-    let bat_entries = if data_blocks == 0 { 0 } else { data_blocks + (data_blocks - 1) / chunk_ratio };
+    let bat_entries = if data_blocks == 0 {
+        0
+    } else {
+        data_blocks + (data_blocks - 1) / chunk_ratio
+    };
     info.chunk_ratio = chunk_ratio;
     info.bat_entries = bat_entries;
     if bat_entries.saturating_mul(8) > bat_len {
-        rep.v(Violation::VhdxBatTooSmall { have: bat_len / 8, needed: bat_entries });
+        rep.v(Violation::VhdxBatTooSmall {
+            have: bat_len / 8,
+            needed: bat_entries,
+        });
         rep.details = Details::Vhdx(Box::new(info));
         return Ok(());
     }

@@ -16,10 +16,17 @@ pub enum Violation {
     MultipleFormats { formats: Vec<String> },
     /// The caller declared one format and the content is another.
     #[error("declared format {declared} but the content is {detected}")]
-    DeclaredFormatMismatch { declared: DiskFormat, detected: DiskFormat },
+    DeclaredFormatMismatch {
+        declared: DiskFormat,
+        detected: DiskFormat,
+    },
     /// A structure the header points to extends past the end of the file.
     #[error("{format} image is truncated: needs {needed} bytes, file has {file_size}")]
-    Truncated { format: DiskFormat, needed: u64, file_size: u64 },
+    Truncated {
+        format: DiskFormat,
+        needed: u64,
+        file_size: u64,
+    },
     /// The virtual disk size is zero.
     #[error("virtual size is 0")]
     VirtualSizeZero,
@@ -75,7 +82,11 @@ pub enum Violation {
     Qcow2UnknownCompressionType { ctype: u8 },
     /// A metadata table (L1, refcount, snapshot, bitmap directory) lies outside the file.
     #[error("qcow2 {table} table at {offset:#x} (+{len} bytes) lies outside the file")]
-    Qcow2TableOutOfBounds { table: &'static str, offset: u64, len: u64 },
+    Qcow2TableOutOfBounds {
+        table: &'static str,
+        offset: u64,
+        len: u64,
+    },
     /// A metadata table offset is not cluster aligned.
     #[error("qcow2 {table} table offset {offset:#x} is not cluster aligned")]
     Qcow2TableUnaligned { table: &'static str, offset: u64 },
@@ -102,7 +113,11 @@ pub enum Violation {
     Qcow2CompressedClusterOutOfBounds { guest_offset: u64 },
     /// Compressed clusters expand far more than their file could hold (deep).
     #[error("qcow2 compressed clusters expand to {expanded} bytes from a {file_size}-byte file (ratio limit {max_ratio})")]
-    Qcow2CompressionBomb { expanded: u64, file_size: u64, max_ratio: u64 },
+    Qcow2CompressionBomb {
+        expanded: u64,
+        file_size: u64,
+        max_ratio: u64,
+    },
 
     // ---- vmdk -------------------------------------------------------------------------------
     /// Sparse extent version other than 1..=3, or VMDK3 (COWD).
@@ -121,7 +136,9 @@ pub enum Violation {
     #[error("vmdk descriptor invalid: {reason}")]
     VmdkInvalidDescriptor { reason: String },
     /// createType other than monolithicSparse / streamOptimized.
-    #[error("vmdk createType {create_type:?} is not accepted (only monolithicSparse, streamOptimized)")]
+    #[error(
+        "vmdk createType {create_type:?} is not accepted (only monolithicSparse, streamOptimized)"
+    )]
     VmdkUnsupportedCreateType { create_type: String },
     /// An extent that is not a sparse extent inside this file (FLAT, VMFS, ZERO ...).
     #[error("vmdk extent {line:?} refers to data outside this file")]
@@ -155,7 +172,11 @@ pub enum Violation {
     VmdkBadFooter { reason: String },
     /// Compressed grains expand far more than their file could hold (deep).
     #[error("vmdk compressed grains expand to {expanded} bytes from a {file_size}-byte file (ratio limit {max_ratio})")]
-    VmdkCompressionBomb { expanded: u64, file_size: u64, max_ratio: u64 },
+    VmdkCompressionBomb {
+        expanded: u64,
+        file_size: u64,
+        max_ratio: u64,
+    },
 
     // ---- vhd --------------------------------------------------------------------------------
     /// The footer checksum does not match.
@@ -204,7 +225,11 @@ pub enum Violation {
     VhdxDifferencing,
     /// A region or metadata item lies outside the file or overlaps the headers.
     #[error("vhdx {what} at {offset:#x} (+{len} bytes) lies outside the file")]
-    VhdxRegionOutOfBounds { what: &'static str, offset: u64, len: u64 },
+    VhdxRegionOutOfBounds {
+        what: &'static str,
+        offset: u64,
+        len: u64,
+    },
     /// A region marked required that this code does not know.
     #[error("vhdx has unknown required region {guid}")]
     VhdxUnknownRequiredRegion { guid: String },

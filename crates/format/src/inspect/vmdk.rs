@@ -78,7 +78,11 @@ impl SparseExtentHeader {
     }
     /// Number of grain directory entries needed for the capacity.
     pub fn gd_entries(&self) -> u64 {
-        div_ceil(self.capacity, self.grain_size.saturating_mul(u64::from(self.num_gtes_per_gt)))
+        div_ceil(
+            self.capacity,
+            self.grain_size
+                .saturating_mul(u64::from(self.num_gtes_per_gt)),
+        )
     }
 }
 
@@ -203,8 +207,19 @@ fn parse_extent(line: &str) -> Result<ExtentLine, String> {
     } else {
         return Err(bad());
     };
-    let offset = if tail.is_empty() { None } else { Some(tail.parse::<u64>().map_err(|_| bad())?) };
-    Ok(ExtentLine { access, sectors, kind, file, offset, line: printable(line.as_bytes(), 256) })
+    let offset = if tail.is_empty() {
+        None
+    } else {
+        Some(tail.parse::<u64>().map_err(|_| bad())?)
+    };
+    Ok(ExtentLine {
+        access,
+        sectors,
+        kind,
+        file,
+        offset,
+        line: printable(line.as_bytes(), 256),
+    })
 }
 
 /// Everything `inspect` parsed from a VMDK file.
@@ -251,7 +266,8 @@ pub fn probe(h: &[u8]) -> bool {
                 let rest = &h[p..];
                 return [b"version=1", b"version=2", b"version=3"].iter().any(|v| {
                     rest.starts_with(*v)
-                        && (rest.get(9) == Some(&b'\n') || (rest.get(9) == Some(&b'\r') && rest.get(10) == Some(&b'\n')))
+                        && (rest.get(9) == Some(&b'\n')
+                            || (rest.get(9) == Some(&b'\r') && rest.get(10) == Some(&b'\n')))
                 });
             }
         }
@@ -266,21 +282,37 @@ fn check_descriptor(d: &Descriptor, rep: &mut Report) {
     }
     let lc = ct.to_ascii_lowercase();
     if lc != "monolithicsparse" && lc != "streamoptimized" {
-        rep.v(Violation::VmdkUnsupportedCreateType { create_type: printable(ct.as_bytes(), 64) });
+        rep.v(Violation::VmdkUnsupportedCreateType {
+            create_type: printable(ct.as_bytes(), 64),
+        });
     }
-    if d.parent_cid.as_deref().is_some_and(|p| !p.eq_ignore_ascii_case("ffffffff")) || d.parent_file_name_hint.is_some() {
+    if d.parent_cid
+        .as_deref()
+        .is_some_and(|p| !p.eq_ignore_ascii_case("ffffffff"))
+        || d.parent_file_name_hint.is_some()
+    {
         rep.v(Violation::VmdkParent);
     }
     if d.extents.len() != 1 {
-        rep.v(Violation::VmdkExtentCount { count: d.extents.len() });
+        rep.v(Violation::VmdkExtentCount {
+            count: d.extents.len(),
+        });
     }
     for e in &d.extents {
         if e.kind != "SPARSE" {
-            rep.v(Violation::VmdkExternalExtent { line: e.line.clone() });
+            rep.v(Violation::VmdkExternalExtent {
+                line: e.line.clone(),
+            });
         }
         if let Some(f) = &e.file {
-            if f.is_empty() || f.contains(['/', '\\', ':']) || f.starts_with('.') || f.contains("..") {
-                rep.v(Violation::VmdkExtentPath { file: printable(f.as_bytes(), 256) });
+            if f.is_empty()
+                || f.contains(['/', '\\', ':'])
+                || f.starts_with('.')
+                || f.contains("..")
+            {
+                rep.v(Violation::VmdkExtentPath {
+                    file: printable(f.as_bytes(), 256),
+                });
             }
         }
     }
@@ -291,7 +323,9 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let fs = inp.file_size;
     let mut info = VmdkInfo::default();
     if inp.head.starts_with(COWD_MAGIC) {
-        rep.v(Violation::VmdkUnsupportedVersion { version: le32(inp.head, 4) });
+        rep.v(Violation::VmdkUnsupportedVersion {
+            version: le32(inp.head, 4),
+        });
         rep.feature("vmfsSparse");
         rep.details = Details::Vmdk(Box::new(info));
         return Ok(());
@@ -302,7 +336,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         match Descriptor::parse(inp.head) {
             Ok(d) => {
                 check_descriptor(&d, rep);
-                rep.virtual_size = d.extents.iter().fold(0u64, |a, e| a.saturating_add(e.sectors.saturating_mul(512)));
+                rep.virtual_size = d
+                    .extents
+                    .iter()
+                    .fold(0u64, |a, e| a.saturating_add(e.sectors.saturating_mul(512)));
                 info.descriptor = Some(d);
             }
             Err(reason) => rep.v(Violation::VmdkInvalidDescriptor { reason }),
@@ -328,7 +365,9 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
         rep.feature("markers");
     }
     if h.compress_algorithm > 1 {
-        rep.v(Violation::VmdkUnknownCompression { algorithm: h.compress_algorithm });
+        rep.v(Violation::VmdkUnknownCompression {
+            algorithm: h.compress_algorithm,
+        });
     }
 
     // Embedded descriptor.
@@ -353,12 +392,16 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
 
     // Grain geometry.
     if !h.grain_size.is_power_of_two() || h.grain_size > 2048 {
-        rep.v(Violation::VmdkBadGrainSize { reason: format!("grain size {} sectors", h.grain_size) });
+        rep.v(Violation::VmdkBadGrainSize {
+            reason: format!("grain size {} sectors", h.grain_size),
+        });
         rep.details = Details::Vmdk(Box::new(info));
         return Ok(());
     }
     if h.num_gtes_per_gt == 0 || h.num_gtes_per_gt > 512 {
-        rep.v(Violation::VmdkBadGrainSize { reason: format!("{} entries per grain table", h.num_gtes_per_gt) });
+        rep.v(Violation::VmdkBadGrainSize {
+            reason: format!("{} entries per grain table", h.num_gtes_per_gt),
+        });
         rep.details = Details::Vmdk(Box::new(info));
         return Ok(());
     }
@@ -384,12 +427,21 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let gd_len = entries.saturating_mul(4);
     info.gd_offset_bytes = Some(gd_off);
     if gd == 0 || !fits(gd_off, gd_len, fs) {
-        rep.v(Violation::VmdkGrainDirectoryOutOfBounds { offset: gd_off, len: gd_len });
+        rep.v(Violation::VmdkGrainDirectoryOutOfBounds {
+            offset: gd_off,
+            len: gd_len,
+        });
         rep.details = Details::Vmdk(Box::new(info));
         return Ok(());
     }
-    if h.flags & FLAG_RGD != 0 && h.gd_offset != GD_AT_END && !fits(h.rgd_offset.saturating_mul(512), gd_len, fs) {
-        rep.v(Violation::VmdkGrainDirectoryOutOfBounds { offset: h.rgd_offset.saturating_mul(512), len: gd_len });
+    if h.flags & FLAG_RGD != 0
+        && h.gd_offset != GD_AT_END
+        && !fits(h.rgd_offset.saturating_mul(512), gd_len, fs)
+    {
+        rep.v(Violation::VmdkGrainDirectoryOutOfBounds {
+            offset: h.rgd_offset.saturating_mul(512),
+            len: gd_len,
+        });
     }
     if inp.opts.deep && rep.virtual_size <= inp.opts.max_virtual_size {
         deep_walk(inp, &h, gd_off, entries, rep)?;
@@ -399,7 +451,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
 }
 
 /// Reads and checks the streamOptimized footer: footer marker, footer header, end-of-stream.
-fn read_footer(inp: &Input, h: &SparseExtentHeader) -> std::io::Result<Result<SparseExtentHeader, String>> {
+fn read_footer(
+    inp: &Input,
+    h: &SparseExtentHeader,
+) -> std::io::Result<Result<SparseExtentHeader, String>> {
     let fs = inp.file_size;
     if fs < 1536 + 512 {
         return Ok(Err("file too small for a footer".into()));
@@ -408,7 +463,10 @@ fn read_footer(inp: &Input, h: &SparseExtentHeader) -> std::io::Result<Result<Sp
     let marker = slice(&b, 0, 512);
     let fh = slice(&b, 512, 512);
     let eos = slice(&b, 1024, 512);
-    if le32(marker, 8) != 0 || le32(marker, 12) != MARKER_FOOTER || marker[16..].iter().any(|&c| c != 0) {
+    if le32(marker, 8) != 0
+        || le32(marker, 12) != MARKER_FOOTER
+        || marker[16..].iter().any(|&c| c != 0)
+    {
         return Ok(Err("footer marker is invalid".into()));
     }
     if eos.iter().any(|&c| c != 0) {
@@ -424,7 +482,10 @@ fn read_footer(inp: &Input, h: &SparseExtentHeader) -> std::io::Result<Result<Sp
     if f.descriptor_offset != h.descriptor_offset || f.descriptor_size != h.descriptor_size {
         return Ok(Err("footer names a different descriptor".into()));
     }
-    if f.capacity != h.capacity || f.grain_size != h.grain_size || f.num_gtes_per_gt != h.num_gtes_per_gt {
+    if f.capacity != h.capacity
+        || f.grain_size != h.grain_size
+        || f.num_gtes_per_gt != h.num_gtes_per_gt
+    {
         return Ok(Err("footer geometry differs from the header".into()));
     }
     if f.gd_offset == GD_AT_END {
@@ -433,7 +494,13 @@ fn read_footer(inp: &Input, h: &SparseExtentHeader) -> std::io::Result<Result<Sp
     Ok(Ok(f))
 }
 
-fn deep_walk(inp: &Input, h: &SparseExtentHeader, gd_off: u64, entries: u64, rep: &mut Report) -> std::io::Result<()> {
+fn deep_walk(
+    inp: &Input,
+    h: &SparseExtentHeader,
+    gd_off: u64,
+    entries: u64,
+    rep: &mut Report,
+) -> std::io::Result<()> {
     let fs = inp.file_size;
     let gt_len = u64::from(h.num_gtes_per_gt) * 4;
     let mut gts = Vec::new();
@@ -444,7 +511,10 @@ fn deep_walk(inp: &Input, h: &SparseExtentHeader, gd_off: u64, entries: u64, rep
             return true;
         }
         if !fits(sector * 512, gt_len, fs) {
-            bad = Some(Violation::VmdkGrainTableOutOfBounds { index: i, offset: sector * 512 });
+            bad = Some(Violation::VmdkGrainTableOutOfBounds {
+                index: i,
+                offset: sector * 512,
+            });
             return false;
         }
         gts.push((i, sector * 512));
@@ -458,7 +528,10 @@ fn deep_walk(inp: &Input, h: &SparseExtentHeader, gd_off: u64, entries: u64, rep
     sorted.sort_unstable();
     if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
         let index = gts.iter().find(|g| g.1 == w[0]).map_or(0, |g| g.0);
-        rep.v(Violation::VmdkGrainTableOutOfBounds { index, offset: w[0] });
+        rep.v(Violation::VmdkGrainTableOutOfBounds {
+            index,
+            offset: w[0],
+        });
         return Ok(());
     }
     drop(sorted);
@@ -480,9 +553,15 @@ fn deep_walk(inp: &Input, h: &SparseExtentHeader, gd_off: u64, entries: u64, rep
                 continue;
             }
             let goff = s * 512;
-            let ok = if compressed { fits(goff, 12, fs) } else { fits(goff, gb, fs) };
+            let ok = if compressed {
+                fits(goff, 12, fs)
+            } else {
+                fits(goff, gb, fs)
+            };
             if !ok || goff < 512 {
-                bad = Some(Violation::VmdkGrainOutOfBounds { guest_offset: guest });
+                bad = Some(Violation::VmdkGrainOutOfBounds {
+                    guest_offset: guest,
+                });
                 break 'outer;
             }
             if compressed {
@@ -500,7 +579,11 @@ fn deep_walk(inp: &Input, h: &SparseExtentHeader, gd_off: u64, entries: u64, rep
         let expanded = cgrains.saturating_mul(gb);
         let ratio = inp.opts.max_compression_ratio;
         if expanded > (1 << 30) && expanded / fs.max(1) > ratio {
-            rep.v(Violation::VmdkCompressionBomb { expanded, file_size: fs, max_ratio: ratio });
+            rep.v(Violation::VmdkCompressionBomb {
+                expanded,
+                file_size: fs,
+                max_ratio: ratio,
+            });
         }
     }
     rep.allocated_size = Some(grains.saturating_add(cgrains).saturating_mul(gb));

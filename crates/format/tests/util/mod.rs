@@ -10,7 +10,10 @@ pub const MIB: u64 = 1 << 20;
 
 /// Runs `qemu-img ARGS`, panicking with its stderr on failure.
 pub fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img is installed");
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is installed");
     assert!(
         out.status.success(),
         "qemu-img {:?} failed: {}",
@@ -26,7 +29,11 @@ pub fn qemu_info(path: &Path, fmt: &str) -> serde_json::Value {
         .arg(path)
         .output()
         .expect("qemu-img is installed");
-    assert!(out.status.success(), "qemu-img info failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img info failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("qemu-img info prints JSON")
 }
 
