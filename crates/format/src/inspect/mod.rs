@@ -285,8 +285,8 @@ pub fn inspect(src: &dyn ReadAt, opts: &InspectOptions) -> Result<Inspection> {
 
     // Format confusion: a partition table (MBR/GPT) inside a header that owns offset 0.
     let mut confusion: Vec<String> = matched.iter().map(|f| f.to_string()).collect();
-    let header_at_zero = !matches!(format, DiskFormat::Raw | DiskFormat::Iso)
-        && !(format == DiskFormat::Vhd && !head.starts_with(vhd::COOKIE));
+    let fixed_vhd = format == DiskFormat::Vhd && !head.starts_with(vhd::COOKIE);
+    let header_at_zero = !matches!(format, DiskFormat::Raw | DiskFormat::Iso) && !fixed_vhd;
     if header_at_zero {
         if let Some(pt) = raw::partition_table(head) {
             confusion.push(pt.to_string());

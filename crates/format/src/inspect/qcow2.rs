@@ -337,7 +337,9 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let cs = h.cluster_size();
     rep.cluster_size = Some(cs);
     if h.version == 3
-        && (h.header_length < 104 || h.header_length % 8 != 0 || u64::from(h.header_length) > cs)
+        && (h.header_length < 104
+            || !h.header_length.is_multiple_of(8)
+            || u64::from(h.header_length) > cs)
     {
         rep.v(Violation::Qcow2BadHeaderLength {
             length: h.header_length,
@@ -437,7 +439,7 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
             });
             return false;
         }
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             rep.v(Violation::Qcow2TableUnaligned {
                 table: name,
                 offset: off,
@@ -527,7 +529,7 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
         if off == 0 {
             return true;
         }
-        if off % cs != 0 || !fits(off, cs, fs) {
+        if !off.is_multiple_of(cs) || !fits(off, cs, fs) {
             bad = Some(Violation::Qcow2L1EntryOutOfBounds { index: i, entry });
             return false;
         }
@@ -581,7 +583,7 @@ fn deep_walk(inp: &Input, h: &Qcow2Header, rep: &mut Report) -> std::io::Result<
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 || (!data_file && !fits(off, cs, fs)) {
+            if !off.is_multiple_of(cs) || (!data_file && !fits(off, cs, fs)) {
                 bad = Some(Violation::Qcow2L2EntryOutOfBounds {
                     guest_offset: guest,
                     entry,

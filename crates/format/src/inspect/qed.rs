@@ -105,12 +105,15 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     let tb = h.table_bytes();
     let entries = tb / 8;
     let max_size = entries.saturating_mul(entries).saturating_mul(cs);
-    if h.image_size > max_size || h.image_size % 512 != 0 {
+    if h.image_size > max_size || !h.image_size.is_multiple_of(512) {
         rep.v(Violation::QedBadGeometry {
             reason: format!("image size {} not representable", h.image_size),
         });
     }
-    if h.l1_table_offset % cs != 0 || h.l1_table_offset == 0 || !fits(h.l1_table_offset, tb, fs) {
+    if !h.l1_table_offset.is_multiple_of(cs)
+        || h.l1_table_offset == 0
+        || !fits(h.l1_table_offset, tb, fs)
+    {
         rep.v(Violation::QedTableOutOfBounds {
             what: "L1 table",
             offset: h.l1_table_offset,
@@ -128,7 +131,7 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
             if off == 0 {
                 return true;
             }
-            if off % cs != 0 || !fits(off, tb, fs) {
+            if !off.is_multiple_of(cs) || !fits(off, tb, fs) {
                 bad = Some(Violation::QedTableOutOfBounds {
                     what: "L2 table",
                     offset: off,
@@ -157,7 +160,10 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
                     if c <= 1 {
                         continue;
                     }
-                    if c % cs != 0 || !fits(c, cs, fs.saturating_add(cs - 1) / cs * cs) || c >= fs {
+                    if !c.is_multiple_of(cs)
+                        || !fits(c, cs, fs.saturating_add(cs - 1) / cs * cs)
+                        || c >= fs
+                    {
                         bad = Some(Violation::QedTableOutOfBounds {
                             what: "data cluster",
                             offset: c,

@@ -113,8 +113,8 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
     if h.blocks_allocated > h.blocks_in_image {
         geo.push("more blocks allocated than exist".into());
     }
-    if h.offset_bmap % 512 != 0
-        || h.offset_data % 512 != 0
+    if !h.offset_bmap.is_multiple_of(512)
+        || !h.offset_data.is_multiple_of(512)
         || u64::from(h.offset_data) < u64::from(h.offset_bmap) + blocks * 4
     {
         geo.push("block map / data offsets misaligned or overlapping".into());

@@ -287,7 +287,8 @@ fn dynamic_checks(
     let entries = u64::from(d.max_table_entries);
     let bat_len = round_up(entries * 4, 512);
     let needed = div_ceil(rep.virtual_size.max(footer.current_size), bs);
-    if entries < needed || d.table_offset % 512 != 0 || !fits(d.table_offset, bat_len, fs) {
+    if entries < needed || !d.table_offset.is_multiple_of(512) || !fits(d.table_offset, bat_len, fs)
+    {
         rep.v(Violation::VhdBatOutOfBounds {
             offset: d.table_offset,
             entries,

@@ -217,7 +217,7 @@ pub(crate) fn analyze(inp: &Input, rep: &mut Report) -> std::io::Result<()> {
                 guid: r.guid.clone(),
             });
         }
-        if r.file_offset % (1 << 20) != 0
+        if !r.file_offset.is_multiple_of(1 << 20)
             || r.file_offset < (1 << 20)
             || len == 0
             || !fits(r.file_offset, len, fs)
