@@ -132,7 +132,11 @@ impl DataPlane {
             });
         }
         if !report.is_safe() {
-            let reasons: Vec<String> = report.violations.iter().map(|v| v.to_string()).collect();
+            let reasons: Vec<String> = report
+                .violations
+                .iter()
+                .map(|v| format!("{}: {v}", v.name()))
+                .collect();
             return Err(CoreError::UnsafeImage(reasons.join("; ")));
         }
         let read_as = if detected == DiskFormat::Iso {

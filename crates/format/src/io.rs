@@ -12,7 +12,11 @@ pub trait ReadAt: Send + Sync {
     /// The ranges `(offset, len)` of `[offset, offset + len)` that may hold data, as the
     /// storage knows it without reading (e.g. `SEEK_DATA`/`SEEK_HOLE` on a local file).
     /// `None` means "unknown: treat everything as data" (the default).
-    fn allocated_ranges(&self, _offset: u64, _len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+    fn allocated_ranges(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> std::io::Result<Option<Vec<(u64, u64)>>> {
         Ok(None)
     }
 
