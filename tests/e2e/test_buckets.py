@@ -347,11 +347,13 @@ def test_identical_data_is_stored_once(server, s3, tenant, tmp_path):
     assert img["status"] == "active"
     after_image = store_bytes(server)
     assert after_image - after_second < 64 * 1024, (after_second, after_image)
-    # Multipart uploads cut at 4 MiB-aligned part sizes share chunks too.
-    cfg = TransferConfig(multipart_threshold=4 * MiB, multipart_chunksize=4 * MiB)
-    src = tmp_path / "same.raw"
-    src.write_bytes(data)
+    # A multipart upload whose part size is a multiple of 4 MiB shares the chunks too.
+    cfg = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=8 * MiB)
+    src = tmp_path / "twice.raw"
+    src.write_bytes(data + data)
     s3.upload_file(str(src), b, "multipart.raw", Config=cfg)
+    assert s3.head_object(Bucket=b, Key="multipart.raw")["ETag"].strip('"').endswith("-2")
     assert store_bytes(server) - after_image < 64 * 1024
-    for k in ("first.raw", "second copy.raw", "multipart.raw"):
+    assert s3.get_object(Bucket=b, Key="multipart.raw")["Body"].read() == data + data
+    for k in ("first.raw", "second copy.raw"):
         assert s3.get_object(Bucket=b, Key=k)["Body"].read() == data

@@ -32,11 +32,14 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 /// Bytes per message of a GetObject body.
 const READ_BLOCK: usize = 1 << 20;
 
-/// The S3 endpoint as an axum router (all paths), ready for `axum::serve`.
+/// The S3 endpoint as an axum router (all paths), ready for `axum::serve`. Requests are
+/// traced (span `s3` with method, path and `X-Request-Id`, which responses carry).
 pub fn router(svc: Arc<Service>) -> Router {
     let mut builder = S3ServiceBuilder::new(OpenImsS3 { svc: svc.clone() });
     builder.set_auth(KeyAuth { svc });
@@ -47,7 +50,22 @@ pub fn router(svc: Arc<Service>) -> Router {
         *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         resp
     });
-    Router::new().fallback_service(service)
+    let request_id = http::HeaderName::from_static("x-request-id");
+    Router::new().fallback_service(service).layer(
+        tower::ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+            .layer(
+                TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("s3", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                }),
+            )
+            .layer(PropagateRequestIdLayer::new(request_id)),
+    )
 }
 
 /// SigV4 secrets from the AK/SK keys table.
@@ -256,7 +274,10 @@ impl OpenImsS3 {
     /// The caller's project: the project of the access key that signed the request.
     async fn project<T>(&self, req: &S3Request<T>) -> S3Result<ProjectId> {
         let Some(cred) = &req.credentials else {
-            return Err(s3_error!(AccessDenied, "anonymous requests are not allowed"));
+            return Err(s3_error!(
+                AccessDenied,
+                "anonymous requests are not allowed"
+            ));
         };
         match core(self.svc.db.lookup_key(&cred.access_key).await)? {
             Some(grant) => Ok(grant.caller.project_id),
@@ -498,7 +519,10 @@ impl S3 for OpenImsS3 {
         let info = reader.info().clone();
         if let Some(c) = &input.if_match {
             if !condition_matches(c, &info.etag) {
-                return Err(s3_error!(PreconditionFailed, "If-Match does not match the ETag"));
+                return Err(s3_error!(
+                    PreconditionFailed,
+                    "If-Match does not match the ETag"
+                ));
             }
         }
         if let Some(c) = &input.if_none_match {
@@ -546,7 +570,10 @@ impl S3 for OpenImsS3 {
         )?;
         if let Some(c) = &input.if_match {
             if !condition_matches(c, &info.etag) {
-                return Err(s3_error!(PreconditionFailed, "If-Match does not match the ETag"));
+                return Err(s3_error!(
+                    PreconditionFailed,
+                    "If-Match does not match the ETag"
+                ));
             }
         }
         if let Some(c) = &input.if_none_match {
@@ -650,7 +677,14 @@ impl S3 for OpenImsS3 {
         let attrs = replace.then(|| attrs_of(input.content_type, input.metadata));
         let info = core(
             self.buckets()
-                .copy_object(&project, &src_bucket, &src_key, &input.bucket, &input.key, attrs)
+                .copy_object(
+                    &project,
+                    &src_bucket,
+                    &src_key,
+                    &input.bucket,
+                    &input.key,
+                    attrs,
+                )
                 .await,
         )?;
         Ok(S3Response::new(CopyObjectOutput {
@@ -907,11 +941,7 @@ impl S3 for OpenImsS3 {
         req: S3Request<GetBucketPolicyInput>,
     ) -> S3Result<S3Response<GetBucketPolicyOutput>> {
         let project = self.project(&req).await?;
-        let policy = core(
-            self.buckets()
-                .get_policy(&project, &req.input.bucket)
-                .await,
-        )?;
+        let policy = core(self.buckets().get_policy(&project, &req.input.bucket).await)?;
         Ok(S3Response::new(GetBucketPolicyOutput {
             policy: Some(policy),
         }))

@@ -18,8 +18,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info,s3s=off")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -124,11 +125,7 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Resu
         let _ = shut_tx.send(true);
         Ok::<(), std::io::Error>(())
     };
-    tokio::try_join!(
-        async { api.await },
-        s3,
-        signal
-    )?;
+    tokio::try_join!(async { api.await }, s3, signal)?;
     tracing::info!("shutting down: waiting for workers to stop");
     let _ = stop_tx.send(true);
     for w in workers.into_iter().chain(gc) {

@@ -38,6 +38,7 @@ CREATE TABLE object_parts (
     PRIMARY KEY (version, part_number)
 );
 CREATE INDEX object_parts_manifest ON object_parts (manifest);
+CREATE INDEX object_parts_key ON object_parts (bucket, object_key);
 
 CREATE TABLE multipart_uploads (
     upload_id     TEXT PRIMARY KEY,

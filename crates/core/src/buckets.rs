@@ -258,7 +258,11 @@ impl BucketPolicy {
         let stmts = match obj.get("Statement") {
             Some(Value::Array(a)) if !a.is_empty() => a.clone(),
             Some(Value::Object(o)) => vec![Value::Object(o.clone())],
-            _ => return Err(malformed("Statement must be a non-empty list of statements")),
+            _ => {
+                return Err(malformed(
+                    "Statement must be a non-empty list of statements",
+                ))
+            }
         };
         let mut statements = Vec::with_capacity(stmts.len());
         for s in &stmts {
@@ -281,7 +285,10 @@ impl BucketPolicy {
             let principal = match s.get("Principal") {
                 Some(Value::String(x)) if x == "*" => Principal::Any,
                 Some(Value::Object(p)) if p.len() == 1 => {
-                    let (k, v) = p.iter().next().ok_or_else(|| malformed("empty Principal"))?;
+                    let (k, v) = p
+                        .iter()
+                        .next()
+                        .ok_or_else(|| malformed("empty Principal"))?;
                     if k != "project" && k != "AWS" {
                         return Err(malformed(format!(
                             "Principal must be \"*\", {{\"project\": ...}} or {{\"AWS\": ...}}, not {k:?}"
@@ -581,12 +588,13 @@ impl BucketObjects {
     pub async fn create_bucket(&self, project: &ProjectId, name: &str) -> Result<Bucket> {
         validate_bucket_name(name)?;
         let now = now_ms();
-        let r = sqlx::query("INSERT INTO buckets (name, project_id, created_at) VALUES ($1, $2, $3)")
-            .bind(name)
-            .bind(project.as_str())
-            .bind(now)
-            .execute(&self.db.pool)
-            .await;
+        let r =
+            sqlx::query("INSERT INTO buckets (name, project_id, created_at) VALUES ($1, $2, $3)")
+                .bind(name)
+                .bind(project.as_str())
+                .bind(now)
+                .execute(&self.db.pool)
+                .await;
         match r {
             Ok(_) => Ok(Bucket {
                 name: name.into(),
@@ -606,10 +614,11 @@ impl BucketObjects {
 
     /// The bucket named `name`, whoever owns it.
     pub async fn find_bucket(&self, name: &str) -> Result<Option<Bucket>> {
-        let row = sqlx::query("SELECT name, project_id, created_at, policy FROM buckets WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.db.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT name, project_id, created_at, policy FROM buckets WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.db.pool)
+                .await?;
         Ok(row.as_ref().map(bucket_from_row))
     }
 
@@ -631,7 +640,9 @@ impl BucketObjects {
             return Ok(b);
         }
         let allowed = match &b.policy {
-            Some(text) => BucketPolicy::parse(bucket, text)?.allows(project.as_str(), action, bucket, key),
+            Some(text) => {
+                BucketPolicy::parse(bucket, text)?.allows(project.as_str(), action, bucket, key)
+            }
             None => false,
         };
         if allowed {
@@ -672,26 +683,30 @@ impl BucketObjects {
     /// Deletes an empty bucket (`BucketNotEmpty` while it holds objects or unfinished uploads).
     pub async fn delete_bucket(&self, project: &ProjectId, bucket: &str) -> Result<()> {
         self.owned(project, bucket).await?;
-        let mut tx = self.db.pool.begin().await?;
-        let objects: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM objects WHERE bucket = $1")
-            .bind(bucket)
-            .fetch_one(&mut *tx)
-            .await?;
-        let uploads: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM multipart_uploads WHERE bucket = $1")
+        // One statement, so it is atomic against a concurrent first upload.
+        let deleted = sqlx::query(
+            "DELETE FROM buckets WHERE name = $1 \
+             AND NOT EXISTS (SELECT 1 FROM objects WHERE bucket = $1) \
+             AND NOT EXISTS (SELECT 1 FROM multipart_uploads WHERE bucket = $1)",
+        )
+        .bind(bucket)
+        .execute(&self.db.pool)
+        .await?
+        .rows_affected();
+        if deleted == 0 {
+            let objects: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM objects WHERE bucket = $1")
                 .bind(bucket)
-                .fetch_one(&mut *tx)
+                .fetch_one(&self.db.pool)
                 .await?;
-        if objects > 0 || uploads > 0 {
+            let uploads: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM multipart_uploads WHERE bucket = $1")
+                    .bind(bucket)
+                    .fetch_one(&self.db.pool)
+                    .await?;
             return Err(CoreError::BucketNotEmpty(format!(
                 "{bucket} holds {objects} object(s) and {uploads} unfinished upload(s)"
             )));
         }
-        sqlx::query("DELETE FROM buckets WHERE name = $1")
-            .bind(bucket)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -730,7 +745,12 @@ impl BucketObjects {
     // ---------------------------------------------------------------------------------
 
     /// The object's metadata, if `project` may read it.
-    pub async fn head_object(&self, project: &ProjectId, bucket: &str, key: &str) -> Result<ObjectInfo> {
+    pub async fn head_object(
+        &self,
+        project: &ProjectId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<ObjectInfo> {
         self.authorize(project, bucket, Action::GetObject, Some(key))
             .await?;
         self.find_object(bucket, key)
@@ -818,61 +838,45 @@ impl BucketObjects {
             metadata: attrs.metadata.clone(),
             created_at: now,
         };
-        // The object row first: on PostgreSQL it locks the key, so concurrent writers of the
-        // same key serialize here and each sees the other's committed version.
-        let previous: Option<String> = if if_not_exists {
-            let r = sqlx::query(&format!(
-                "INSERT INTO objects ({OBJECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-            ))
-            .bind(bucket)
-            .bind(key)
-            .bind(&version)
-            .bind(size as i64)
-            .bind(&info.etag)
-            .bind(&info.content_type)
-            .bind(metadata_to_json(&info.metadata))
-            .bind(now)
-            .execute(&mut **tx)
-            .await;
-            match r {
-                Ok(_) => None,
-                Err(e) if is_unique_violation(&e) => {
-                    return Err(CoreError::ObjectExists(format!("{bucket}/{key}")))
-                }
-                Err(e) => return Err(e.into()),
-            }
+        // Every statement writes (no read-then-write: on SQLite that cannot wait for a
+        // concurrent writer). The object row first: on PostgreSQL it locks the key, so
+        // concurrent writers of the same key serialize here and each then removes the parts
+        // of every other version, committed before it.
+        let upsert = if if_not_exists {
+            ""
         } else {
-            let old: Option<String> = sqlx::query_scalar(
-                "SELECT version FROM objects WHERE bucket = $1 AND object_key = $2",
-            )
-            .bind(bucket)
-            .bind(key)
-            .fetch_optional(&mut **tx)
-            .await?;
-            sqlx::query(&format!(
-                "INSERT INTO objects ({OBJECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (bucket, object_key) DO UPDATE SET version = excluded.version, \
-                 size = excluded.size, etag = excluded.etag, content_type = excluded.content_type, \
-                 metadata = excluded.metadata, created_at = excluded.created_at"
-            ))
-            .bind(bucket)
-            .bind(key)
-            .bind(&version)
-            .bind(size as i64)
-            .bind(&info.etag)
-            .bind(&info.content_type)
-            .bind(metadata_to_json(&info.metadata))
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-            old
+            " ON CONFLICT (bucket, object_key) DO UPDATE SET version = excluded.version, \
+             size = excluded.size, etag = excluded.etag, content_type = excluded.content_type, \
+             metadata = excluded.metadata, created_at = excluded.created_at"
         };
-        if let Some(old) = previous {
-            sqlx::query("DELETE FROM object_parts WHERE version = $1")
-                .bind(old)
-                .execute(&mut **tx)
-                .await?;
+        let r = sqlx::query(&format!(
+            "INSERT INTO objects ({OBJECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8){upsert}"
+        ))
+        .bind(bucket)
+        .bind(key)
+        .bind(&version)
+        .bind(size as i64)
+        .bind(&info.etag)
+        .bind(&info.content_type)
+        .bind(metadata_to_json(&info.metadata))
+        .bind(now)
+        .execute(&mut **tx)
+        .await;
+        match r {
+            Ok(_) => {}
+            Err(e) if if_not_exists && is_unique_violation(&e) => {
+                return Err(CoreError::ObjectExists(format!("{bucket}/{key}")))
+            }
+            Err(e) => return Err(e.into()),
         }
+        sqlx::query(
+            "DELETE FROM object_parts WHERE bucket = $1 AND object_key = $2 AND version <> $3",
+        )
+        .bind(bucket)
+        .bind(key)
+        .bind(&version)
+        .execute(&mut **tx)
+        .await?;
         let mut offset = 0u64;
         for (number, manifest, psize) in parts {
             sqlx::query(
@@ -924,31 +928,28 @@ impl BucketObjects {
     }
 
     /// Deletes an object; `false` if there was none (S3 answers success either way).
-    pub async fn delete_object(&self, project: &ProjectId, bucket: &str, key: &str) -> Result<bool> {
+    pub async fn delete_object(
+        &self,
+        project: &ProjectId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<bool> {
         self.authorize(project, bucket, Action::DeleteObject, Some(key))
             .await?;
         let mut tx = self.db.pool.begin().await?;
-        let version: Option<String> =
-            sqlx::query_scalar("SELECT version FROM objects WHERE bucket = $1 AND object_key = $2")
-                .bind(bucket)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(version) = version else {
-            return Ok(false);
-        };
-        sqlx::query("DELETE FROM objects WHERE bucket = $1 AND object_key = $2 AND version = $3")
+        let deleted = sqlx::query("DELETE FROM objects WHERE bucket = $1 AND object_key = $2")
             .bind(bucket)
             .bind(key)
-            .bind(&version)
             .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM object_parts WHERE version = $1")
-            .bind(&version)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM object_parts WHERE bucket = $1 AND object_key = $2")
+            .bind(bucket)
+            .bind(key)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(deleted > 0)
     }
 
     /// Copies an object by sharing its part manifests (no byte is copied). Needs `GetObject`
@@ -977,7 +978,9 @@ impl BucketObjects {
             .collect();
         let mut tx = self.db.pool.begin().await?;
         let info = self
-            .commit_object(dst_bucket, dst_key, &parts, src.etag, &attrs, false, &mut tx)
+            .commit_object(
+                dst_bucket, dst_key, &parts, src.etag, &attrs, false, &mut tx,
+            )
             .await?;
         tx.commit().await?;
         Ok(info)
@@ -1191,8 +1194,14 @@ impl BucketObjects {
         after: u32,
         max: usize,
     ) -> Result<(Vec<UploadedPart>, bool)> {
-        self.upload(project, bucket, key, upload_id, Action::ListMultipartUploadParts)
-            .await?;
+        self.upload(
+            project,
+            bucket,
+            key,
+            upload_id,
+            Action::ListMultipartUploadParts,
+        )
+        .await?;
         let mut parts = self.parts_of_upload(upload_id).await?;
         parts.retain(|p| p.part_number > after);
         let truncated = parts.len() > max;
@@ -1296,7 +1305,15 @@ impl BucketObjects {
             .execute(&mut *tx)
             .await?;
         let info = self
-            .commit_object(bucket, key, &chosen, etag, &up.attrs, if_not_exists, &mut tx)
+            .commit_object(
+                bucket,
+                key,
+                &chosen,
+                etag,
+                &up.attrs,
+                if_not_exists,
+                &mut tx,
+            )
             .await?;
         tx.commit().await?;
         Ok(info)
@@ -1310,8 +1327,14 @@ impl BucketObjects {
         key: &str,
         upload_id: &str,
     ) -> Result<()> {
-        self.upload(project, bucket, key, upload_id, Action::AbortMultipartUpload)
-            .await?;
+        self.upload(
+            project,
+            bucket,
+            key,
+            upload_id,
+            Action::AbortMultipartUpload,
+        )
+        .await?;
         let mut tx = self.db.pool.begin().await?;
         sqlx::query("DELETE FROM upload_parts WHERE upload_id = $1")
             .bind(upload_id)
@@ -1406,7 +1429,9 @@ mod tests {
         (dir, BucketObjects::new(db, Arc::new(store)))
     }
 
-    fn body(data: &[u8]) -> impl Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> + Unpin {
+    fn body(
+        data: &[u8],
+    ) -> impl Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> + Unpin {
         let pieces: Vec<_> = data
             .chunks(10_000)
             .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
@@ -1433,7 +1458,14 @@ mod tests {
 
     #[test]
     fn bucket_names_follow_s3_rules() {
-        for ok in ["abc", "my-bucket", "my.bucket.1", "a1b", &"a".repeat(63), "0bucket9"] {
+        for ok in [
+            "abc",
+            "my-bucket",
+            "my.bucket.1",
+            "a1b",
+            &"a".repeat(63),
+            "0bucket9",
+        ] {
             assert!(validate_bucket_name(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -1456,7 +1488,10 @@ mod tests {
             "émoji",
         ] {
             assert!(
-                matches!(validate_bucket_name(bad), Err(CoreError::InvalidBucketName(_))),
+                matches!(
+                    validate_bucket_name(bad),
+                    Err(CoreError::InvalidBucketName(_))
+                ),
                 "{bad}"
             );
         }
@@ -1526,7 +1561,10 @@ mod tests {
             r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"s3:GetObject","Condition":{}}]}"#,
         ] {
             assert!(
-                matches!(BucketPolicy::parse("bkt", bad), Err(CoreError::MalformedPolicy(_))),
+                matches!(
+                    BucketPolicy::parse("bkt", bad),
+                    Err(CoreError::MalformedPolicy(_))
+                ),
                 "{bad}"
             );
         }
@@ -1554,21 +1592,45 @@ mod tests {
 
         let attrs = ObjectAttrs::default();
         let data = pattern(100_000, 1);
-        b.put_object(&p1, "alpha", "k", &attrs, body(&data), &PutOptions { content_length: Some(data.len() as u64), ..Default::default() })
-            .await
-            .expect("put");
+        b.put_object(
+            &p1,
+            "alpha",
+            "k",
+            &attrs,
+            body(&data),
+            &PutOptions {
+                content_length: Some(data.len() as u64),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("put");
         // Another project: denied everything.
         let denied = |r: Result<_>| matches!(r, Err(CoreError::AccessDenied(_)));
         assert!(denied(b.head_object(&p2, "alpha", "k").await.map(|_| ())));
         assert!(denied(
-            b.list_objects(&p2, "alpha", &ListRequest { max_keys: 10, ..Default::default() })
-                .await
-                .map(|_| ())
+            b.list_objects(
+                &p2,
+                "alpha",
+                &ListRequest {
+                    max_keys: 10,
+                    ..Default::default()
+                }
+            )
+            .await
+            .map(|_| ())
         ));
         assert!(denied(
-            b.put_object(&p2, "alpha", "x", &attrs, body(b"x"), &PutOptions::default())
-                .await
-                .map(|_| ())
+            b.put_object(
+                &p2,
+                "alpha",
+                "x",
+                &attrs,
+                body(b"x"),
+                &PutOptions::default()
+            )
+            .await
+            .map(|_| ())
         ));
         assert!(denied(b.delete_object(&p2, "alpha", "k").await.map(|_| ())));
         assert!(denied(b.delete_bucket(&p2, "alpha").await));
@@ -1585,7 +1647,10 @@ mod tests {
         )
         .await
         .expect("policy");
-        assert_eq!(b.head_object(&p2, "alpha", "k").await.expect("head").size, 100_000);
+        assert_eq!(
+            b.head_object(&p2, "alpha", "k").await.expect("head").size,
+            100_000
+        );
         assert!(denied(b.delete_object(&p2, "alpha", "k").await.map(|_| ())));
         assert!(matches!(
             b.put_policy(&p1, "alpha", "{").await,
@@ -1607,8 +1672,16 @@ mod tests {
         let live = b.db.live_manifests().await.expect("live");
         assert!(live.contains(&parts[0].manifest));
         assert!(b.delete_object(&p1, "alpha", "k").await.expect("delete"));
-        assert!(!b.delete_object(&p1, "alpha", "k").await.expect("delete again"));
-        assert!(!b.db.live_manifests().await.expect("live").contains(&parts[0].manifest));
+        assert!(!b
+            .delete_object(&p1, "alpha", "k")
+            .await
+            .expect("delete again"));
+        assert!(!b
+            .db
+            .live_manifests()
+            .await
+            .expect("live")
+            .contains(&parts[0].manifest));
         b.delete_bucket(&p1, "alpha").await.expect("delete bucket");
         assert!(b.find_bucket("alpha").await.expect("find").is_none());
     }
@@ -1629,9 +1702,16 @@ mod tests {
             "образ.raw",
         ];
         for k in keys {
-            b.put_object(&pr, "list", k, &ObjectAttrs::default(), body(k.as_bytes()), &PutOptions::default())
-                .await
-                .expect("put");
+            b.put_object(
+                &pr,
+                "list",
+                k,
+                &ObjectAttrs::default(),
+                body(k.as_bytes()),
+                &PutOptions::default(),
+            )
+            .await
+            .expect("put");
         }
         let list = |prefix: &str, delim: Option<&str>, after: Option<&str>, max: usize| {
             let req = ListRequest {
@@ -1653,7 +1733,10 @@ mod tests {
 
         let top = list("", Some("/"), None, 1000).await;
         let got: Vec<&str> = top.objects.iter().map(|o| o.key.as_str()).collect();
-        assert_eq!(got, ["Windows Server 2012.qcow2", "a.txt", "z", "образ.raw"]);
+        assert_eq!(
+            got,
+            ["Windows Server 2012.qcow2", "a.txt", "z", "образ.raw"]
+        );
         assert_eq!(top.common_prefixes, ["dir/", "dir2/"]);
 
         let dir = list("dir/", Some("/"), None, 1000).await;
@@ -1681,7 +1764,14 @@ mod tests {
         seen.sort();
         assert_eq!(
             seen,
-            ["Windows Server 2012.qcow2", "a.txt", "dir/", "dir2/", "z", "образ.raw"]
+            [
+                "Windows Server 2012.qcow2",
+                "a.txt",
+                "dir/",
+                "dir2/",
+                "z",
+                "образ.raw"
+            ]
         );
         // Paging without delimiter, one key per page.
         let mut n = 0;
@@ -1702,13 +1792,20 @@ mod tests {
     async fn object_reader_reads_ranges_across_parts() {
         let (_d, b) = setup().await;
         let pr = p("p1");
-        b.create_bucket(&pr, "mp").await.expect("create");
+        b.create_bucket(&pr, "mpu").await.expect("create");
         let attrs = ObjectAttrs {
             content_type: Some("application/octet-stream".into()),
             ..Default::default()
         };
-        let up = b.create_upload(&pr, "mp", "big object", &attrs).await.expect("upload");
-        let sizes = [MIN_PART_SIZE as usize, MIN_PART_SIZE as usize + 12_345, 70_001];
+        let up = b
+            .create_upload(&pr, "mpu", "big object", &attrs)
+            .await
+            .expect("upload");
+        let sizes = [
+            MIN_PART_SIZE as usize,
+            MIN_PART_SIZE as usize + 12_345,
+            70_001,
+        ];
         let mut data = Vec::new();
         let mut etags = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {
@@ -1718,7 +1815,18 @@ mod tests {
                 part[100_000..400_000].fill(0);
             }
             let got = b
-                .upload_part(&pr, "mp", "big object", &up.upload_id, i as u32 + 1, body(&part), &PutOptions { content_length: Some(n as u64), ..Default::default() })
+                .upload_part(
+                    &pr,
+                    "mpu",
+                    "big object",
+                    &up.upload_id,
+                    i as u32 + 1,
+                    body(&part),
+                    &PutOptions {
+                        content_length: Some(n as u64),
+                        ..Default::default()
+                    },
+                )
                 .await
                 .expect("part");
             etags.push(got.etag.clone());
@@ -1726,7 +1834,7 @@ mod tests {
         }
         // Live while the upload is unfinished.
         let (parts, _) = b
-            .list_parts(&pr, "mp", "big object", &up.upload_id, 0, 1000)
+            .list_parts(&pr, "mpu", "big object", &up.upload_id, 0, 1000)
             .await
             .expect("parts");
         assert_eq!(parts.len(), 3);
@@ -1738,15 +1846,39 @@ mod tests {
             etag: e.map(|s| format!("\"{s}\"")),
         };
         assert!(matches!(
-            b.complete_upload(&pr, "mp", "big object", &up.upload_id, &[cp(2, None), cp(1, None)], false).await,
+            b.complete_upload(
+                &pr,
+                "mpu",
+                "big object",
+                &up.upload_id,
+                &[cp(2, None), cp(1, None)],
+                false
+            )
+            .await,
             Err(CoreError::InvalidPartOrder(_))
         ));
         assert!(matches!(
-            b.complete_upload(&pr, "mp", "big object", &up.upload_id, &[cp(1, Some("00"))], false).await,
+            b.complete_upload(
+                &pr,
+                "mpu",
+                "big object",
+                &up.upload_id,
+                &[cp(1, Some("00"))],
+                false
+            )
+            .await,
             Err(CoreError::InvalidPart(_))
         ));
         assert!(matches!(
-            b.complete_upload(&pr, "mp", "big object", &up.upload_id, &[cp(3, None), cp(4, None)], false).await,
+            b.complete_upload(
+                &pr,
+                "mpu",
+                "big object",
+                &up.upload_id,
+                &[cp(3, None), cp(4, None)],
+                false
+            )
+            .await,
             Err(CoreError::EntityTooSmall(_) | CoreError::InvalidPart(_))
         ));
         let wanted: Vec<_> = etags
@@ -1755,51 +1887,69 @@ mod tests {
             .map(|(i, e)| cp(i as u32 + 1, Some(e)))
             .collect();
         let info = b
-            .complete_upload(&pr, "mp", "big object", &up.upload_id, &wanted, false)
+            .complete_upload(&pr, "mpu", "big object", &up.upload_id, &wanted, false)
             .await
             .expect("complete");
         assert_eq!(info.size, data.len() as u64);
         assert!(info.etag.ends_with("-3"), "{}", info.etag);
         assert!(matches!(
-            b.abort_upload(&pr, "mp", "big object", &up.upload_id).await,
+            b.abort_upload(&pr, "mpu", "big object", &up.upload_id)
+                .await,
             Err(CoreError::NoSuchUpload(_))
         ));
 
         let reader: ObjectReader = b
-            .open_object_reader(&pr, "mp", "big object")
+            .open_object_reader(&pr, "mpu", "big object")
             .await
             .expect("reader");
         assert_eq!(reader.size().expect("size"), data.len() as u64);
         let boundary = MIN_PART_SIZE;
         let cases: &[(u64, usize)] = &[
             (0, 10),
-            (boundary - 5, 10),               // across part 1 -> 2
+            (boundary - 5, 10), // across part 1 -> 2
             (boundary - 1, 1),
             (boundary, 1),
-            (2 * boundary + 12_345 - 3, 6),   // across part 2 -> 3
-            (boundary + 99_990, 300_020),     // into and out of the zero run
-            (65_530, 20),                     // across a chunk boundary
+            (2 * boundary + 12_345 - 3, 6), // across part 2 -> 3
+            (boundary + 99_990, 300_020),   // into and out of the zero run
+            (65_530, 20),                   // across a chunk boundary
             (data.len() as u64 - 7, 7),
-            (0, data.len()),                  // everything at once
+            (0, data.len()), // everything at once
         ];
         for &(off, len) in cases {
             let mut buf = vec![0xAAu8; len];
             reader.read_exact_at(&mut buf, off).expect("read");
-            assert_eq!(&buf[..], &data[off as usize..off as usize + len], "at {off}+{len}");
+            assert_eq!(
+                &buf[..],
+                &data[off as usize..off as usize + len],
+                "at {off}+{len}"
+            );
         }
         // Past the end: short and zero reads.
         let mut buf = vec![0u8; 100];
-        assert_eq!(reader.read_at(&mut buf, data.len() as u64 - 40).expect("read"), 40);
-        assert_eq!(reader.read_at(&mut buf, data.len() as u64 + 1).expect("read"), 0);
+        assert_eq!(
+            reader
+                .read_at(&mut buf, data.len() as u64 - 40)
+                .expect("read"),
+            40
+        );
+        assert_eq!(
+            reader
+                .read_at(&mut buf, data.len() as u64 + 1)
+                .expect("read"),
+            0
+        );
 
         // A copy shares the parts.
         let copy = b
-            .copy_object(&pr, "mp", "big object", "mp", "copy", None)
+            .copy_object(&pr, "mpu", "big object", "mpu", "copy", None)
             .await
             .expect("copy");
         assert_eq!(copy.etag, info.etag);
-        let (_, orig_parts) = b.object_with_parts(&pr, "mp", "big object").await.expect("p");
-        let (_, copy_parts) = b.object_with_parts(&pr, "mp", "copy").await.expect("p");
+        let (_, orig_parts) = b
+            .object_with_parts(&pr, "mpu", "big object")
+            .await
+            .expect("p");
+        let (_, copy_parts) = b.object_with_parts(&pr, "mpu", "copy").await.expect("p");
         let m = |v: &[PartRef]| v.iter().map(|p| p.manifest.clone()).collect::<Vec<_>>();
         assert_eq!(m(&orig_parts), m(&copy_parts));
     }
@@ -1811,7 +1961,14 @@ mod tests {
         b.create_bucket(&pr, "exp").await.expect("create");
         let data = pattern(11 * 1024 * 1024 + 17, 7);
         let mut w = b
-            .object_writer(&pr, "exp", "out.qcow2", &ObjectAttrs::default(), true, MIN_PART_SIZE)
+            .object_writer(
+                &pr,
+                "exp",
+                "out.qcow2",
+                &ObjectAttrs::default(),
+                true,
+                MIN_PART_SIZE,
+            )
             .await
             .expect("writer");
         let chunk = data.clone();
@@ -1830,24 +1987,38 @@ mod tests {
         ));
         let info = w.finish().await.expect("finish");
         assert_eq!(info.size, data.len() as u64);
-        let (_, parts) = b.object_with_parts(&pr, "exp", "out.qcow2").await.expect("parts");
+        let (_, parts) = b
+            .object_with_parts(&pr, "exp", "out.qcow2")
+            .await
+            .expect("parts");
         assert_eq!(parts.len(), 3);
-        let r = b.open_object_reader(&pr, "exp", "out.qcow2").await.expect("reader");
+        let r = b
+            .open_object_reader(&pr, "exp", "out.qcow2")
+            .await
+            .expect("reader");
         let mut all = vec![0u8; data.len()];
         r.read_exact_at(&mut all, 0).expect("read");
         assert!(all == data);
         // if_not_exists: refused up front, and atomically at finish.
         assert!(matches!(
-            b.object_writer(&pr, "exp", "out.qcow2", &ObjectAttrs::default(), true, 0).await,
+            b.object_writer(&pr, "exp", "out.qcow2", &ObjectAttrs::default(), true, 0)
+                .await,
             Err(CoreError::ObjectExists(_))
         ));
         let w2 = b
             .object_writer(&pr, "exp", "late", &ObjectAttrs::default(), true, 0)
             .await
             .expect("writer");
-        b.put_object(&pr, "exp", "late", &ObjectAttrs::default(), body(b"first"), &PutOptions::default())
-            .await
-            .expect("put");
+        b.put_object(
+            &pr,
+            "exp",
+            "late",
+            &ObjectAttrs::default(),
+            body(b"first"),
+            &PutOptions::default(),
+        )
+        .await
+        .expect("put");
         assert!(matches!(w2.finish().await, Err(CoreError::ObjectExists(_))));
         // An empty object.
         let w3 = b
@@ -1855,7 +2026,10 @@ mod tests {
             .await
             .expect("writer");
         assert_eq!(w3.finish().await.expect("finish").size, 0);
-        let (uploads, _) = b.list_uploads(&pr, "exp", "", None, 100).await.expect("uploads");
+        let (uploads, _) = b
+            .list_uploads(&pr, "exp", "", None, 100)
+            .await
+            .expect("uploads");
         assert!(uploads.is_empty(), "{uploads:?}");
     }
 }

@@ -111,7 +111,9 @@ pub enum CoreError {
     EntityTooSmall(String),
     #[error("The object or part exceeds the maximum allowed size ({0} bytes).")]
     EntityTooLarge(u64),
-    #[error("One or more of the specified parts could not be found or its ETag did not match: {0}")]
+    #[error(
+        "One or more of the specified parts could not be found or its ETag did not match: {0}"
+    )]
     InvalidPart(String),
     #[error("The list of parts was not in ascending order: {0}")]
     InvalidPartOrder(String),

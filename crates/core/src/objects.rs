@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use md5::{Digest, Md5};
 use openims_format::ReadAt;
-use openims_store::{is_all_zero, ChunkId, ManifestDisk, ManifestId, Manifest, Store};
+use openims_store::{is_all_zero, ChunkId, Manifest, ManifestDisk, ManifestId, Store};
 use std::io::Write;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -140,7 +140,9 @@ impl PartWriter {
     /// Appends bytes (the error form of `write_all`).
     pub fn append(&mut self, mut data: &[u8]) -> Result<()> {
         if let Some(e) = &self.failed {
-            return Err(CoreError::Internal(format!("the writer failed earlier: {e}")));
+            return Err(CoreError::Internal(format!(
+                "the writer failed earlier: {e}"
+            )));
         }
         if self.size + data.len() as u64 > self.max_size {
             return Err(CoreError::EntityTooLarge(self.max_size));
@@ -493,9 +495,10 @@ impl ObjectWriter {
         while !data.is_empty() {
             let w = match &mut self.current {
                 Some(w) => w,
-                None => self
-                    .current
-                    .insert(PartWriter::new(Arc::clone(&self.objects.store), self.part_size)),
+                None => self.current.insert(PartWriter::new(
+                    Arc::clone(&self.objects.store),
+                    self.part_size,
+                )),
             };
             let room = (self.part_size - w.size()) as usize;
             let n = room.min(data.len());
