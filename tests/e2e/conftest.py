@@ -1,8 +1,9 @@
 """Fixtures for the OpenIMS end-to-end suite.
 
 * `server`: one `openims serve` per pytest session (per xdist worker: each worker has its own
-  temporary data dir and port, so `-n N` is safe), stopped with SIGTERM at the end; the
-  teardown asserts a clean exit within 10 s.
+  temporary data dir and ports, so `-n N` is safe), stopped with SIGTERM at the end; the
+  teardown asserts a clean exit within 10 s. `server.s3_endpoint` is its embedded S3 endpoint
+  (`--s3-listen` on a free port).
 * `fresh_server`: a dedicated server for one test (crash / signal tests).
 * `tenant` / `tenant_b`: a fresh domain + project + user (with password) + AK/SK key, made with
   the admin CLI; `.ims` is a huaweicloudsdkims client, `.raw` a raw signed-request helper.

@@ -91,6 +91,8 @@ class Server:
         self.log_path = Path(log_path)
         self.extra_args = list(extra_args)
         self.port: Optional[int] = None
+        # The embedded S3 endpoint's port (`--s3-listen`), unless the caller passes its own.
+        self.s3_port: Optional[int] = None
         self.proc: Optional[subprocess.Popen] = None
         self._log_fh = None
 
@@ -101,6 +103,11 @@ class Server:
     @property
     def netloc(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        """URL of the embedded S3-compatible bucket endpoint."""
+        return f"http://127.0.0.1:{self.s3_port}"
 
     @property
     def pid(self) -> int:
@@ -115,7 +122,11 @@ class Server:
         self._log_fh = open(self.log_path, "ab", buffering=0)
         self._log_fh.write(f"\n===== start {datetime.now().isoformat()} port {self.port} =====\n".encode())
         cmd = [str(self.binary), "serve", "--data-dir", str(self.data_dir),
-               "--listen", f"127.0.0.1:{self.port}", *self.extra_args]
+               "--listen", f"127.0.0.1:{self.port}"]
+        if not any(a.startswith("--s3-listen") for a in self.extra_args):
+            self.s3_port = self.s3_port or free_port()
+            cmd += ["--s3-listen", f"127.0.0.1:{self.s3_port}"]
+        cmd += self.extra_args
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT,

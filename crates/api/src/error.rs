@@ -101,6 +101,21 @@ fn classify(e: &CoreError) -> (StatusCode, &'static str) {
         IsoImage => (bad, "IMG.0167"),
         ImageTooLargeToCopy(_) => (bad, "IMG.0059"),
         UploadInterrupted(_) => (bad, "IMG.9012"),
+        // Bucket errors reached through the IMS API (image_url "bucket:object", exports).
+        NoSuchBucket(_) | AccessDenied(_) => (bad, "IMG.0069"),
+        NoSuchKey(_) | NoSuchUpload(_) | IncompleteBody(_) | BadDigest(_) => (bad, "IMG.0057"),
+        ObjectExists(_) => (bad, "IMG.0070"),
+        InvalidBucketName(_) => (bad, "IMG.0109"),
+        InvalidObjectKey(_) => (bad, "IMG.0075"),
+        EntityTooLarge(_) => (bad, "IMG.0059"),
+        NoSuchBucketPolicy(_)
+        | BucketAlreadyExists(_)
+        | BucketAlreadyOwnedByYou(_)
+        | BucketNotEmpty(_)
+        | MalformedPolicy(_)
+        | EntityTooSmall(_)
+        | InvalidPart(_)
+        | InvalidPartOrder(_) => (bad, "IMG.0001"),
         Store(_) | Format(_) | Db(_) | Migrate(_) | Io(_) | Internal(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "IMG.9000")
         }

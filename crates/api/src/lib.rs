@@ -1,7 +1,8 @@
 //! # openims-api
 //!
 //! The HTTP surface of the service: the Huawei Cloud IMS API (v1, v2, v2.1), OpenStack Glance
-//! v2, Keystone-style tokens, health and metrics. It owns wire formats (paths, query parsing,
+//! v2, Keystone-style tokens, health and metrics; and, on its own port, the embedded
+//! S3-compatible bucket endpoint ([`s3::router`]). It owns wire formats (paths, query parsing,
 //! JSON shapes, status codes), AK/SK signature verification, and the single mapping from domain
 //! errors to `IMG.xxxx` codes ([`error`]).
 //!
@@ -15,6 +16,7 @@ pub mod glance;
 pub mod ims;
 pub mod keystone;
 pub mod metrics;
+pub mod s3;
 pub mod sign;
 
 use axum::extract::DefaultBodyLimit;

@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// Address of the API.
     #[arg(long, env = "OPENIMS_LISTEN")]
     pub listen: Option<String>,
+    /// Address of the embedded S3-compatible bucket endpoint (`off` disables it).
+    #[arg(long, env = "OPENIMS_S3_LISTEN")]
+    pub s3_listen: Option<String>,
     /// Region this deployment serves.
     #[arg(long, env = "OPENIMS_REGION")]
     pub region: Option<String>,
@@ -53,6 +56,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub database: Option<String>,
     pub listen: Option<String>,
+    pub s3_listen: Option<String>,
     pub region: Option<String>,
     pub public_endpoint: Option<String>,
     pub image_quota: Option<u64>,
@@ -89,8 +93,18 @@ pub fn resolve_common(common: &CommonArgs) -> anyhow::Result<ServiceConfig> {
     Ok(cfg)
 }
 
+/// Default address of the embedded S3 endpoint.
+pub const DEFAULT_S3_LISTEN: &str = "127.0.0.1:9000";
+
+/// Where `serve` listens: the API, and the S3 endpoint unless disabled (`off`).
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub api: String,
+    pub s3: Option<String>,
+}
+
 /// Everything `serve` needs.
-pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, String)> {
+pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, Listen)> {
     let file = load_file(&args.common)?;
     let mut cfg = resolve_common(&args.common)?;
     let listen = args
@@ -98,6 +112,15 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, String)
         .clone()
         .or(file.listen)
         .unwrap_or_else(|| "127.0.0.1:9292".into());
+    let s3 = args
+        .s3_listen
+        .clone()
+        .or(file.s3_listen)
+        .unwrap_or_else(|| DEFAULT_S3_LISTEN.into());
+    let s3 = match s3.trim() {
+        "off" | "none" | "" => None,
+        a => Some(a.to_string()),
+    };
     if let Some(r) = args.region.clone().or(file.region) {
         cfg.region = r;
     }
@@ -115,5 +138,5 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, String)
     if let Some(w) = args.workers.or(file.workers) {
         cfg.workers = w;
     }
-    Ok((cfg, listen))
+    Ok((cfg, Listen { api: listen, s3 }))
 }

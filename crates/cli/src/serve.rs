@@ -1,7 +1,9 @@
 //! `openims serve`: opens the service, creates the first identities on first start, serves
-//! the API, runs job workers, and shuts down gracefully on SIGTERM or Ctrl-C.
+//! the API and the embedded S3-compatible bucket endpoint (its own port) on one runtime, runs
+//! job workers, and shuts down gracefully on SIGTERM or Ctrl-C (both listeners stop accepting,
+//! in-flight requests finish, then the workers stop).
 
-use crate::config::{resolve_serve, ServeArgs};
+use crate::config::{resolve_serve, Listen, ServeArgs};
 use openims_core::Service;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -16,8 +18,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info,s3s=off")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -28,17 +31,30 @@ fn init_tracing(format: &str) {
     }
 }
 
-async fn serve(cfg: openims_core::ServiceConfig, listen: String) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&listen)
+async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Result<()> {
+    let api_addr = listen.api.clone();
+    let listener = tokio::net::TcpListener::bind(&api_addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot listen on {api_addr}: {e}"))?;
+    let s3_listener = match &listen.s3 {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a} (S3 endpoint): {e}"))?,
+        ),
+        None => None,
+    };
+    let s3_endpoint = match &s3_listener {
+        Some(l) => Some(format!("http://{}", l.local_addr()?)),
+        None => None,
+    };
     let svc = Service::open(cfg.clone()).await?;
     if let Some(b) = svc.db.bootstrap().await? {
         let path = cfg.data_dir.join("credentials");
         let text = format!(
             "OPENIMS_ENDPOINT={endpoint}\nOPENIMS_REGION={region}\nOPENIMS_DOMAIN={dname}\nOPENIMS_DOMAIN_ID={did}\n\
              OPENIMS_PROJECT={pname}\nOPENIMS_PROJECT_ID={pid}\nOPENIMS_USER={user}\nOPENIMS_PASSWORD={pw}\n\
-             OPENIMS_ACCESS_KEY={ak}\nOPENIMS_SECRET_KEY={sk}\n",
+             OPENIMS_ACCESS_KEY={ak}\nOPENIMS_SECRET_KEY={sk}\n{s3}",
             endpoint = cfg.public_endpoint,
             region = cfg.region,
             dname = b.domain.name,
@@ -49,6 +65,10 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: String) -> anyhow::Resu
             pw = b.password,
             ak = b.key.access_key,
             sk = b.key.secret_key.clone().unwrap_or_default(),
+            s3 = s3_endpoint
+                .as_ref()
+                .map(|e| format!("OPENIMS_S3_ENDPOINT={e}\n"))
+                .unwrap_or_default(),
         );
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -64,20 +84,48 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: String) -> anyhow::Resu
              set -a; . {path}; set +a\n  \
              Huawei Cloud SDK: BasicCredentials($OPENIMS_ACCESS_KEY, $OPENIMS_SECRET_KEY, $OPENIMS_PROJECT_ID), endpoint {endpoint}\n  \
              OpenStack CLI: openstack --os-auth-url {endpoint}/v3 --os-username admin --os-password \"$OPENIMS_PASSWORD\" \
-             --os-project-name default --os-user-domain-name default --os-project-domain-name default image list",
+             --os-project-name default --os-user-domain-name default --os-project-domain-name default image list{s3}",
             pid = b.project.id,
             path = path.display(),
             endpoint = cfg.public_endpoint,
+            s3 = s3_endpoint
+                .as_ref()
+                .map(|e| format!(
+                    "\n  S3 buckets (aws CLI, boto3; AWS SigV4 with the same AK/SK, region {region}, path-style): \
+                     AWS_ACCESS_KEY_ID=$OPENIMS_ACCESS_KEY AWS_SECRET_ACCESS_KEY=$OPENIMS_SECRET_KEY \
+                     aws --endpoint-url {e} --region {region} s3 ls",
+                    region = cfg.region
+                ))
+                .unwrap_or_default(),
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let gc = svc.spawn_gc(stop_rx.clone());
     let workers = svc.spawn_workers(cfg.workers, stop_rx);
     let app = openims_api::router(svc.clone());
-    tracing::info!(listen = %listen, region = %cfg.region, data_dir = %cfg.data_dir.display(), "openims is serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    tracing::info!(listen = %api_addr, s3 = s3_endpoint.as_deref().unwrap_or("off"), region = %cfg.region, data_dir = %cfg.data_dir.display(), "openims is serving");
+    // One signal stops both listeners.
+    let (shut_tx, shut_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let api = axum::serve(listener, app).with_graceful_shutdown(stopped(shut_rx.clone()));
+    let s3 = async {
+        match s3_listener {
+            Some(l) => {
+                axum::serve(l, openims_api::s3::router(svc.clone()))
+                    .with_graceful_shutdown(stopped(shut_rx.clone()))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let signal = async {
+        shutdown_signal().await;
+        let _ = shut_tx.send(true);
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::try_join!(async { api.await }, s3, signal)?;
     tracing::info!("shutting down: waiting for workers to stop");
     let _ = stop_tx.send(true);
     for w in workers.into_iter().chain(gc) {

@@ -84,6 +84,45 @@ pub enum CoreError {
     ImageTooLargeToCopy(u64),
     #[error("The upload was interrupted: {0}")]
     UploadInterrupted(String),
+    // ---- Buckets and objects (the embedded S3 endpoint; see `buckets`). ----
+    #[error("The specified bucket does not exist: {0}")]
+    NoSuchBucket(String),
+    #[error("The specified key does not exist: {0}")]
+    NoSuchKey(String),
+    #[error("The specified multipart upload does not exist: {0}")]
+    NoSuchUpload(String),
+    #[error("The bucket has no policy: {0}")]
+    NoSuchBucketPolicy(String),
+    #[error("The requested bucket name is not available: {0}")]
+    BucketAlreadyExists(String),
+    #[error("Your project already owns the bucket: {0}")]
+    BucketAlreadyOwnedByYou(String),
+    #[error("The bucket you tried to delete is not empty: {0}")]
+    BucketNotEmpty(String),
+    #[error("The specified bucket name is not valid: {0}")]
+    InvalidBucketName(String),
+    #[error("The object key is not valid: {0}")]
+    InvalidObjectKey(String),
+    #[error("Access Denied: {0}")]
+    AccessDenied(String),
+    #[error("The bucket policy is malformed: {0}")]
+    MalformedPolicy(String),
+    #[error("A part of the upload is smaller than the minimum allowed size: {0}")]
+    EntityTooSmall(String),
+    #[error("The object or part exceeds the maximum allowed size ({0} bytes).")]
+    EntityTooLarge(u64),
+    #[error(
+        "One or more of the specified parts could not be found or its ETag did not match: {0}"
+    )]
+    InvalidPart(String),
+    #[error("The list of parts was not in ascending order: {0}")]
+    InvalidPartOrder(String),
+    #[error("The object already exists: {0}")]
+    ObjectExists(String),
+    #[error("The Content-MD5 you specified did not match what was received: {0}")]
+    BadDigest(String),
+    #[error("The request body is shorter or longer than its declared length: {0}")]
+    IncompleteBody(String),
     #[error("storage error: {0}")]
     Store(#[from] openims_store::StoreError),
     #[error("image format error: {0}")]

@@ -973,11 +973,15 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Every manifest an image references (the GC's live set).
+    /// Every manifest something references (the GC's live set): images (disk and file
+    /// manifests), bucket objects (their parts) and unfinished multipart uploads (their
+    /// uploaded parts).
     pub async fn live_manifests(&self) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "SELECT disk_manifest AS m FROM images WHERE disk_manifest IS NOT NULL \
-             UNION SELECT file_manifest AS m FROM images WHERE file_manifest IS NOT NULL",
+             UNION SELECT file_manifest AS m FROM images WHERE file_manifest IS NOT NULL \
+             UNION SELECT manifest AS m FROM object_parts \
+             UNION SELECT manifest AS m FROM upload_parts",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -9,9 +9,13 @@
 //! `IMG.xxxx` codes in one place. It must not know about HTTP, request signing or wire formats,
 //! and it reaches image bytes only through `openims-store` and `openims-format`.
 //!
+//! Buckets and objects of the embedded S3-compatible endpoint live in [`buckets`] (rules and
+//! metadata) and [`objects`] (bytes: streaming writers, positional readers).
+//!
 //! Every query is scoped by the caller's project: functions that read or change an image take a
 //! [`Caller`] and answer `ImageNotFound` for images the caller may not see.
 
+pub mod buckets;
 pub mod config;
 pub mod data;
 pub mod db;
@@ -20,6 +24,7 @@ pub mod identity;
 pub mod ids;
 pub mod image;
 pub mod jobs;
+pub mod objects;
 pub mod service;
 pub mod tags;
 pub mod time;

@@ -150,6 +150,12 @@ fn set_property(img: &mut Image, attr: &str, v: &Value) -> Result<()> {
 }
 
 impl Service {
+    /// Bucket and object operations of the embedded S3 endpoint (also what import and export
+    /// jobs read and write bucket objects through).
+    pub fn buckets(&self) -> crate::buckets::BucketObjects {
+        crate::buckets::BucketObjects::new(self.db.clone(), std::sync::Arc::clone(&self.data.store))
+    }
+
     /// Opens the database and the data plane, recovers from an earlier crash of this node.
     pub async fn open(config: ServiceConfig) -> Result<Arc<Service>> {
         std::fs::create_dir_all(&config.data_dir)?;
