@@ -1,7 +1,5 @@
 //! The three I/O traits the rest of the crate is written against.
 
-use crate::Result;
-
 /// Positional reads from an image file (a local file, a bucket object read by ranges, memory).
 ///
 /// Implementations must be safe to call with any offset: reads past the end return 0 bytes.

@@ -123,7 +123,6 @@ pub(crate) fn clip(offset: u64, len: u64, size: u64) -> u64 {
 pub(crate) enum EntryWidth {
     Be64,
     Le64,
-    Be32,
     Le32,
 }
 
@@ -159,7 +158,7 @@ impl TableCache {
         }
         let esz = match width {
             EntryWidth::Be64 | EntryWidth::Le64 => 8,
-            EntryWidth::Be32 | EntryWidth::Le32 => 4,
+            EntryWidth::Le32 => 4,
         };
         self.raw.resize(count * esz, 0);
         read_or_zero(src, &mut self.raw, off)?;
@@ -181,7 +180,6 @@ impl TableCache {
         match width {
             EntryWidth::Be64 => entries.extend(raw.chunks_exact(8).map(|c| be64(c, 0))),
             EntryWidth::Le64 => entries.extend(raw.chunks_exact(8).map(|c| le64(c, 0))),
-            EntryWidth::Be32 => entries.extend(raw.chunks_exact(4).map(|c| be32(c, 0) as u64)),
             EntryWidth::Le32 => entries.extend(raw.chunks_exact(4).map(|c| le32(c, 0) as u64)),
         }
         self.slots.push((off, tick, entries));
