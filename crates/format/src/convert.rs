@@ -54,6 +54,14 @@ pub fn convert(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<WriteReport> {
     let file = std::fs::File::open(input)?;
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            return Err(crate::FormatError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "output is the input file",
+            )));
+        }
+    }
     let src: Arc<dyn ReadAt> = Arc::new(file);
     let fmt = match input_format {
         Some(f) => f,

@@ -96,12 +96,18 @@ fn qemu_fmt(f: DiskFormat) -> &'static str {
 
 /// Our reader -> raw (sparse) must equal qemu-img's view of `src`.
 fn check_reader(dir: &Path, src: &Path, fmt: DiskFormat, bytewise: bool) {
+    check_reader_vs(dir, src, fmt, bytewise, (src, fmt));
+}
+
+/// Like `check_reader`, comparing with `reference` (an image qemu converted `src` from, for
+/// formats whose qemu driver has no fast block status, e.g. 20 GiB VHDX).
+fn check_reader_vs(dir: &Path, src: &Path, fmt: DiskFormat, bytewise: bool, reference: (&Path, DiskFormat)) {
     let ours = dir.join(format!("{}.ours.raw", src.file_name().unwrap().to_string_lossy()));
     let r = convert(src, None, &ours, OutputFormat::Raw, false, |_, _| {}).unwrap();
     let info = run("qemu-img", &["info", "--output=json", "-f", qemu_fmt(fmt), s(src)]);
     let want = format!("\"virtual-size\": {}", r.virtual_size);
     assert!(info.contains(&want), "virtual size of {src:?}: ours {} vs {info}", r.virtual_size);
-    run("qemu-img", &["compare", "-q", "-f", "raw", "-F", qemu_fmt(fmt), s(&ours), s(src)]);
+    run("qemu-img", &["compare", "-q", "-f", "raw", "-F", qemu_fmt(reference.1), s(&ours), s(reference.0)]);
     if bytewise {
         let theirs = dir.join("theirs.raw");
         run("qemu-img", &["convert", "-f", qemu_fmt(fmt), "-O", "raw", s(src), s(&theirs)]);
@@ -273,7 +279,7 @@ fn large_sparse_20g() {
     check_reader(dir, &p, DiskFormat::Qcow2, false);
     let vx = dir.join("big.vhdx");
     run("qemu-img", &["convert", "-f", "qcow2", "-O", "vhdx", s(&p), s(&vx)]);
-    check_reader(dir, &vx, DiskFormat::Vhdx, false);
+    check_reader_vs(dir, &vx, DiskFormat::Vhdx, false, (&p, DiskFormat::Qcow2));
     let vm = dir.join("big.vmdk");
     run("qemu-img", &["convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized", s(&p), s(&vm)]);
     check_reader(dir, &vm, DiskFormat::Vmdk, false);

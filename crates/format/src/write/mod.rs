@@ -457,16 +457,18 @@ impl Compressor {
             if let Some(z) = &mut self.z {
                 z.reset();
                 let start = b.cbuf.len();
-                // qcow2: worth storing compressed only if it saves a sector. VMDK streams
-                // compress every grain, so leave room for incompressible data.
-                let room = match self.codec {
-                    Codec::Zlib(_) => us + us / 8 + 1024,
+                // Always give deflate room for incompressible input (a bounded output makes
+                // some deflate implementations misbehave), then decide: qcow2 stores a cluster
+                // compressed only if that saves a sector; VMDK streams compress every grain.
+                let room = us + us / 8 + 1024;
+                let keep = match self.codec {
+                    Codec::Zlib(_) => room,
                     _ => us.saturating_sub(512),
                 };
                 b.cbuf.resize(start + room, 0);
                 let st = z.compress(data, &mut b.cbuf[start..], flate2::FlushCompress::Finish);
-                if matches!(st, Ok(flate2::Status::StreamEnd)) {
-                    let n = z.total_out() as usize;
+                let n = z.total_out() as usize;
+                if matches!(st, Ok(flate2::Status::StreamEnd)) && n < keep {
                     b.cbuf.truncate(start + n);
                     b.units[i] = Unit::Comp(start, n);
                 } else {
