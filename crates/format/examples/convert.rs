@@ -21,7 +21,9 @@ fn main() {
         }
     }
     let (Some(fmt), [input, output]) = (out_fmt, paths.as_slice()) else {
-        eprintln!("usage: convert IN OUT -O raw|raw+bitmap|qcow2|vhd|vhd-fixed|vmdk [-c] [-f infmt]");
+        eprintln!(
+            "usage: convert IN OUT -O raw|raw+bitmap|qcow2|vhd|vhd-fixed|vmdk [-c] [-f infmt]"
+        );
         std::process::exit(2);
     };
     match convert(input, in_fmt, output, fmt, compress, |_, _| {}) {

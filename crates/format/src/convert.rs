@@ -69,7 +69,11 @@ pub fn convert(
     };
     let mut disk = read::open(src, fmt)?;
     let total = disk.virtual_size();
-    let out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(output)?;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(output)?;
     let mut sink = FileSink::unbounded(out);
     let opts = WriteOptions {
         compress,
@@ -79,7 +83,9 @@ pub fn convert(
             .unwrap_or_else(|| "disk.vmdk".into()),
         ..WriteOptions::default()
     };
-    let report = write_image(&mut *disk, out_fmt, &opts, &mut sink, &mut |done| progress(done, total))?;
+    let report = write_image(&mut *disk, out_fmt, &opts, &mut sink, &mut |done| {
+        progress(done, total)
+    })?;
     if let Some(bm) = &report.bitmap {
         let mut p = output.as_os_str().to_owned();
         p.push(".bitmap");

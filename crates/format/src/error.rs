@@ -8,10 +8,16 @@ pub enum FormatError {
     Io(#[from] std::io::Error),
     /// The file is structurally invalid (truncated, inconsistent, out-of-range values).
     #[error("invalid {format} image: {reason}")]
-    Invalid { format: &'static str, reason: String },
+    Invalid {
+        format: &'static str,
+        reason: String,
+    },
     /// The file is well-formed but uses something this crate refuses or cannot handle.
     #[error("unsupported {format} image: {reason}")]
-    Unsupported { format: &'static str, reason: String },
+    Unsupported {
+        format: &'static str,
+        reason: String,
+    },
     /// The file failed a safety check; see `inspect::Violation` for the named reasons.
     #[error("unsafe image: {0}")]
     Unsafe(String),

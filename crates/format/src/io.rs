@@ -12,7 +12,11 @@ pub trait ReadAt: Send + Sync {
     /// The ranges `(offset, len)` of `[offset, offset + len)` that may hold data, as the
     /// storage knows it without reading (e.g. `SEEK_DATA`/`SEEK_HOLE` on a local file).
     /// `None` means "unknown: treat everything as data" (the default).
-    fn allocated_ranges(&self, _offset: u64, _len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+    fn allocated_ranges(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> std::io::Result<Option<Vec<(u64, u64)>>> {
         Ok(None)
     }
 
@@ -183,7 +187,7 @@ pub trait ImageSink {
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()>;
     /// Appends `len` zero bytes (a file sink may leave a hole instead).
     fn write_zeros(&mut self, len: u64) -> std::io::Result<()> {
-        const Z: [u8; 65536] = [0u8; 65536];
+        static Z: [u8; 65536] = [0u8; 65536];
         let mut left = len;
         while left > 0 {
             let n = left.min(Z.len() as u64) as usize;

@@ -21,7 +21,12 @@ impl FileSink {
     /// Wraps a file opened for writing (normally freshly created or truncated to 0). Writing
     /// starts at offset 0; `header_window` bounds what `patch` may rewrite.
     pub fn new(file: File, header_window: u64) -> FileSink {
-        FileSink { file, buf_start: 0, buf: Vec::with_capacity(FILE_BUF), window: header_window }
+        FileSink {
+            file,
+            buf_start: 0,
+            buf: Vec::with_capacity(FILE_BUF),
+            window: header_window,
+        }
     }
 
     /// A sink whose whole output is patchable (a local file can be rewritten anywhere).
@@ -125,7 +130,11 @@ impl ImageSink for MemSink {
     }
     fn patch(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match self.data.get_mut(start..).and_then(|s| s.get_mut(..buf.len())) {
+        match self
+            .data
+            .get_mut(start..)
+            .and_then(|s| s.get_mut(..buf.len()))
+        {
             Some(dst) => {
                 dst.copy_from_slice(buf);
                 Ok(())

@@ -14,7 +14,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("qemu-img not installed: oracle tests skipped");
     }
@@ -101,17 +104,59 @@ fn check_reader(dir: &Path, src: &Path, fmt: DiskFormat, bytewise: bool) {
 
 /// Like `check_reader`, comparing with `reference` (an image qemu converted `src` from, for
 /// formats whose qemu driver has no fast block status, e.g. 20 GiB VHDX).
-fn check_reader_vs(dir: &Path, src: &Path, fmt: DiskFormat, bytewise: bool, reference: (&Path, DiskFormat)) {
-    let ours = dir.join(format!("{}.ours.raw", src.file_name().unwrap().to_string_lossy()));
+fn check_reader_vs(
+    dir: &Path,
+    src: &Path,
+    fmt: DiskFormat,
+    bytewise: bool,
+    reference: (&Path, DiskFormat),
+) {
+    let ours = dir.join(format!(
+        "{}.ours.raw",
+        src.file_name().unwrap().to_string_lossy()
+    ));
     let r = convert(src, None, &ours, OutputFormat::Raw, false, |_, _| {}).unwrap();
-    let info = run("qemu-img", &["info", "--output=json", "-f", qemu_fmt(fmt), s(src)]);
+    let info = run(
+        "qemu-img",
+        &["info", "--output=json", "-f", qemu_fmt(fmt), s(src)],
+    );
     let want = format!("\"virtual-size\": {}", r.virtual_size);
-    assert!(info.contains(&want), "virtual size of {src:?}: ours {} vs {info}", r.virtual_size);
-    run("qemu-img", &["compare", "-q", "-f", "raw", "-F", qemu_fmt(reference.1), s(&ours), s(reference.0)]);
+    assert!(
+        info.contains(&want),
+        "virtual size of {src:?}: ours {} vs {info}",
+        r.virtual_size
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            qemu_fmt(reference.1),
+            s(&ours),
+            s(reference.0),
+        ],
+    );
     if bytewise {
         let theirs = dir.join("theirs.raw");
-        run("qemu-img", &["convert", "-f", qemu_fmt(fmt), "-O", "raw", s(src), s(&theirs)]);
-        assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(), "{src:?} differs");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                qemu_fmt(fmt),
+                "-O",
+                "raw",
+                s(src),
+                s(&theirs),
+            ],
+        );
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "{src:?} differs"
+        );
     }
     // extents() must be consistent with the data: Zero extents read as zeros.
     let file = std::fs::File::open(src).unwrap();
@@ -124,7 +169,10 @@ fn check_reader_vs(dir: &Path, src: &Path, fmt: DiskFormat, bytewise: bool, refe
     for e in ext.iter().filter(|e| e.kind == ExtentKind::Zero).take(64) {
         let n = e.len.min(65536) as usize;
         raw.read_exact_at(&mut buf[..n], e.offset).unwrap();
-        assert!(buf[..n].iter().all(|&b| b == 0), "Zero extent with data in {src:?}");
+        assert!(
+            buf[..n].iter().all(|&b| b == 0),
+            "Zero extent with data in {src:?}"
+        );
     }
 }
 
@@ -146,7 +194,19 @@ fn check_writers(dir: &Path, src: &Path, fmt: DiskFormat) {
         if qf == "qcow2" || qf == "vmdk" {
             run("qemu-img", &["check", "-q", "-f", qf, s(&out)]);
         }
-        run("qemu-img", &["compare", "-q", "-f", qemu_fmt(fmt), "-F", qf, s(src), s(&out)]);
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-f",
+                qemu_fmt(fmt),
+                "-F",
+                qf,
+                s(src),
+                s(&out),
+            ],
+        );
         if of == OutputFormat::RawWithBitmap {
             let bm = AllocationBitmap::from_bytes(r.bitmap.as_deref().unwrap()).unwrap();
             let raw = std::fs::File::open(&out).unwrap();
@@ -190,27 +250,78 @@ fn readers_match_qemu_on_format_matrix() {
     make_raw(&base, ODD_SIZE, 0x1234_5678_9abc_def1);
     let cases: Vec<(PathBuf, DiskFormat)> = vec![
         (base.clone(), DiskFormat::Raw),
-        (qemu_convert(&base, &dir.join("v2.qcow2"), "qcow2", &["-o", "compat=0.10"]), DiskFormat::Qcow2),
-        (qemu_convert(&base, &dir.join("v3.qcow2"), "qcow2", &["-o", "compat=1.1"]), DiskFormat::Qcow2),
         (
-            qemu_convert(&base, &dir.join("c16k.qcow2"), "qcow2", &["-o", "cluster_size=16384"]),
+            qemu_convert(
+                &base,
+                &dir.join("v2.qcow2"),
+                "qcow2",
+                &["-o", "compat=0.10"],
+            ),
             DiskFormat::Qcow2,
         ),
-        (qemu_convert(&base, &dir.join("zlib.qcow2"), "qcow2", &["-c"]), DiskFormat::Qcow2),
         (
-            qemu_convert(&base, &dir.join("zstd.qcow2"), "qcow2", &["-c", "-o", "compression_type=zstd"]),
+            qemu_convert(&base, &dir.join("v3.qcow2"), "qcow2", &["-o", "compat=1.1"]),
             DiskFormat::Qcow2,
         ),
-        (qemu_convert(&base, &dir.join("dyn.vhd"), "vpc", &[]), DiskFormat::Vhd),
-        (qemu_convert(&base, &dir.join("fixed.vhd"), "vpc", &["-o", "subformat=fixed"]), DiskFormat::Vhd),
-        (qemu_convert(&base, &dir.join("dyn.vhdx"), "vhdx", &[]), DiskFormat::Vhdx),
         (
-            qemu_convert(&base, &dir.join("fixed.vhdx"), "vhdx", &["-o", "subformat=fixed"]),
+            qemu_convert(
+                &base,
+                &dir.join("c16k.qcow2"),
+                "qcow2",
+                &["-o", "cluster_size=16384"],
+            ),
+            DiskFormat::Qcow2,
+        ),
+        (
+            qemu_convert(&base, &dir.join("zlib.qcow2"), "qcow2", &["-c"]),
+            DiskFormat::Qcow2,
+        ),
+        (
+            qemu_convert(
+                &base,
+                &dir.join("zstd.qcow2"),
+                "qcow2",
+                &["-c", "-o", "compression_type=zstd"],
+            ),
+            DiskFormat::Qcow2,
+        ),
+        (
+            qemu_convert(&base, &dir.join("dyn.vhd"), "vpc", &[]),
+            DiskFormat::Vhd,
+        ),
+        (
+            qemu_convert(
+                &base,
+                &dir.join("fixed.vhd"),
+                "vpc",
+                &["-o", "subformat=fixed"],
+            ),
+            DiskFormat::Vhd,
+        ),
+        (
+            qemu_convert(&base, &dir.join("dyn.vhdx"), "vhdx", &[]),
             DiskFormat::Vhdx,
         ),
-        (qemu_convert(&base, &dir.join("sparse.vmdk"), "vmdk", &[]), DiskFormat::Vmdk),
         (
-            qemu_convert(&base, &dir.join("stream.vmdk"), "vmdk", &["-o", "subformat=streamOptimized"]),
+            qemu_convert(
+                &base,
+                &dir.join("fixed.vhdx"),
+                "vhdx",
+                &["-o", "subformat=fixed"],
+            ),
+            DiskFormat::Vhdx,
+        ),
+        (
+            qemu_convert(&base, &dir.join("sparse.vmdk"), "vmdk", &[]),
+            DiskFormat::Vmdk,
+        ),
+        (
+            qemu_convert(
+                &base,
+                &dir.join("stream.vmdk"),
+                "vmdk",
+                &["-o", "subformat=streamOptimized"],
+            ),
             DiskFormat::Vmdk,
         ),
     ];
@@ -226,15 +337,50 @@ fn qemu_io_zero_clusters_and_small_disks() {
     }
     let d = tmp();
     let dir = d.path();
-    for (name, size, compat) in [("z3.qcow2", "9M", "1.1"), ("z2.qcow2", "9M", "0.10"), ("one.qcow2", "1M", "1.1")] {
+    for (name, size, compat) in [
+        ("z3.qcow2", "9M", "1.1"),
+        ("z2.qcow2", "9M", "0.10"),
+        ("one.qcow2", "1M", "1.1"),
+    ] {
         let p = dir.join(name);
-        run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("compat={compat}"), s(&p), size]);
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compat={compat}"),
+                s(&p),
+                size,
+            ],
+        );
         run(
             "qemu-io",
-            &["-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 300k 5k", "-c", "write -z 200k 64k", s(&p)],
+            &[
+                "-c",
+                "write -P 0xab 0 64k",
+                "-c",
+                "write -P 0xcd 300k 5k",
+                "-c",
+                "write -z 200k 64k",
+                s(&p),
+            ],
         );
         if size == "9M" {
-            run("qemu-io", &["-c", "write -P 0xab 1M 64k", "-c", "write -z 2M 1M", "-c", "write -P 0x11 8M 100k", s(&p)]);
+            run(
+                "qemu-io",
+                &[
+                    "-c",
+                    "write -P 0xab 1M 64k",
+                    "-c",
+                    "write -z 2M 1M",
+                    "-c",
+                    "write -P 0x11 8M 100k",
+                    s(&p),
+                ],
+            );
         }
         check_reader(dir, &p, DiskFormat::Qcow2, true);
         check_writers(dir, &p, DiskFormat::Qcow2);
@@ -278,10 +424,26 @@ fn large_sparse_20g() {
     );
     check_reader(dir, &p, DiskFormat::Qcow2, false);
     let vx = dir.join("big.vhdx");
-    run("qemu-img", &["convert", "-f", "qcow2", "-O", "vhdx", s(&p), s(&vx)]);
+    run(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "vhdx", s(&p), s(&vx)],
+    );
     check_reader_vs(dir, &vx, DiskFormat::Vhdx, false, (&p, DiskFormat::Qcow2));
     let vm = dir.join("big.vmdk");
-    run("qemu-img", &["convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized", s(&p), s(&vm)]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            s(&p),
+            s(&vm),
+        ],
+    );
     check_reader(dir, &vm, DiskFormat::Vmdk, false);
     check_writers(dir, &p, DiskFormat::Qcow2);
 }

@@ -24,7 +24,11 @@ impl VirtualDisk for MemDisk {
             .filter(|e| e.offset + e.len > offset && e.offset < end)
             .map(|e| {
                 let s = e.offset.max(offset);
-                Extent { offset: s, len: (e.offset + e.len).min(end) - s, kind: e.kind }
+                Extent {
+                    offset: s,
+                    len: (e.offset + e.len).min(end) - s,
+                    kind: e.kind,
+                }
             })
             .collect())
     }
@@ -58,7 +62,11 @@ fn build(parts: &[(u64, Fill)]) -> MemDisk {
     let mut ext: Vec<Extent> = Vec::new();
     for (len, fill) in parts {
         let off = data.len() as u64;
-        let kind = if matches!(fill, Fill::Hole) { ExtentKind::Zero } else { ExtentKind::Data };
+        let kind = if matches!(fill, Fill::Hole) {
+            ExtentKind::Zero
+        } else {
+            ExtentKind::Data
+        };
         match fill {
             Fill::Hole | Fill::Zeros => data.resize(data.len() + *len as usize, 0),
             Fill::Byte(b) => data.resize(data.len() + *len as usize, *b),
@@ -74,7 +82,11 @@ fn build(parts: &[(u64, Fill)]) -> MemDisk {
         }
         match ext.last_mut() {
             Some(l) if l.kind == kind => l.len += len,
-            _ => ext.push(Extent { offset: off, len: *len, kind }),
+            _ => ext.push(Extent {
+                offset: off,
+                len: *len,
+                kind,
+            }),
         }
     }
     MemDisk { data, ext }
@@ -97,7 +109,9 @@ fn read_back(img: Vec<u8>, fmt: DiskFormat) -> (u64, Vec<u8>) {
     let ext = d.extents(0, vs).expect("extents");
     assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), vs);
     for e in ext.iter().filter(|e| e.kind == ExtentKind::Zero) {
-        assert!(out[e.offset as usize..(e.offset + e.len) as usize].iter().all(|&b| b == 0));
+        assert!(out[e.offset as usize..(e.offset + e.len) as usize]
+            .iter()
+            .all(|&b| b == 0));
     }
     (vs, out)
 }

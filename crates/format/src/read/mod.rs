@@ -40,11 +40,17 @@ pub fn open(src: Arc<dyn ReadAt>, format: DiskFormat) -> Result<Box<dyn VirtualD
 }
 
 pub(crate) fn invalid(format: &'static str, reason: impl Into<String>) -> FormatError {
-    FormatError::Invalid { format, reason: reason.into() }
+    FormatError::Invalid {
+        format,
+        reason: reason.into(),
+    }
 }
 
 pub(crate) fn unsupported(format: &'static str, reason: impl Into<String>) -> FormatError {
-    FormatError::Unsupported { format, reason: reason.into() }
+    FormatError::Unsupported {
+        format,
+        reason: reason.into(),
+    }
 }
 
 /// Fixed-offset field readers over a buffer whose length the caller guarantees.
@@ -139,7 +145,12 @@ impl TableCache {
     /// A cache for tables of `table_bytes` bytes, within `TABLE_CACHE_BYTES` (at least 2).
     pub fn new(table_bytes: usize) -> TableCache {
         let max_slots = (TABLE_CACHE_BYTES / table_bytes.max(1)).clamp(2, 4096);
-        TableCache { slots: Vec::new(), max_slots, tick: 0, raw: Vec::new() }
+        TableCache {
+            slots: Vec::new(),
+            max_slots,
+            tick: 0,
+            raw: Vec::new(),
+        }
     }
 
     /// The `count` entries at file offset `off` (entries past EOF read as 0).
@@ -152,7 +163,11 @@ impl TableCache {
     ) -> Result<&[u64]> {
         self.tick += 1;
         let tick = self.tick;
-        if let Some(i) = self.slots.iter().position(|s| s.0 == off && s.2.len() == count) {
+        if let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.0 == off && s.2.len() == count)
+        {
             self.slots[i].1 = tick;
             return Ok(&self.slots[i].2);
         }
@@ -269,7 +284,10 @@ pub(crate) fn extents_mapped(
 /// Shorthand used by readers' `read_at` to reject nothing and clip reads to the disk.
 pub(crate) fn check_disk_size(format: &'static str, size: u64) -> Result<()> {
     if size > MAX_VIRTUAL_SIZE {
-        return Err(unsupported(format, format!("virtual size {size} exceeds 64 TiB")));
+        return Err(unsupported(
+            format,
+            format!("virtual size {size} exceeds 64 TiB"),
+        ));
     }
     Ok(())
 }

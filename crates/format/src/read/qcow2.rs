@@ -79,7 +79,10 @@ pub fn parse_header(h: &[u8], file_size: u64) -> Result<Qcow2Params> {
             return Err(unsupported(F, "extended L2 entries (subclusters)"));
         }
         if incompat & !0x0f != 0 {
-            return Err(unsupported(F, format!("incompatible features {incompat:#x}")));
+            return Err(unsupported(
+                F,
+                format!("incompatible features {incompat:#x}"),
+            ));
         }
         if incompat & 8 != 0 {
             if header_len < 105 || h.len() < 105 {
@@ -101,10 +104,18 @@ pub fn parse_header(h: &[u8], file_size: u64) -> Result<Qcow2Params> {
     if needed * 8 > MAX_L1_BYTES {
         return Err(unsupported(F, "L1 table larger than 32 MiB"));
     }
-    if needed > 0 && (l1_offset % cs != 0 || l1_offset.saturating_add(needed * 8) > file_size) {
+    if needed > 0 && (l1_offset & (cs - 1) != 0 || l1_offset.saturating_add(needed * 8) > file_size)
+    {
         return Err(invalid(F, "L1 table outside the file"));
     }
-    Ok(Qcow2Params { version, cluster_bits, size, l1_size, l1_offset, compression })
+    Ok(Qcow2Params {
+        version,
+        cluster_bits,
+        size,
+        l1_size,
+        l1_offset,
+        compression,
+    })
 }
 
 enum Map {
@@ -141,7 +152,7 @@ impl Qcow2Reader {
         let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         for &e in &l1 {
             let off = e & OFFSET_MASK;
-            if off != 0 && (off % cs != 0 || off.saturating_add(cs) > file_size) {
+            if off != 0 && (off & (cs - 1) != 0 || off.saturating_add(cs) > file_size) {
                 return Err(invalid(F, "L2 table outside the file"));
             }
         }
@@ -163,12 +174,18 @@ impl Qcow2Reader {
 
     fn l2_entry(&mut self, cluster: u64) -> Result<u64> {
         let per_l2 = self.cs() / 8;
-        let l1e = self.l1.get((cluster / per_l2) as usize).copied().unwrap_or(0);
+        let l1e = self
+            .l1
+            .get((cluster / per_l2) as usize)
+            .copied()
+            .unwrap_or(0);
         let l2off = l1e & OFFSET_MASK;
         if l2off == 0 {
             return Ok(0);
         }
-        let t = self.l2.get(&*self.src, l2off, per_l2 as usize, EntryWidth::Be64)?;
+        let t = self
+            .l2
+            .get(&*self.src, l2off, per_l2 as usize, EntryWidth::Be64)?;
         Ok(t.get((cluster % per_l2) as usize).copied().unwrap_or(0))
     }
 
@@ -183,7 +200,10 @@ impl Qcow2Reader {
             if off >= self.file_size {
                 return Err(invalid(F, "compressed cluster outside the file"));
             }
-            return Ok(Map::Compressed { off, len: len as usize });
+            return Ok(Map::Compressed {
+                off,
+                len: len as usize,
+            });
         }
         if self.p.version >= 3 && e & ZERO_FLAG != 0 {
             return Ok(Map::Zero);
@@ -192,7 +212,7 @@ impl Qcow2Reader {
         if off == 0 {
             return Ok(Map::Zero);
         }
-        if off % cs != 0 || off >= self.file_size {
+        if off & (cs - 1) != 0 || off >= self.file_size {
             return Err(invalid(F, "data cluster outside the file or misaligned"));
         }
         Ok(Map::Data(off))
@@ -213,13 +233,18 @@ impl Qcow2Reader {
         let ok = match self.p.compression {
             Compression::Zlib => {
                 self.inflate.reset(false);
-                let r = self.inflate.decompress(&self.cbuf, &mut out, flate2::FlushDecompress::Finish);
+                let r =
+                    self.inflate
+                        .decompress(&self.cbuf, &mut out, flate2::FlushDecompress::Finish);
                 r.is_ok() && self.inflate.total_out() == cs as u64
             }
             Compression::Zstd => zstd_fill(&self.cbuf, &mut out),
         };
         if !ok {
-            return Err(invalid(F, "compressed cluster does not decompress to a full cluster"));
+            return Err(invalid(
+                F,
+                "compressed cluster does not decompress to a full cluster",
+            ));
         }
         self.dcache = Some((e, out));
         Ok(())
@@ -354,13 +379,22 @@ mod tests {
         assert!(parse_header(&ok, 1 << 20).is_ok());
         let mut b = ok.clone();
         b[15] = 1;
-        assert!(matches!(parse_header(&b, 1 << 20), Err(crate::FormatError::Unsupported { .. })));
+        assert!(matches!(
+            parse_header(&b, 1 << 20),
+            Err(crate::FormatError::Unsupported { .. })
+        ));
         let mut e = ok.clone();
         e[35] = 1;
-        assert!(matches!(parse_header(&e, 1 << 20), Err(crate::FormatError::Unsupported { .. })));
+        assert!(matches!(
+            parse_header(&e, 1 << 20),
+            Err(crate::FormatError::Unsupported { .. })
+        ));
         let mut d = ok.clone();
         d[79] = 4;
-        assert!(matches!(parse_header(&d, 1 << 20), Err(crate::FormatError::Unsupported { .. })));
+        assert!(matches!(
+            parse_header(&d, 1 << 20),
+            Err(crate::FormatError::Unsupported { .. })
+        ));
         // L1 outside the file.
         assert!(parse_header(&ok, 1000).is_err());
     }

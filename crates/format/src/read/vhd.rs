@@ -32,7 +32,10 @@ impl VhdFooter {
     /// old qemu, `current_size` for Hyper-V, disk2vhd, XenServer, newer qemu, or maximal CHS.
     pub fn virtual_size(&self) -> u64 {
         let chs = self.cylinders as u64 * self.heads as u64 * self.sectors_per_track as u64;
-        let use_size = matches!(&self.creator_app, b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
+        let use_size = matches!(
+            &self.creator_app,
+            b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0"
+        );
         if use_size || chs == MAX_GEOMETRY_SECTORS {
             self.current_size / 512 * 512
         } else {
@@ -125,7 +128,12 @@ impl VhdReader {
             4 => return Err(unsupported(F, "differencing disk (has a parent)")),
             t => return Err(invalid(F, format!("disk type {t}"))),
         };
-        Ok(VhdReader { src, size, file_size, kind })
+        Ok(VhdReader {
+            src,
+            size,
+            file_size,
+            kind,
+        })
     }
 
     fn open_dynamic(src: &dyn ReadAt, f: &VhdFooter, size: u64, file_size: u64) -> Result<Kind> {
@@ -160,7 +168,12 @@ impl VhdReader {
         src.read_exact_at(&mut raw, table_off)?;
         let bat = raw.chunks_exact(4).map(|c| be32(c, 0)).collect();
         let bitmap_bytes = (block / 512).div_ceil(8).div_ceil(512) * 512;
-        Ok(Kind::Dynamic { bat, block, bitmap_bytes, bitmap: None })
+        Ok(Kind::Dynamic {
+            bat,
+            block,
+            bitmap_bytes,
+            bitmap: None,
+        })
     }
 }
 
@@ -180,7 +193,11 @@ impl VirtualDisk for VhdReader {
                 while pos < end {
                     let n = (block - pos % block).min(end - pos);
                     let e = bat.get((pos / block) as usize).copied().unwrap_or(u32::MAX);
-                    let kind = if e == u32::MAX { ExtentKind::Zero } else { ExtentKind::Data };
+                    let kind = if e == u32::MAX {
+                        ExtentKind::Zero
+                    } else {
+                        ExtentKind::Data
+                    };
                     out.push(pos, n, kind);
                     pos += n;
                 }
@@ -201,7 +218,12 @@ impl VirtualDisk for VhdReader {
                 buf[valid..].fill(0);
                 Ok(())
             }
-            Kind::Dynamic { bat, block, bitmap_bytes, bitmap } => {
+            Kind::Dynamic {
+                bat,
+                block,
+                bitmap_bytes,
+                bitmap,
+            } => {
                 let block = *block;
                 let bmb = *bitmap_bytes;
                 // Pass 1: whole-block mapping (coalesced reads).

@@ -18,18 +18,46 @@ const MIB: u64 = 1 << 20;
 const BAT_PAGE: u64 = 8192;
 
 /// GUIDs as stored on disk (first three fields little-endian).
-const BAT_GUID: [u8; 16] = guid(0x2DC27766, 0xF623, 0x4200, [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
-const META_GUID: [u8; 16] = guid(0x8B7CA206, 0x4790, 0x4B9A, [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E]);
-const FILE_PARAMS: [u8; 16] = guid(0xCAA16737, 0xFA36, 0x4D43, [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B]);
-const VDISK_SIZE: [u8; 16] = guid(0x2FA54224, 0xCD1B, 0x4876, [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8]);
-const LOGICAL_SECTOR: [u8; 16] = guid(0x8141BF1D, 0xA96F, 0x4709, [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F]);
+const BAT_GUID: [u8; 16] = guid(
+    0x2DC27766,
+    0xF623,
+    0x4200,
+    [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
+);
+const META_GUID: [u8; 16] = guid(
+    0x8B7CA206,
+    0x4790,
+    0x4B9A,
+    [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
+);
+const FILE_PARAMS: [u8; 16] = guid(
+    0xCAA16737,
+    0xFA36,
+    0x4D43,
+    [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
+);
+const VDISK_SIZE: [u8; 16] = guid(
+    0x2FA54224,
+    0xCD1B,
+    0x4876,
+    [0xB2, 0x11, 0x5D, 0xBE, 0xD8, 0x3B, 0xF4, 0xB8],
+);
+const LOGICAL_SECTOR: [u8; 16] = guid(
+    0x8141BF1D,
+    0xA96F,
+    0x4709,
+    [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F],
+);
 
 /// Encodes a GUID in the on-disk byte order.
 pub const fn guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
     let a = d1.to_le_bytes();
     let b = d2.to_le_bytes();
     let c = d3.to_le_bytes();
-    [a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5], d4[6], d4[7]]
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
+        d4[6], d4[7],
+    ]
 }
 
 /// crc32c of `b` with the 4-byte checksum field at `at` taken as zero.
@@ -55,7 +83,12 @@ pub fn parse_header(b: &[u8]) -> Option<VhdxHeader> {
     }
     let mut log_guid = [0u8; 16];
     log_guid.copy_from_slice(&b[48..64]);
-    Some(VhdxHeader { sequence: le64(b, 8), log_guid, log_length: le32(b, 68), log_offset: le64(b, 72) })
+    Some(VhdxHeader {
+        sequence: le64(b, 8),
+        log_guid,
+        log_length: le32(b, 68),
+        log_offset: le64(b, 72),
+    })
 }
 
 /// The parameters the reader needs from the region table and metadata.
@@ -120,8 +153,14 @@ pub fn parse_metadata(m: &[u8]) -> Result<(u64, u64, u64)> {
     if le32(fp, 4) & 2 != 0 {
         return Err(unsupported(F, "differencing disk (has a parent)"));
     }
-    let vs = le64(item(&VDISK_SIZE, 8)?.ok_or_else(|| invalid(F, "no virtual disk size"))?, 0);
-    let lss = le32(item(&LOGICAL_SECTOR, 4)?.ok_or_else(|| invalid(F, "no logical sector size"))?, 0) as u64;
+    let vs = le64(
+        item(&VDISK_SIZE, 8)?.ok_or_else(|| invalid(F, "no virtual disk size"))?,
+        0,
+    );
+    let lss = le32(
+        item(&LOGICAL_SECTOR, 4)?.ok_or_else(|| invalid(F, "no logical sector size"))?,
+        0,
+    ) as u64;
     if !block.is_power_of_two() || !(MIB..=256 * MIB).contains(&block) {
         return Err(invalid(F, format!("block size {block}")));
     }
@@ -164,10 +203,14 @@ impl VhdxReader {
             return Err(unsupported(F, "log needs replay"));
         }
         let rt = parse_region_table(&read_vec(&*src, 192 << 10, 65536)?)
-            .or_else(|| read_vec(&*src, 256 << 10, 65536).ok().and_then(|b| parse_region_table(&b)))
+            .or_else(|| {
+                read_vec(&*src, 256 << 10, 65536)
+                    .ok()
+                    .and_then(|b| parse_region_table(&b))
+            })
             .ok_or_else(|| invalid(F, "no valid region table"))?;
         let (bat_offset, bat_length, mo, ml) = rt;
-        if ml < 65536 || ml > 16 * MIB || mo.saturating_add(ml) > file_size {
+        if !(65536..=16 * MIB).contains(&ml) || mo.saturating_add(ml) > file_size {
             return Err(invalid(F, "metadata region outside the file"));
         }
         let meta = read_vec(&*src, mo, ml as usize)?;
@@ -175,12 +218,28 @@ impl VhdxReader {
         super::check_disk_size(F, virtual_size)?;
         let chunk_ratio = ((1u64 << 23) * logical_sector) / block_size;
         let blocks = virtual_size.div_ceil(block_size);
-        let entries = if blocks == 0 { 0 } else { blocks + (blocks - 1) / chunk_ratio };
+        let entries = if blocks == 0 {
+            0
+        } else {
+            blocks + (blocks - 1) / chunk_ratio
+        };
         if bat_length < entries * 8 || bat_offset.saturating_add(entries * 8) > file_size {
             return Err(invalid(F, "BAT too small or outside the file"));
         }
-        let p = VhdxParams { block_size, virtual_size, logical_sector, bat_offset, bat_length };
-        Ok(VhdxReader { src, p, chunk_ratio, file_size, bat: TableCache::new((BAT_PAGE * 8) as usize) })
+        let p = VhdxParams {
+            block_size,
+            virtual_size,
+            logical_sector,
+            bat_offset,
+            bat_length,
+        };
+        Ok(VhdxReader {
+            src,
+            p,
+            chunk_ratio,
+            file_size,
+            bat: TableCache::new((BAT_PAGE * 8) as usize),
+        })
     }
 
     fn map(&mut self, block: u64) -> Result<BlockMap> {
@@ -188,7 +247,12 @@ impl VhdxReader {
         let page = idx / BAT_PAGE;
         let total = self.p.bat_length / 8;
         let count = (total - page * BAT_PAGE).min(BAT_PAGE) as usize;
-        let t = self.bat.get(&*self.src, self.p.bat_offset + page * BAT_PAGE * 8, count, EntryWidth::Le64)?;
+        let t = self.bat.get(
+            &*self.src,
+            self.p.bat_offset + page * BAT_PAGE * 8,
+            count,
+            EntryWidth::Le64,
+        )?;
         let e = t.get((idx % BAT_PAGE) as usize).copied().unwrap_or(0);
         match e & 7 {
             0..=3 => Ok(BlockMap::Zero),
@@ -217,7 +281,7 @@ fn log_has_entries(src: &dyn ReadAt, h: &VhdxHeader, file_size: u64) -> Result<b
         src.read_exact_at(&mut page, h.log_offset + off)?;
         if &page[0..4] == b"loge" && page[32..48] == h.log_guid {
             let entry_len = le32(&page, 8) as u64;
-            if entry_len >= 4096 && entry_len % 4096 == 0 && off + entry_len <= len {
+            if entry_len >= 4096 && entry_len & 4095 == 0 && off + entry_len <= len {
                 let e = read_vec(src, h.log_offset + off, entry_len as usize)?;
                 if crc32c_with_hole(&e, 4) == le32(&e, 4) {
                     return Ok(true);
@@ -258,7 +322,10 @@ impl VirtualDisk for VhdxReader {
             }
         }
         read_mapped(&*src, vs, bs, offset, buf, |b| {
-            Ok(maps.get((b - first) as usize).copied().unwrap_or(BlockMap::Zero))
+            Ok(maps
+                .get((b - first) as usize)
+                .copied()
+                .unwrap_or(BlockMap::Zero))
         })
     }
 }

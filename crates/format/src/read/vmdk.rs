@@ -102,7 +102,10 @@ impl VmdkReader {
         let mut b = [0u8; 512];
         read_or_zero(&*src, &mut b, 0)?;
         if b.starts_with(b"# Disk DescriptorFile") {
-            return Err(unsupported(F, "descriptor file: extents live in other files"));
+            return Err(unsupported(
+                F,
+                "descriptor file: extents live in other files",
+            ));
         }
         let mut h = parse_sparse_header(&b)?;
         if !(1..=3).contains(&h.version) {
@@ -137,7 +140,10 @@ impl VmdkReader {
                 return Err(unsupported(F, "compressed grains without markers"));
             }
             if h.compress_algorithm != 1 {
-                return Err(unsupported(F, format!("compression algorithm {}", h.compress_algorithm)));
+                return Err(unsupported(
+                    F,
+                    format!("compression algorithm {}", h.compress_algorithm),
+                ));
             }
         }
         if !h.grain_size.is_power_of_two() || !(1..=4096).contains(&h.grain_size) {
@@ -206,7 +212,11 @@ impl VmdkReader {
         if off >= self.file_size {
             return Err(invalid(F, "grain outside the file"));
         }
-        Ok(if self.h.flags & FLAG_COMPRESSED != 0 { Map::Compressed(off) } else { Map::Data(off) })
+        Ok(if self.h.flags & FLAG_COMPRESSED != 0 {
+            Map::Compressed(off)
+        } else {
+            Map::Data(off)
+        })
     }
 
     fn decompress(&mut self, off: u64) -> Result<()> {
@@ -225,7 +235,9 @@ impl VmdkReader {
         out.clear();
         out.resize(self.grain as usize, 0);
         self.inflate.reset(true);
-        let r = self.inflate.decompress(&self.cbuf, &mut out, flate2::FlushDecompress::Finish);
+        let r = self
+            .inflate
+            .decompress(&self.cbuf, &mut out, flate2::FlushDecompress::Finish);
         if r.is_err() {
             return Err(invalid(F, "compressed grain does not inflate"));
         }
@@ -253,7 +265,7 @@ impl VirtualDisk for VmdkReader {
                 _ => ExtentKind::Data,
             };
             // Skip a whole missing grain table at once.
-            if kind == ExtentKind::Zero && pos % span == 0 {
+            if kind == ExtentKind::Zero && pos / span * span == pos {
                 let gdi = g / self.h.gtes_per_gt as u64;
                 let page = gdi / GD_PAGE;
                 if gdi < self.gd_entries {

@@ -126,9 +126,11 @@ pub fn write_image(
     let vsize = disk.virtual_size();
     let mut w: Box<dyn FormatWriter> = match fmt {
         OutputFormat::Raw => Box::new(raw::RawWriter::new(vsize, None, false)?),
-        OutputFormat::RawWithBitmap => {
-            Box::new(raw::RawWriter::new(vsize, Some(opts.bitmap_granularity_log2), false)?)
-        }
+        OutputFormat::RawWithBitmap => Box::new(raw::RawWriter::new(
+            vsize,
+            Some(opts.bitmap_granularity_log2),
+            false,
+        )?),
         OutputFormat::VhdFixed => Box::new(raw::RawWriter::new(vsize, None, true)?),
         OutputFormat::Qcow2 => Box::new(qcow2::Qcow2Writer::new(disk, opts)?),
         OutputFormat::Vhd => Box::new(vhd::VhdDynWriter::new(vsize)?),
@@ -136,11 +138,16 @@ pub fn write_image(
     };
     let threads = match (opts.threads, w.codec()) {
         (0, Codec::None) => 1,
-        (0, _) => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        (0, _) => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         (n, _) => n,
     };
     w.begin(sink)?;
-    let mut report = WriteReport { virtual_size: vsize, ..Default::default() };
+    let mut report = WriteReport {
+        virtual_size: vsize,
+        ..Default::default()
+    };
     run_pipeline(disk, w.unit(), w.codec(), threads, &mut |b: &Batch| {
         w.batch(b, sink)?;
         for u in &b.units {
@@ -199,7 +206,11 @@ impl AllocationBitmap {
             });
         }
         let n = virtual_size.div_ceil(1 << granularity_log2);
-        Ok(AllocationBitmap { granularity_log2, virtual_size, bits: vec![0u8; n.div_ceil(8) as usize] })
+        Ok(AllocationBitmap {
+            granularity_log2,
+            virtual_size,
+            bits: vec![0u8; n.div_ceil(8) as usize],
+        })
     }
     /// Bytes per bit.
     pub fn granularity(&self) -> u64 {
@@ -221,7 +232,9 @@ impl AllocationBitmap {
     }
     /// Whether unit `i` is allocated.
     pub fn get(&self, i: u64) -> bool {
-        self.bits.get((i / 8) as usize).is_some_and(|b| b & (1 << (i % 8)) != 0)
+        self.bits
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
     }
     /// Serializes header + bits.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -236,7 +249,10 @@ impl AllocationBitmap {
     }
     /// Parses what `to_bytes` produced.
     pub fn from_bytes(b: &[u8]) -> Result<AllocationBitmap> {
-        let bad = |r: &str| FormatError::Invalid { format: "bitmap", reason: r.into() };
+        let bad = |r: &str| FormatError::Invalid {
+            format: "bitmap",
+            reason: r.into(),
+        };
         if b.len() < 32 || &b[0..8] != BITMAP_MAGIC {
             return Err(bad("bad magic"));
         }
@@ -322,7 +338,11 @@ const EXTENT_WINDOW: u64 = 1 << 30;
 
 impl ExtentCursor {
     fn new(vsize: u64) -> ExtentCursor {
-        ExtentCursor { list: VecDeque::new(), fetched_to: 0, vsize }
+        ExtentCursor {
+            list: VecDeque::new(),
+            fetched_to: 0,
+            vsize,
+        }
     }
     fn has_data(&mut self, disk: &mut dyn VirtualDisk, s: u64, e: u64) -> Result<bool> {
         let e = e.min(self.vsize);
@@ -334,20 +354,32 @@ impl ExtentCursor {
             let mut pos = self.fetched_to;
             for x in got {
                 if x.offset > pos {
-                    self.list.push_back(Extent { offset: pos, len: x.offset - pos, kind: ExtentKind::Data });
+                    self.list.push_back(Extent {
+                        offset: pos,
+                        len: x.offset - pos,
+                        kind: ExtentKind::Data,
+                    });
                 }
                 pos = pos.max(x.offset + x.len);
                 self.list.push_back(x);
             }
             if pos < next {
-                self.list.push_back(Extent { offset: pos, len: next - pos, kind: ExtentKind::Data });
+                self.list.push_back(Extent {
+                    offset: pos,
+                    len: next - pos,
+                    kind: ExtentKind::Data,
+                });
             }
             self.fetched_to = next;
         }
         while self.list.front().is_some_and(|x| x.offset + x.len <= s) {
             self.list.pop_front();
         }
-        Ok(self.list.iter().take_while(|x| x.offset < e).any(|x| x.kind == ExtentKind::Data))
+        Ok(self
+            .list
+            .iter()
+            .take_while(|x| x.offset < e)
+            .any(|x| x.kind == ExtentKind::Data))
     }
 }
 
@@ -360,7 +392,10 @@ pub(crate) fn count_data_units(disk: &mut dyn VirtualDisk, unit: u64) -> Result<
     while pos < vsize {
         let ext = disk.extents(pos, EXTENT_WINDOW)?;
         let next = pos.saturating_add(EXTENT_WINDOW).min(vsize);
-        for x in ext.iter().filter(|x| x.kind == ExtentKind::Data && x.len > 0) {
+        for x in ext
+            .iter()
+            .filter(|x| x.kind == ExtentKind::Data && x.len > 0)
+        {
             let mut a = x.offset / unit;
             let b = (x.offset + x.len - 1) / unit;
             if last_counted == Some(a) {
@@ -431,18 +466,83 @@ fn produce(
 struct Compressor {
     codec: Codec,
     z: Option<flate2::Compress>,
+    /// Level-1 compressor for the incompressibility probe (same window as `z`).
+    probe: Option<flate2::Compress>,
+    /// Level-0 (stored blocks) zlib compressor: VMDK grains that deflate can't shrink.
+    store: Option<flate2::Compress>,
+    scratch: Vec<u8>,
+}
+
+/// Bytes of a unit deflated at level 1 to probe whether it is worth compressing.
+const PROBE_BYTES: usize = 8192;
+/// Order-0 entropy (bits per byte) above which a unit whose probe didn't shrink is stored
+/// as is. Uniformly random 64 KiB measure ~7.997.
+const INCOMPRESSIBLE_BITS: f64 = 7.99;
+
+/// Shannon entropy of the byte histogram of `data`, in bits per byte.
+pub(crate) fn byte_entropy(data: &[u8]) -> f64 {
+    let mut h = [[0u32; 256]; 4];
+    let mut it = data.chunks_exact(4);
+    for c in &mut it {
+        h[0][c[0] as usize] += 1;
+        h[1][c[1] as usize] += 1;
+        h[2][c[2] as usize] += 1;
+        h[3][c[3] as usize] += 1;
+    }
+    for &b in it.remainder() {
+        h[0][b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    let mut e = 0.0;
+    for (((a, b), c), d) in h[0].iter().zip(&h[1]).zip(&h[2]).zip(&h[3]) {
+        let c = (a + b + c + d) as f64;
+        if c > 0.0 {
+            let p = c / n;
+            e -= p * p.log2();
+        }
+    }
+    e
 }
 
 impl Compressor {
     fn new(codec: Codec) -> Compressor {
-        let z = match codec {
-            Codec::None => None,
-            Codec::QcowDeflate(l) => {
-                Some(flate2::Compress::new_with_window_bits(flate2::Compression::new(l), false, 12))
+        let mk = |level: u32, zlib: bool| -> flate2::Compress {
+            if zlib {
+                flate2::Compress::new(flate2::Compression::new(level), true)
+            } else {
+                flate2::Compress::new_with_window_bits(flate2::Compression::new(level), false, 12)
             }
-            Codec::Zlib(l) => Some(flate2::Compress::new(flate2::Compression::new(l), true)),
         };
-        Compressor { codec, z }
+        let (z, probe, store) = match codec {
+            Codec::None => (None, None, None),
+            Codec::QcowDeflate(l) => (Some(mk(l, false)), Some(mk(1, false)), None),
+            Codec::Zlib(l) => (Some(mk(l, true)), Some(mk(1, true)), Some(mk(0, true))),
+        };
+        Compressor {
+            codec,
+            z,
+            probe,
+            store,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Cheap test that deflate won't shrink `data`: a level-1 probe of its first 8 KiB saves
+    /// under 3 % and the byte entropy of the whole unit is near 8 bits (random or already
+    /// compressed data). Skips the expensive full deflate of such units.
+    fn incompressible(&mut self, data: &[u8]) -> bool {
+        let Some(p) = &mut self.probe else {
+            return false;
+        };
+        let sample = &data[..data.len().min(PROBE_BYTES)];
+        self.scratch.resize(PROBE_BYTES * 2 + 1024, 0);
+        p.reset();
+        let st = p.compress(sample, &mut self.scratch, flate2::FlushCompress::Finish);
+        let n = p.total_out() as usize;
+        if !matches!(st, Ok(flate2::Status::StreamEnd)) || n * 100 < sample.len() * 97 {
+            return false;
+        }
+        byte_entropy(data) > INCOMPRESSIBLE_BITS
     }
 
     fn transform(&mut self, b: &mut Batch) {
@@ -454,26 +554,35 @@ impl Compressor {
                 b.units[i] = Unit::Zero;
                 continue;
             }
-            if let Some(z) = &mut self.z {
-                z.reset();
-                let start = b.cbuf.len();
-                // Always give deflate room for incompressible input (a bounded output makes
-                // some deflate implementations misbehave), then decide: qcow2 stores a cluster
-                // compressed only if that saves a sector; VMDK streams compress every grain.
-                let room = us + us / 8 + 1024;
-                let keep = match self.codec {
-                    Codec::Zlib(_) => room,
-                    _ => us.saturating_sub(512),
-                };
-                b.cbuf.resize(start + room, 0);
-                let st = z.compress(data, &mut b.cbuf[start..], flate2::FlushCompress::Finish);
-                let n = z.total_out() as usize;
-                if matches!(st, Ok(flate2::Status::StreamEnd)) && n < keep {
-                    b.cbuf.truncate(start + n);
-                    b.units[i] = Unit::Comp(start, n);
-                } else {
-                    b.cbuf.truncate(start);
-                }
+            if self.z.is_none() {
+                continue;
+            }
+            let incompressible = self.incompressible(data);
+            let z = match (incompressible, &mut self.store, &mut self.z) {
+                // qcow2 stores such clusters uncompressed, as qemu does when deflate fails.
+                (true, None, _) => continue,
+                (true, Some(s), _) => s,
+                (false, _, Some(z)) => z,
+                (false, _, None) => continue,
+            };
+            z.reset();
+            let start = b.cbuf.len();
+            // Always give deflate room for incompressible input (a bounded output makes
+            // some deflate implementations misbehave), then decide: qcow2 stores a cluster
+            // compressed only if that saves a sector; VMDK streams compress every grain.
+            let room = us + us / 8 + 1024;
+            let keep = match self.codec {
+                Codec::Zlib(_) => room,
+                _ => us.saturating_sub(512),
+            };
+            b.cbuf.resize(start + room, 0);
+            let st = z.compress(data, &mut b.cbuf[start..], flate2::FlushCompress::Finish);
+            let n = z.total_out() as usize;
+            if matches!(st, Ok(flate2::Status::StreamEnd)) && n < keep {
+                b.cbuf.truncate(start + n);
+                b.units[i] = Unit::Comp(start, n);
+            } else {
+                b.cbuf.truncate(start);
             }
         }
     }
@@ -493,7 +602,11 @@ fn run_pipeline(
         return Ok(());
     }
     let threads = threads.clamp(1, 64);
-    let max_bytes = if codec == Codec::None { BATCH_BYTES } else { BATCH_BYTES_COMPRESSED };
+    let max_bytes = if codec == Codec::None {
+        BATCH_BYTES
+    } else {
+        BATCH_BYTES_COMPRESSED
+    };
     let in_flight = threads + 2;
     std::thread::scope(|scope| -> Result<()> {
         let (tok_tx, tok_rx) = mpsc::channel::<Option<Batch>>();
@@ -565,7 +678,9 @@ fn run_pipeline(
             }
         }
         if done_units < total {
-            return Err(FormatError::Io(std::io::Error::other("conversion pipeline stopped early")));
+            return Err(FormatError::Io(std::io::Error::other(
+                "conversion pipeline stopped early",
+            )));
         }
         Ok(())
     })
@@ -601,7 +716,10 @@ pub(crate) fn unique_bytes() -> [u8; 16] {
 
 /// Errors for writers.
 pub(crate) fn werr(format: &'static str, reason: impl Into<String>) -> FormatError {
-    FormatError::Unsupported { format, reason: reason.into() }
+    FormatError::Unsupported {
+        format,
+        reason: reason.into(),
+    }
 }
 
 #[cfg(test)]
@@ -617,6 +735,32 @@ mod tests {
         v[69999] = 0;
         v[300] = 1;
         assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn entropy_and_probe() {
+        let mut x = 88172645463325252u64;
+        let rnd: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(byte_entropy(&rnd) > INCOMPRESSIBLE_BITS);
+        let mut c = Compressor::new(Codec::QcowDeflate(6));
+        assert!(c.incompressible(&rnd));
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        assert!(!c.incompressible(&text));
+        // Random bytes repeated every 1 KiB: the probe sees the repeats.
+        let rep: Vec<u8> = rnd[..1024].iter().cycle().take(65536).copied().collect();
+        assert!(!c.incompressible(&rep));
     }
 
     #[test]

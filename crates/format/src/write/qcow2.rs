@@ -207,7 +207,10 @@ impl FormatWriter for Qcow2Writer {
 
     fn begin(&mut self, sink: &mut dyn ImageSink) -> Result<()> {
         if sink.header_window() < self.data_start || sink.position() != 0 {
-            return Err(werr(F, "sink header window smaller than header + L1 + refcount table"));
+            return Err(werr(
+                F,
+                "sink header window smaller than header + L1 + refcount table",
+            ));
         }
         if self.l1.len() as u64 > u32::MAX as u64 {
             return Err(werr(F, "disk too large for the cluster size"));

@@ -19,9 +19,16 @@ impl RawWriter {
         } else {
             vsize
         };
-        let bitmap = bitmap.map(|g| AllocationBitmap::new(vsize, g)).transpose()?;
+        let bitmap = bitmap
+            .map(|g| AllocationBitmap::new(vsize, g))
+            .transpose()?;
         let unit = bitmap.as_ref().map(|b| b.granularity()).unwrap_or(64 << 10);
-        Ok(RawWriter { vsize, unit, bitmap, vhd_footer })
+        Ok(RawWriter {
+            vsize,
+            unit,
+            bitmap,
+            vhd_footer,
+        })
     }
 }
 

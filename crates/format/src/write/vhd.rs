@@ -133,7 +133,10 @@ impl FormatWriter for VhdDynWriter {
     }
     fn begin(&mut self, sink: &mut dyn ImageSink) -> Result<()> {
         if sink.header_window() < self.data_start || sink.position() != 0 {
-            return Err(werr(F, "sink header window smaller than the VHD header + BAT"));
+            return Err(werr(
+                F,
+                "sink header window smaller than the VHD header + BAT",
+            ));
         }
         sink.write_zeros(self.data_start)?;
         Ok(())
@@ -143,7 +146,8 @@ impl FormatWriter for VhdDynWriter {
         for (i, &u) in b.units.iter().enumerate() {
             if let Unit::Raw(_) = u {
                 let pos = sink.position();
-                let sector = u32::try_from(pos / 512).map_err(|_| werr(F, "file beyond 2 TiB of sectors"))?;
+                let sector = u32::try_from(pos / 512)
+                    .map_err(|_| werr(F, "file beyond 2 TiB of sectors"))?;
                 let idx = (b.first + i as u64) as usize;
                 if let Some(e) = self.bat.get_mut(idx) {
                     *e = sector;
@@ -177,7 +181,7 @@ mod tests {
         // 127 MiB-ish disks use 17 or 31 sectors per track; large ones 63/255.
         let (c, h, s) = geometry(1 << 30);
         assert_eq!((h, s), (16, 63));
-        assert_eq!(c as u64 * 16 * 63 * 512 <= 1 << 30, true);
+        assert!(c as u64 * 16 * 63 * 512 <= 1 << 30);
         let (_, h, s) = geometry(3000 << 30);
         assert_eq!((h, s), (16, 255));
     }

@@ -76,7 +76,11 @@ impl VmdkStreamWriter {
         let mut w = VmdkStreamWriter {
             sectors,
             level: opts.compression_level.clamp(1, 9),
-            name: if name.is_empty() { "disk.vmdk".into() } else { name },
+            name: if name.is_empty() {
+                "disk.vmdk".into()
+            } else {
+                name
+            },
             gd: vec![0; gd_entries as usize],
             gt: vec![0; GTES as usize],
             gt_idx: 0,
@@ -196,8 +200,12 @@ impl FormatWriter for VmdkStreamWriter {
                     let mut out = std::mem::take(&mut self.zbuf);
                     out.clear();
                     out.reserve(GRAIN as usize * 2);
-                    z.compress_vec(super::unit_bytes(b, u), &mut out, flate2::FlushCompress::Finish)
-                        .map_err(|e| werr(F, format!("deflate: {e}")))?;
+                    z.compress_vec(
+                        super::unit_bytes(b, u),
+                        &mut out,
+                        flate2::FlushCompress::Finish,
+                    )
+                    .map_err(|e| werr(F, format!("deflate: {e}")))?;
                     let at = self.grain(g * GRAIN_SECTORS, &out, sink)?;
                     self.zbuf = out;
                     at
