@@ -79,7 +79,7 @@ pub struct WriteOptions {
     pub compression_level: u32,
     /// qcow2 cluster size (power of two, 512 B..2 MiB).
     pub cluster_size: u32,
-    /// Worker threads; 0 = all cores when compressing, 1 otherwise.
+    /// Worker threads; 0 = all cores when compressing, 1 otherwise (reader + writer threads).
     pub threads: usize,
     /// Granularity of the allocation bitmap, log2 bytes (12..=24).
     pub bitmap_granularity_log2: u32,
@@ -136,6 +136,8 @@ pub fn write_image(
         OutputFormat::Vhd => Box::new(vhd::VhdDynWriter::new(vsize)?),
         OutputFormat::VmdkStream => Box::new(vmdk::VmdkStreamWriter::new(vsize, opts)?),
     };
+    // Uncompressed outputs: 1 = the reader thread also does zero detection, this thread
+    // writes (read and write overlap). Compression uses all cores.
     let threads = match (opts.threads, w.codec()) {
         (0, Codec::None) => 1,
         (0, _) => std::thread::available_parallelism()
@@ -173,7 +175,7 @@ pub fn write_image(
 pub fn write_bitmap(disk: &mut dyn VirtualDisk, granularity_log2: u32) -> Result<Vec<u8>> {
     let mut bm = AllocationBitmap::new(disk.virtual_size(), granularity_log2)?;
     let unit = bm.granularity();
-    run_pipeline(disk, unit, Codec::None, 1, &mut |b: &Batch| {
+    run_pipeline(disk, unit, Codec::None, 0, &mut |b: &Batch| {
         for (i, u) in b.units.iter().enumerate() {
             if matches!(u, Unit::Raw(_)) {
                 bm.set(b.first + i as u64);
@@ -412,7 +414,7 @@ pub(crate) fn count_data_units(disk: &mut dyn VirtualDisk, unit: u64) -> Result<
 }
 
 /// Batch limits: bytes of data read per batch, units per batch.
-const BATCH_BYTES: usize = 4 << 20;
+const BATCH_BYTES: usize = 2 << 20;
 const BATCH_BYTES_COMPRESSED: usize = 2 << 20;
 const BATCH_MAX_UNITS: usize = 1 << 16;
 
@@ -601,12 +603,31 @@ fn run_pipeline(
     if total == 0 {
         return Ok(());
     }
-    let threads = threads.clamp(1, 64);
     let max_bytes = if codec == Codec::None {
         BATCH_BYTES
     } else {
         BATCH_BYTES_COMPRESSED
     };
+    if threads == 0 {
+        let mut cur = ExtentCursor::new(vsize);
+        let mut c = Compressor::new(codec);
+        let mut b = Batch {
+            first: 0,
+            unit,
+            units: Vec::new(),
+            buf: Vec::new(),
+            cbuf: Vec::new(),
+        };
+        let mut next = 0u64;
+        while next < total {
+            b = produce(disk, &mut cur, unit, next, max_bytes, b)?;
+            c.transform(&mut b);
+            consume(&b)?;
+            next += b.units.len() as u64;
+        }
+        return Ok(());
+    }
+    let threads = threads.clamp(1, 64);
     let in_flight = threads + 2;
     std::thread::scope(|scope| -> Result<()> {
         let (tok_tx, tok_rx) = mpsc::channel::<Option<Batch>>();
@@ -615,8 +636,12 @@ fn run_pipeline(
         for _ in 0..in_flight {
             let _ = tok_tx.send(None);
         }
+        // Without compression the reader thread detects zeros itself and feeds the writer.
+        let inline = codec == Codec::None && threads == 1;
+        let reader_res = res_tx.clone();
         scope.spawn(move || {
             let mut cur = ExtentCursor::new(vsize);
+            let mut c = Compressor::new(codec);
             let mut next_unit = 0u64;
             let mut seq = 0u64;
             while next_unit < total {
@@ -633,14 +658,23 @@ fn run_pipeline(
                 if let Ok(b) = &r {
                     next_unit += b.units.len() as u64;
                 }
-                if job_tx.send((seq, r)).is_err() || stop {
+                let sent = if inline {
+                    let r = r.map(|mut b| {
+                        c.transform(&mut b);
+                        b
+                    });
+                    reader_res.send((seq, r)).is_ok()
+                } else {
+                    job_tx.send((seq, r)).is_ok()
+                };
+                if !sent || stop {
                     return;
                 }
                 seq += 1;
             }
         });
         let job_rx = Arc::new(Mutex::new(job_rx));
-        for _ in 0..threads {
+        for _ in 0..if inline { 0 } else { threads } {
             let res_tx = res_tx.clone();
             let job_rx = job_rx.clone();
             scope.spawn(move || {

@@ -222,10 +222,25 @@ impl FormatWriter for Qcow2Writer {
 
     fn batch(&mut self, b: &Batch, sink: &mut dyn ImageSink) -> Result<()> {
         let x = 62 - (self.cb - 8);
+        let cs = self.cs as usize;
+        // Run of uncompressed clusters contiguous in `b.buf` and in the output, written in one
+        // go: (buffer offset, length). `self.pos` already counts it.
+        let mut run: Option<(usize, usize)> = None;
+        fn flush(
+            run: &mut Option<(usize, usize)>,
+            b: &Batch,
+            sink: &mut dyn ImageSink,
+        ) -> Result<()> {
+            if let Some((o, l)) = run.take() {
+                sink.write_all(&b.buf[o..o + l])?;
+            }
+            Ok(())
+        }
         for (i, &u) in b.units.iter().enumerate() {
             let c = b.first + i as u64;
             let j = c / self.l2e;
             if j != self.l2_idx {
+                flush(&mut run, b, sink)?;
                 self.flush_l2(sink)?;
                 self.l2_idx = j;
             }
@@ -233,12 +248,25 @@ impl FormatWriter for Qcow2Writer {
             let entry = match u {
                 Unit::Hole => continue,
                 Unit::Zero => ZERO_FLAG,
-                Unit::Raw(_) => {
+                Unit::Raw(o) => {
+                    // alloc writes nothing (no padding, no refcount block) in this case.
+                    let silent = self.pos % self.cs == 0 && self.pos + self.cs <= self.range_end();
+                    if !silent {
+                        flush(&mut run, b, sink)?;
+                    }
                     let off = self.alloc(self.cs, true, sink)?;
-                    self.write(super::unit_bytes(b, u), sink)?;
+                    match &mut run {
+                        Some((ro, rl)) if *ro + *rl == o => *rl += cs,
+                        _ => {
+                            flush(&mut run, b, sink)?;
+                            run = Some((o, cs));
+                        }
+                    }
+                    self.pos += self.cs;
                     off | COPIED
                 }
                 Unit::Comp(_, n) => {
+                    flush(&mut run, b, sink)?;
                     let off = self.alloc(n as u64, false, sink)?;
                     self.write(super::unit_bytes(b, u), sink)?;
                     let field = (off + n as u64 - 1) / 512 - off / 512;
@@ -248,7 +276,7 @@ impl FormatWriter for Qcow2Writer {
             self.l2[slot] = entry;
             self.l2_dirty = true;
         }
-        Ok(())
+        flush(&mut run, b, sink)
     }
 
     fn finish(&mut self, sink: &mut dyn ImageSink) -> Result<Option<Vec<u8>>> {
