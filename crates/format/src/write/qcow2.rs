@@ -250,7 +250,8 @@ impl FormatWriter for Qcow2Writer {
                 Unit::Zero => ZERO_FLAG,
                 Unit::Raw(o) => {
                     // alloc writes nothing (no padding, no refcount block) in this case.
-                    let silent = self.pos % self.cs == 0 && self.pos + self.cs <= self.range_end();
+                    let silent =
+                        self.pos & (self.cs - 1) == 0 && self.pos + self.cs <= self.range_end();
                     if !silent {
                         flush(&mut run, b, sink)?;
                     }
