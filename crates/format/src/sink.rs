@@ -96,6 +96,13 @@ impl ImageSink for FileSink {
         self.buf_start + self.buf.len() as u64
     }
 
+    fn size_hint(&mut self, len: u64) -> std::io::Result<()> {
+        if self.file.metadata()?.len() < len {
+            self.file.set_len(len)?;
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> std::io::Result<()> {
         self.flush_buf()?;
         if self.file.metadata()?.len() != self.buf_start {

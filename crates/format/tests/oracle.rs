@@ -316,6 +316,14 @@ fn readers_match_qemu_on_format_matrix() {
             DiskFormat::Vmdk,
         ),
         (
+            qemu_convert(&base, &dir.join("dyn.vdi"), "vdi", &[]),
+            DiskFormat::Vdi,
+        ),
+        (
+            qemu_convert(&base, &dir.join("static.vdi"), "vdi", &["-o", "static=on"]),
+            DiskFormat::Vdi,
+        ),
+        (
             qemu_convert(
                 &base,
                 &dir.join("stream.vmdk"),

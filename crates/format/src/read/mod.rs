@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
@@ -30,6 +31,7 @@ pub fn open(src: Arc<dyn ReadAt>, format: DiskFormat) -> Result<Box<dyn VirtualD
         DiskFormat::Vhd => Box::new(vhd::VhdReader::open(src)?),
         DiskFormat::Vhdx => Box::new(vhdx::VhdxReader::open(src)?),
         DiskFormat::Vmdk => Box::new(vmdk::VmdkReader::open(src)?),
+        DiskFormat::Vdi => Box::new(vdi::VdiReader::open(src)?),
         other => {
             return Err(FormatError::Unsupported {
                 format: other.as_str(),

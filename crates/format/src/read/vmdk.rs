@@ -333,3 +333,21 @@ impl VirtualDisk for VmdkReader {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_checks() {
+        assert!(check_descriptor("createType=\"streamOptimized\"\nparentCID=ffffffff\n").is_ok());
+        assert!(check_descriptor("createType=\"monolithicFlat\"\n").is_err());
+        assert!(check_descriptor("createType=\"monolithicSparse\"\nparentCID=12345678\n").is_err());
+        assert!(check_descriptor("parentFileNameHint=\"base.vmdk\"\n").is_err());
+        let src: Arc<dyn ReadAt> = Arc::new(b"# Disk DescriptorFile\nversion=1\n".to_vec());
+        assert!(matches!(
+            VmdkReader::open(src),
+            Err(crate::FormatError::Unsupported { .. })
+        ));
+    }
+}

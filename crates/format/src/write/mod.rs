@@ -628,7 +628,10 @@ fn run_pipeline(
         return Ok(());
     }
     let threads = threads.clamp(1, 64);
-    let in_flight = threads + 2;
+    // Without compression the reader thread detects zeros itself and feeds the writer.
+    let inline = codec == Codec::None && threads == 1;
+    // Deep enough to ride out scheduling delays of busy machines (bounded: ~8 x 2 MiB).
+    let in_flight = if inline { 8 } else { threads + 2 };
     std::thread::scope(|scope| -> Result<()> {
         let (tok_tx, tok_rx) = mpsc::channel::<Option<Batch>>();
         let (job_tx, job_rx) = mpsc::channel::<(u64, Result<Batch>)>();
@@ -636,8 +639,6 @@ fn run_pipeline(
         for _ in 0..in_flight {
             let _ = tok_tx.send(None);
         }
-        // Without compression the reader thread detects zeros itself and feeds the writer.
-        let inline = codec == Codec::None && threads == 1;
         let reader_res = res_tx.clone();
         scope.spawn(move || {
             let mut cur = ExtentCursor::new(vsize);

@@ -42,7 +42,8 @@ impl FormatWriter for RawWriter {
     fn virtual_size(&self) -> u64 {
         self.vsize
     }
-    fn begin(&mut self, _sink: &mut dyn ImageSink) -> Result<()> {
+    fn begin(&mut self, sink: &mut dyn ImageSink) -> Result<()> {
+        sink.size_hint(self.vsize)?;
         Ok(())
     }
 
