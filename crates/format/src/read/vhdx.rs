@@ -112,7 +112,7 @@ pub fn parse_region_table(b: &[u8]) -> Option<(u64, u64, u64, u64)> {
     }
     let (mut bat, mut meta) = (None, None);
     for i in 0..count {
-        let e = &b[16 + i * 32..16 + (i + 1) * 32];
+        let e = b.get(16 + i * 32..16 + (i + 1) * 32)?;
         let (off, len) = (le64(e, 16), le32(e, 24) as u64);
         if e[0..16] == BAT_GUID {
             bat = Some((off, len));
@@ -137,7 +137,9 @@ pub fn parse_metadata(m: &[u8]) -> Result<(u64, u64, u64)> {
     }
     let item = |id: &[u8; 16], want: usize| -> Result<Option<&[u8]>> {
         for i in 0..count {
-            let e = &m[32 + i * 32..32 + (i + 1) * 32];
+            let Some(e) = m.get(32 + i * 32..32 + (i + 1) * 32) else {
+                break;
+            };
             if &e[0..16] == id {
                 let (off, len) = (le32(e, 16) as usize, le32(e, 20) as usize);
                 if len < want || off.checked_add(want).is_none_or(|end| end > m.len()) {
@@ -257,7 +259,7 @@ impl VhdxReader {
         match e & 7 {
             0..=3 => Ok(BlockMap::Zero),
             6 => {
-                let off = (e >> 20) * MIB;
+                let off = (e >> 20).saturating_mul(MIB);
                 if off < MIB || off >= self.file_size {
                     return Err(invalid(F, "payload block outside the file"));
                 }
