@@ -215,6 +215,11 @@ pub trait ImageSink {
     fn header_window(&self) -> u64;
     /// Bytes written so far.
     fn position(&self) -> u64;
+    /// Tells the sink the output will be at least `len` bytes long (a file sink may size the
+    /// file up front: writes inside the file are cheaper than extending ones). Default: no-op.
+    fn size_hint(&mut self, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Called once after the last write or patch: flush buffers, fix the final length (a file
     /// sink ending in a hole). The default does nothing.
     fn finish(&mut self) -> std::io::Result<()> {

@@ -7,9 +7,12 @@
 //!   **safety checks** that reject hostile files (backing files, external data files, foreign
 //!   VMDK extents, format confusion, size lies, table pointers outside the file, bombs) before
 //!   anything reads through them;
-//! - **streaming readers** that present an image file as its virtual disk (`read`);
+//! - **streaming readers** that present an image file as its virtual disk (`read`: raw, qcow2,
+//!   VHD, VHDX, VMDK sparse/streamOptimized, VDI; bounded memory, extents from metadata);
 //! - **streaming writers** that turn a virtual disk into an image file written sequentially
-//!   (`write`), so output can go straight into a multipart upload.
+//!   (`write`: raw, raw + allocation bitmap, qcow2, VHD, VMDK streamOptimized; parallel
+//!   compression), so output can go straight into a multipart upload;
+//! - sinks for local files and memory (`sink`) and a file-to-file `convert`.
 //!
 //! It must not: do network or database I/O, know about tenants, images or chunks, spawn async
 //! tasks, or trust any number read from a file without checking it against the file size and the
@@ -29,6 +32,7 @@ pub mod write;
 pub use error::{FormatError, Result};
 pub use io::{ImageSink, ReadAt, VirtualDisk};
 pub use sink::{FileSink, MemSink};
+pub use write::{write_image, OutputFormat, WriteOptions, WriteReport};
 
 use serde::{Deserialize, Serialize};
 

@@ -6,6 +6,8 @@ use std::os::unix::fs::FileExt;
 
 /// Write buffer of a [`FileSink`]: small writes (one cluster) are gathered into large `pwrite`s.
 const FILE_BUF: usize = 4 << 20;
+/// Writes at least this large bypass the buffer (no extra copy).
+const DIRECT_WRITE: usize = 256 << 10;
 
 /// An [`ImageSink`] over a local file: positional writes through a 4 MiB buffer, zeros left
 /// as holes (the final length is fixed by `finish`), `patch` anywhere already written.
@@ -52,10 +54,10 @@ impl FileSink {
 
 impl ImageSink for FileSink {
     fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if self.buf.len() + data.len() > FILE_BUF {
+        if self.buf.len() + data.len() > FILE_BUF || data.len() >= DIRECT_WRITE {
             self.flush_buf()?;
         }
-        if data.len() >= FILE_BUF {
+        if data.len() >= DIRECT_WRITE {
             self.file.write_all_at(data, self.buf_start)?;
             self.buf_start += data.len() as u64;
         } else {
@@ -94,12 +96,50 @@ impl ImageSink for FileSink {
         self.buf_start + self.buf.len() as u64
     }
 
+    fn size_hint(&mut self, len: u64) -> std::io::Result<()> {
+        if self.file.metadata()?.len() < len {
+            self.file.set_len(len)?;
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> std::io::Result<()> {
         self.flush_buf()?;
         if self.file.metadata()?.len() != self.buf_start {
             self.file.set_len(self.buf_start)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_sink_mixed_writes_land_in_order() {
+        let f = tempfile::tempfile().unwrap();
+        let mut s = FileSink::new(f.try_clone().unwrap(), 16);
+        let big = vec![7u8; DIRECT_WRITE];
+        s.write_all(b"abc").unwrap();
+        s.write_zeros(5).unwrap();
+        s.write_all(&big).unwrap();
+        s.write_zeros(10_000).unwrap();
+        s.write_all(b"z").unwrap();
+        s.write_zeros(100).unwrap();
+        s.patch(1, b"X").unwrap();
+        assert!(s.patch(10, b"0123456789").is_err());
+        s.finish().unwrap();
+        let mut want = b"aXc".to_vec();
+        want.extend_from_slice(&[0; 5]);
+        want.extend_from_slice(&big);
+        want.extend_from_slice(&vec![0; 10_000]);
+        want.push(b'z');
+        want.extend_from_slice(&[0; 100]);
+        let mut got = vec![0u8; want.len() + 1];
+        let n = crate::io::ReadAt::read_at(&f, &mut got, 0).unwrap();
+        assert_eq!(n, want.len());
+        assert!(got[..n] == want[..]);
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
@@ -30,6 +31,7 @@ pub fn open(src: Arc<dyn ReadAt>, format: DiskFormat) -> Result<Box<dyn VirtualD
         DiskFormat::Vhd => Box::new(vhd::VhdReader::open(src)?),
         DiskFormat::Vhdx => Box::new(vhdx::VhdxReader::open(src)?),
         DiskFormat::Vmdk => Box::new(vmdk::VmdkReader::open(src)?),
+        DiskFormat::Vdi => Box::new(vdi::VdiReader::open(src)?),
         other => {
             return Err(FormatError::Unsupported {
                 format: other.as_str(),
@@ -129,7 +131,6 @@ pub(crate) fn clip(offset: u64, len: u64, size: u64) -> u64 {
 pub(crate) enum EntryWidth {
     Be64,
     Le64,
-    Be32,
     Le32,
 }
 
@@ -174,7 +175,7 @@ impl TableCache {
         }
         let esz = match width {
             EntryWidth::Be64 | EntryWidth::Le64 => 8,
-            EntryWidth::Be32 | EntryWidth::Le32 => 4,
+            EntryWidth::Le32 => 4,
         };
         self.raw.resize(count * esz, 0);
         read_or_zero(src, &mut self.raw, off)?;
@@ -196,7 +197,6 @@ impl TableCache {
         match width {
             EntryWidth::Be64 => entries.extend(raw.chunks_exact(8).map(|c| be64(c, 0))),
             EntryWidth::Le64 => entries.extend(raw.chunks_exact(8).map(|c| le64(c, 0))),
-            EntryWidth::Be32 => entries.extend(raw.chunks_exact(4).map(|c| be32(c, 0) as u64)),
             EntryWidth::Le32 => entries.extend(raw.chunks_exact(4).map(|c| le32(c, 0) as u64)),
         }
         self.slots.push((off, tick, entries));

@@ -104,7 +104,8 @@ pub fn parse_header(h: &[u8], file_size: u64) -> Result<Qcow2Params> {
     if needed * 8 > MAX_L1_BYTES {
         return Err(unsupported(F, "L1 table larger than 32 MiB"));
     }
-    if needed > 0 && (l1_offset % cs != 0 || l1_offset.saturating_add(needed * 8) > file_size) {
+    if needed > 0 && (l1_offset & (cs - 1) != 0 || l1_offset.saturating_add(needed * 8) > file_size)
+    {
         return Err(invalid(F, "L1 table outside the file"));
     }
     Ok(Qcow2Params {
@@ -151,7 +152,7 @@ impl Qcow2Reader {
         let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
         for &e in &l1 {
             let off = e & OFFSET_MASK;
-            if off != 0 && (off % cs != 0 || off.saturating_add(cs) > file_size) {
+            if off != 0 && (off & (cs - 1) != 0 || off.saturating_add(cs) > file_size) {
                 return Err(invalid(F, "L2 table outside the file"));
             }
         }
@@ -211,7 +212,7 @@ impl Qcow2Reader {
         if off == 0 {
             return Ok(Map::Zero);
         }
-        if off % cs != 0 || off >= self.file_size {
+        if off & (cs - 1) != 0 || off >= self.file_size {
             return Err(invalid(F, "data cluster outside the file or misaligned"));
         }
         Ok(Map::Data(off))

@@ -112,7 +112,7 @@ pub fn parse_region_table(b: &[u8]) -> Option<(u64, u64, u64, u64)> {
     }
     let (mut bat, mut meta) = (None, None);
     for i in 0..count {
-        let e = &b[16 + i * 32..16 + (i + 1) * 32];
+        let e = b.get(16 + i * 32..16 + (i + 1) * 32)?;
         let (off, len) = (le64(e, 16), le32(e, 24) as u64);
         if e[0..16] == BAT_GUID {
             bat = Some((off, len));
@@ -137,7 +137,9 @@ pub fn parse_metadata(m: &[u8]) -> Result<(u64, u64, u64)> {
     }
     let item = |id: &[u8; 16], want: usize| -> Result<Option<&[u8]>> {
         for i in 0..count {
-            let e = &m[32 + i * 32..32 + (i + 1) * 32];
+            let Some(e) = m.get(32 + i * 32..32 + (i + 1) * 32) else {
+                break;
+            };
             if &e[0..16] == id {
                 let (off, len) = (le32(e, 16) as usize, le32(e, 20) as usize);
                 if len < want || off.checked_add(want).is_none_or(|end| end > m.len()) {
@@ -210,7 +212,7 @@ impl VhdxReader {
             })
             .ok_or_else(|| invalid(F, "no valid region table"))?;
         let (bat_offset, bat_length, mo, ml) = rt;
-        if ml < 65536 || ml > 16 * MIB || mo.saturating_add(ml) > file_size {
+        if !(65536..=16 * MIB).contains(&ml) || mo.saturating_add(ml) > file_size {
             return Err(invalid(F, "metadata region outside the file"));
         }
         let meta = read_vec(&*src, mo, ml as usize)?;
@@ -257,7 +259,7 @@ impl VhdxReader {
         match e & 7 {
             0..=3 => Ok(BlockMap::Zero),
             6 => {
-                let off = (e >> 20) * MIB;
+                let off = (e >> 20).saturating_mul(MIB);
                 if off < MIB || off >= self.file_size {
                     return Err(invalid(F, "payload block outside the file"));
                 }
@@ -281,7 +283,7 @@ fn log_has_entries(src: &dyn ReadAt, h: &VhdxHeader, file_size: u64) -> Result<b
         src.read_exact_at(&mut page, h.log_offset + off)?;
         if &page[0..4] == b"loge" && page[32..48] == h.log_guid {
             let entry_len = le32(&page, 8) as u64;
-            if entry_len >= 4096 && entry_len % 4096 == 0 && off + entry_len <= len {
+            if entry_len >= 4096 && entry_len & 4095 == 0 && off + entry_len <= len {
                 let e = read_vec(src, h.log_offset + off, entry_len as usize)?;
                 if crc32c_with_hole(&e, 4) == le32(&e, 4) {
                     return Ok(true);

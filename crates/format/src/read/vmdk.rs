@@ -265,7 +265,7 @@ impl VirtualDisk for VmdkReader {
                 _ => ExtentKind::Data,
             };
             // Skip a whole missing grain table at once.
-            if kind == ExtentKind::Zero && pos % span == 0 {
+            if kind == ExtentKind::Zero && pos / span * span == pos {
                 let gdi = g / self.h.gtes_per_gt as u64;
                 let page = gdi / GD_PAGE;
                 if gdi < self.gd_entries {
@@ -331,5 +331,23 @@ impl VirtualDisk for VmdkReader {
             read_or_zero(&*self.src, &mut buf[rb..rb + rl], ro)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_checks() {
+        assert!(check_descriptor("createType=\"streamOptimized\"\nparentCID=ffffffff\n").is_ok());
+        assert!(check_descriptor("createType=\"monolithicFlat\"\n").is_err());
+        assert!(check_descriptor("createType=\"monolithicSparse\"\nparentCID=12345678\n").is_err());
+        assert!(check_descriptor("parentFileNameHint=\"base.vmdk\"\n").is_err());
+        let src: Arc<dyn ReadAt> = Arc::new(b"# Disk DescriptorFile\nversion=1\n".to_vec());
+        assert!(matches!(
+            VmdkReader::open(src),
+            Err(crate::FormatError::Unsupported { .. })
+        ));
     }
 }
