@@ -1,7 +1,9 @@
 //! `openims image`: local tools on image files (no server involved).
 
 use clap::{Args, Subcommand};
+use openims_format::convert::convert;
 use openims_format::inspect::{inspect, InspectOptions};
+use openims_format::write::OutputFormat;
 use openims_format::DiskFormat;
 use std::path::PathBuf;
 
@@ -27,10 +29,114 @@ enum ImageCmd {
         #[arg(long)]
         shallow: bool,
     },
+    /// Convert an image file to another format (the input is inspected first; unsafe files
+    /// are refused). Formats: raw, raw+bitmap, qcow2, vhd, vhd-fixed, vmdk (streamOptimized).
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// Output format.
+        #[arg(short = 'O', long = "output-format")]
+        output_format: String,
+        /// Input format (detected when omitted).
+        #[arg(short = 'f', long = "input-format")]
+        input_format: Option<String>,
+        /// Compress the output (qcow2; vmdk is always compressed).
+        #[arg(short = 'c', long)]
+        compress: bool,
+        /// No progress bar.
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
 }
 
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     match args.cmd {
+        ImageCmd::Convert {
+            input,
+            output,
+            output_format,
+            input_format,
+            compress,
+            quiet,
+        } => {
+            let out_fmt = OutputFormat::parse(&output_format)
+                .ok_or_else(|| anyhow::anyhow!("unknown output format {output_format}"))?;
+            let declared = match input_format {
+                Some(f) => Some(
+                    DiskFormat::parse(&f).ok_or_else(|| anyhow::anyhow!("unknown format {f}"))?,
+                ),
+                None => None,
+            };
+            let f = std::fs::File::open(&input)
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", input.display()))?;
+            let report = inspect(
+                &f,
+                &InspectOptions {
+                    declared_format: declared,
+                    ..InspectOptions::default()
+                },
+            )?;
+            if !report.is_safe() {
+                let why: Vec<String> = report
+                    .violations
+                    .iter()
+                    .map(|v| format!("{}: {v}", v.name()))
+                    .collect();
+                anyhow::bail!(
+                    "{} refused by the safety checks: {}",
+                    input.display(),
+                    why.join("; ")
+                );
+            }
+            let fmt = if report.format == DiskFormat::Iso {
+                DiskFormat::Raw
+            } else {
+                report.format
+            };
+            let bar = if quiet {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(report.virtual_size)
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )?
+                .progress_chars("=> "),
+            );
+            let started = std::time::Instant::now();
+            let r = convert(
+                &input,
+                Some(fmt),
+                &output,
+                out_fmt,
+                compress,
+                |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            )?;
+            bar.finish_and_clear();
+            if let Some(bitmap) = &r.bitmap {
+                let mut p = output.clone().into_os_string();
+                p.push(".bitmap");
+                std::fs::write(&p, bitmap)?;
+            }
+            if !quiet {
+                eprintln!(
+                    "converted {} ({}) -> {} ({}): {} virtual, {} data, {} written in {:.2}s",
+                    input.display(),
+                    fmt,
+                    output.display(),
+                    output_format,
+                    r.virtual_size,
+                    r.data_bytes,
+                    r.output_size,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
         ImageCmd::Inspect {
             file,
             declared,
