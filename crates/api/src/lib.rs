@@ -1,7 +1,7 @@
 //! # openims-api
 //!
 //! The HTTP surface of the service: the Huawei Cloud IMS API (v1, v2, v2.1), OpenStack Glance
-//! v2, Keystone-style tokens, health and metrics. It owns wire formats (paths, query parsing,
+//! v2, Keystone-style tokens, the embedded KMS API ([`kms`]), health and metrics. It owns wire formats (paths, query parsing,
 //! JSON shapes, status codes), AK/SK signature verification, and the single mapping from domain
 //! errors to `IMG.xxxx` codes ([`error`]).
 //!
@@ -14,6 +14,7 @@ pub mod extract;
 pub mod glance;
 pub mod ims;
 pub mod keystone;
+pub mod kms;
 pub mod metrics;
 pub mod sign;
 
@@ -43,6 +44,7 @@ pub fn router(svc: Arc<Service>) -> Router {
     let protected = Router::new()
         .merge(glance::routes())
         .merge(ims::routes())
+        .merge(kms::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
