@@ -18,7 +18,7 @@ else
 fi
 
 echo "== baselines"
-AES=$(openssl speed -evp aes-256-gcm -seconds 2 2>/dev/null | awk '/^aes-256-gcm/ {v=$NF; sub("k","",v); print v/1000}')
+AES=$(openssl speed -evp aes-256-gcm -seconds 2 2>/dev/null | awk 'tolower($1)=="aes-256-gcm" {v=$NF; sub("k","",v); print v/1000}')
 echo "openssl aes-256-gcm (16 KiB blocks, 1 core): ${AES} MB/s"
 DD_OUT=$(dd if=/dev/urandom of="$WORK/rand" bs=4M count=256 status=none && \
          dd if="$WORK/rand" of="$WORK/dd.out" bs=4M oflag=direct conv=fsync 2>&1 | tail -1)

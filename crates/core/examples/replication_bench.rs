@@ -33,7 +33,7 @@ async fn add_image(
     size: u64,
     key: Option<ImageKey>,
 ) -> R<String> {
-    let mut img = Image::new(caller.project_id.clone(), Some("bench".into()), Origin::Upload);
+    let mut img = Image::new(caller.project_id.clone(), Some("bench".into()), Origin::File);
     img.status = ImageStatus::Active;
     img.disk_format = Some("raw".into());
     img.container_format = Some("bare".into());

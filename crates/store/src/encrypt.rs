@@ -1,8 +1,8 @@
 //! `Store::reencrypt`: a stored manifest (plaintext, or encrypted under one data key) ->
 //! a new encrypted manifest under another data key, streaming, resumable.
 //!
-//! A reader thread fetches (and verifies, and decrypts) source chunks in order; worker
-//! threads encrypt and write them; the caller's thread puts the results back in order and
+//! A reader thread fetches source chunk objects in order (I/O only); worker threads verify
+//! (or decrypt) them, encrypt and write them; the caller's thread puts the results back in order and
 //! reports progress. Zero chunks stay zero chunks; a source chunk repeated in the disk is
 //! read and encrypted once. Encryption is deterministic per data key (see [`crate::crypto`]),
 //! so a resumed run writes byte-identical objects: every step is idempotent.
@@ -47,7 +47,9 @@ pub struct EncryptProgress<'a> {
 enum Work {
     Zero,
     Known(ChunkId),
-    Data(ChunkId, Vec<u8>),
+    /// A source chunk's stored object, not yet verified (or decrypted): workers do that,
+    /// so the reader thread only does I/O.
+    Raw(ChunkId, Vec<u8>, u64),
 }
 
 type Done = (u64, Option<ChunkId>, u64);
@@ -101,7 +103,6 @@ impl Store {
             {
                 let m = Arc::clone(&m);
                 let done_tx = done_tx.clone();
-                let src_dek = src_dek.cloned();
                 s.spawn(move || {
                     for i in start..total {
                         if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -114,25 +115,8 @@ impl Store {
                                 let known = lock(seen).get(&id).copied();
                                 match known {
                                     Some(new) => Work::Known(new),
-                                    None => match self.read_manifest_chunk(
-                                        m.is_encrypted(),
-                                        src_dek.as_ref(),
-                                        &id,
-                                    ) {
-                                        Ok(d) if d.len() as u64 == m.chunk_len(idx) => {
-                                            Work::Data(id, d)
-                                        }
-                                        Ok(d) => {
-                                            let _ = done_tx.send(Err(StoreError::corrupt(
-                                                format!("chunk {id}"),
-                                                format!(
-                                                    "{} bytes, manifest expects {}",
-                                                    d.len(),
-                                                    m.chunk_len(idx)
-                                                ),
-                                            )));
-                                            return;
-                                        }
+                                    None => match self.read_object(m.is_encrypted(), &id) {
+                                        Ok(o) => Work::Raw(id, o, m.chunk_len(idx)),
                                         Err(e) => {
                                             let _ = done_tx.send(Err(e));
                                             return;
@@ -151,7 +135,18 @@ impl Store {
             for _ in 0..workers {
                 let work_rx = Arc::clone(&work_rx);
                 let done_tx = done_tx.clone();
-                s.spawn(move || worker(self, dst_dek, &work_rx, &done_tx, seen));
+                let src_dek = src_dek.cloned();
+                let encrypted = m.is_encrypted();
+                s.spawn(move || {
+                    worker(
+                        self,
+                        (encrypted, src_dek.as_ref()),
+                        dst_dek,
+                        &work_rx,
+                        &done_tx,
+                        seen,
+                    )
+                });
             }
             drop(done_tx);
 
@@ -234,8 +229,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Verifies (plaintext) or decrypts (encrypted) a source object read by the reader.
+fn decode(src: (bool, Option<&Dek>), id: &ChunkId, obj: Vec<u8>, want: u64) -> Result<Vec<u8>> {
+    let data = match src {
+        (false, _) => {
+            if ChunkId::hash(&obj) != *id {
+                return Err(StoreError::corrupt(
+                    crate::backend::chunk_key(id),
+                    "chunk content does not match its id",
+                ));
+            }
+            obj
+        }
+        (true, Some(k)) => crate::crypto::decrypt_chunk(k, id, &obj)?,
+        (true, None) => {
+            return Err(StoreError::Invalid(
+                "the manifest is encrypted and no data key was given".into(),
+            ))
+        }
+    };
+    if data.len() as u64 != want {
+        return Err(StoreError::corrupt(
+            format!("chunk {id}"),
+            format!("{} bytes, manifest expects {want}", data.len()),
+        ));
+    }
+    Ok(data)
+}
+
 fn worker(
     store: &Store,
+    src: (bool, Option<&Dek>),
     dek: &Dek,
     work: &Mutex<Receiver<(u64, Work)>>,
     done: &std::sync::mpsc::Sender<Result<Done>>,
@@ -247,9 +271,13 @@ fn worker(
         let r = match w {
             Work::Zero => Ok((i, None, 0)),
             Work::Known(id) => Ok((i, Some(id), 0)),
-            Work::Data(src, data) => store.put_encrypted_chunk_inner(dek, &data).map(|(id, _)| {
-                lock(seen).insert(src, id);
-                (i, Some(id), data.len() as u64)
+            Work::Raw(src_id, obj, want) => decode(src, &src_id, obj, want).and_then(|data| {
+                store
+                    .put_encrypted_chunk_inner(dek, &data)
+                    .map(|(id, _)| {
+                        lock(seen).insert(src_id, id);
+                        (i, Some(id), data.len() as u64)
+                    })
             }),
         };
         if done.send(r).is_err() {

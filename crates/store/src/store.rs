@@ -256,6 +256,17 @@ impl Store {
             })
     }
 
+    /// The stored object of chunk `id` of a plaintext or encrypted manifest, unverified.
+    pub(crate) fn read_object(&self, encrypted: bool, id: &ChunkId) -> Result<Vec<u8>> {
+        if encrypted {
+            return self.get_encrypted_object(id);
+        }
+        self.inner.backend.get(&chunk_key(id)).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(format!("chunk {id}")),
+            e => e,
+        })
+    }
+
     /// Reads chunk `id` of a manifest: plaintext chunks are verified against their id;
     /// encrypted ones need the manifest's data key (`Invalid` without it).
     pub fn read_manifest_chunk(
