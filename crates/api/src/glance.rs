@@ -444,7 +444,11 @@ async fn download(
         }
         None => (StatusCode::OK, 0, data.len),
     };
-    let reader = st.svc.data.reader(&data.manifest, start, len).map_err(g)?;
+    let reader = st
+        .svc
+        .data
+        .reader_with(&data.manifest, data.dek.clone(), start, len)
+        .map_err(g)?;
     let mut resp = Response::new(stream_reader(reader));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

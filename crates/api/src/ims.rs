@@ -22,6 +22,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v2.1/cloudimages/{id}/copy", post(copy_in_region))
         .route("/v1/cloudimages/os_version", get(os_versions))
         .route("/v1/cloudimages/quota", get(quota))
+        .route("/v1/cloudimages/usage", get(usage))
         .route("/v1/{project_id}/jobs/{job_id}", get(show_job))
         .route("/v1/cloudimages/job/{job_id}", get(show_job_progress))
         .route(
@@ -136,6 +137,12 @@ async fn copy_in_region(
         description: field(&body, "description").map(str::to_string),
         cmk_id: field(&body, "cmk_id").map(str::to_string),
         enterprise_project_id: field(&body, "enterprise_project_id").map(str::to_string),
+        reencrypt_data: match body.get("__reencrypt_data") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s)) if s == "true" || s == "false" => s == "true",
+            Some(_) => return Err(bad("__reencrypt_data must be a boolean")),
+        },
     };
     let job = st.svc.copy_image_in_region(&c, &id, req).await?;
     Ok(Json(json!({"job_id": job})))
@@ -172,6 +179,12 @@ async fn os_versions(QueryPairs(pairs): QueryPairs) -> ApiResult<Json<Value>> {
             .map(|(p, list)| json!({"platform": p, "version_list": list}))
             .collect(),
     )))
+}
+
+/// Extension: storage usage of the caller's project (logical vs billable bytes; see
+/// `openims_core::metering`).
+async fn usage(State(st): State<AppState>, Auth(c): Auth) -> ApiResult<Json<Value>> {
+    Ok(Json(st.svc.usage(&c).await?))
 }
 
 async fn quota(State(st): State<AppState>, Auth(c): Auth) -> ApiResult<Json<Value>> {

@@ -1,7 +1,7 @@
 //! # openims-api
 //!
 //! The HTTP surface of the service: the Huawei Cloud IMS API (v1, v2, v2.1), OpenStack Glance
-//! v2, Keystone-style tokens, health and metrics; and, on its own port, the embedded
+//! v2, Keystone-style tokens, the embedded KMS API ([`kms`]), health and metrics; and, on its own port, the embedded
 //! S3-compatible bucket endpoint ([`s3::router`]). It owns wire formats (paths, query parsing,
 //! JSON shapes, status codes), AK/SK signature verification, and the single mapping from domain
 //! errors to `IMG.xxxx` codes ([`error`]).
@@ -15,6 +15,7 @@ pub mod extract;
 pub mod glance;
 pub mod ims;
 pub mod keystone;
+pub mod kms;
 pub mod metrics;
 pub mod s3;
 pub mod sign;
@@ -45,6 +46,7 @@ pub fn router(svc: Arc<Service>) -> Router {
     let protected = Router::new()
         .merge(glance::routes())
         .merge(ims::routes())
+        .merge(kms::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

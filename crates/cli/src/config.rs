@@ -17,6 +17,10 @@ pub struct CommonArgs {
     /// Configuration file (default: ./openims.toml if present).
     #[arg(long, env = "OPENIMS_CONFIG")]
     pub config: Option<PathBuf>,
+    /// File holding the 32-byte KMS root key (default: <data-dir>/root.key, created on first
+    /// start with mode 0600).
+    #[arg(long, env = "OPENIMS_ROOT_KEY_FILE")]
+    pub root_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -44,6 +48,11 @@ pub struct ServeArgs {
     /// Job workers in this process.
     #[arg(long, env = "OPENIMS_WORKERS")]
     pub workers: Option<usize>,
+    /// Re-encrypt all data (fresh data key) when an encrypted image is copied with another
+    /// key, instead of re-wrapping its data key (requests may still ask for it with
+    /// `"__reencrypt_data": true`).
+    #[arg(long, env = "OPENIMS_REENCRYPT_ON_REKEY")]
+    pub reencrypt_on_rekey: Option<bool>,
     /// Log format: text or json.
     #[arg(long, env = "OPENIMS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -62,6 +71,8 @@ pub struct FileConfig {
     pub image_quota: Option<u64>,
     pub max_image_size_gb: Option<u64>,
     pub workers: Option<usize>,
+    pub root_key_file: Option<PathBuf>,
+    pub reencrypt_on_rekey: Option<bool>,
 }
 
 pub fn load_file(common: &CommonArgs) -> anyhow::Result<FileConfig> {
@@ -90,6 +101,7 @@ pub fn resolve_common(common: &CommonArgs) -> anyhow::Result<ServiceConfig> {
         .unwrap_or_else(|| PathBuf::from("openims-data"));
     let mut cfg = ServiceConfig::new(data_dir);
     cfg.database_url = common.database.clone().or(file.database);
+    cfg.root_key_file = common.root_key_file.clone().or(file.root_key_file);
     Ok(cfg)
 }
 
@@ -137,6 +149,9 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, Listen)
     }
     if let Some(w) = args.workers.or(file.workers) {
         cfg.workers = w;
+    }
+    if let Some(r) = args.reencrypt_on_rekey.or(file.reencrypt_on_rekey) {
+        cfg.reencrypt_on_rekey = r;
     }
     Ok((cfg, Listen { api: listen, s3 }))
 }

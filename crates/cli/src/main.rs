@@ -1,11 +1,13 @@
 //! # openims
 //!
 //! The single binary: `serve` runs the service, `admin` manages identities directly on the
-//! data directory, `image` inspects and converts image files locally. It owns configuration
+//! data directory, `image` inspects and converts image files locally, `usage` is a client of a
+//! running service (AK/SK-signed). It owns configuration
 //! (flags, `OPENIMS_*` environment variables, `openims.toml`), logging and process lifecycle;
 //! everything else is done by the library crates.
 
 mod admin;
+mod client;
 mod config;
 mod image_cmd;
 mod serve;
@@ -31,6 +33,8 @@ enum Command {
     Admin(admin::AdminArgs),
     /// Inspect and convert image files locally.
     Image(image_cmd::ImageArgs),
+    /// Storage usage of a project (logical vs billable bytes), from a running service.
+    Usage(client::UsageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Admin(args) => admin::run(args),
         Command::Image(args) => image_cmd::run(args),
+        Command::Usage(args) => client::usage(args),
     }
 }

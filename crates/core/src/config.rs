@@ -35,6 +35,12 @@ pub struct ServiceConfig {
     pub gc_interval_secs: u64,
     /// Unreferenced data younger than this is kept (it may belong to a running ingest).
     pub gc_grace_secs: u64,
+    /// File of the KMS root key (32 bytes) that wraps master keys and service-held data
+    /// keys; `None` means `<data_dir>/root.key`, created on first start (mode 0600).
+    pub root_key_file: Option<PathBuf>,
+    /// Deployment policy: a re-keying copy re-encrypts every chunk under a fresh data key
+    /// (as if `"__reencrypt_data": true` were sent) instead of re-wrapping the data key.
+    pub reencrypt_on_rekey: bool,
 }
 
 impl ServiceConfig {
@@ -56,11 +62,20 @@ impl ServiceConfig {
             job_lease_ms: 30_000,
             gc_interval_secs: 3600,
             gc_grace_secs: 6 * 3600,
+            root_key_file: None,
+            reencrypt_on_rekey: false,
         }
     }
 
     pub fn store_dir(&self) -> PathBuf {
         self.data_dir.join("store")
+    }
+
+    /// The root key file in force.
+    pub fn root_key_path(&self) -> PathBuf {
+        self.root_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("root.key"))
     }
 
     pub fn staging_dir(&self) -> PathBuf {

@@ -201,14 +201,28 @@ impl DataPlane {
             .virtual_size())
     }
 
-    /// A reader of `[offset, offset+len)` of a manifest's data.
+    /// A reader of `[offset, offset+len)` of a plaintext manifest's data.
     pub fn reader(
         &self,
         manifest: &str,
         offset: u64,
         len: u64,
     ) -> Result<Box<dyn std::io::Read + Send>> {
-        let disk = self.store.open_disk(&parse_manifest(manifest)?)?;
+        self.reader_with(manifest, None, offset, len)
+    }
+
+    /// A reader of `[offset, offset+len)` of a manifest's data, with the data key of its
+    /// chunks when it is encrypted.
+    pub fn reader_with(
+        &self,
+        manifest: &str,
+        dek: Option<openims_store::Dek>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn std::io::Read + Send>> {
+        let disk = self
+            .store
+            .open_disk_with(&parse_manifest(manifest)?, dek)?;
         Ok(Box::new(RangeReader {
             disk,
             pos: offset,

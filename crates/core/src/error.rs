@@ -74,6 +74,26 @@ pub enum CoreError {
     FlowControl(String),
     #[error("The KMS key does not exist: {0}")]
     KmsKeyNotFound(String),
+    #[error("The key is not enabled: {0}")]
+    KmsKeyNotEnabled(String),
+    #[error("You do not have the permission to access the key: {0}")]
+    KmsNoPermission(String),
+    #[error("The specified KMS key ID must be different from the image key ID.")]
+    SameKmsKey,
+    #[error("The original key does not exist: {0}")]
+    SourceKeyNotFound(String),
+    #[error("The original key is not enabled: {0}")]
+    SourceKeyNotEnabled(String),
+    #[error("You do not have the permission to access the original key: {0}")]
+    SourceKeyNoPermission(String),
+    #[error("The BMS image does not support KMS encryption.")]
+    BmsNoEncryption,
+    #[error("Failed to replicate the shared image because it is encrypted using KMS.")]
+    SharedEncryptedImage,
+    #[error("Invalid KMS request: {0}")]
+    KmsInvalid(String),
+    #[error("The key state does not allow this operation: {0}")]
+    KmsBadState(String),
     #[error("This operation needs {0}, which this deployment does not provide.")]
     NoSuchService(&'static str),
     #[error("The full-ECS image cannot be exported or replicated.")]

@@ -370,6 +370,12 @@ pub fn failure_of(e: &CoreError) -> (String, String) {
         CoreError::ImageQuotaExceeded(_) => "IMG.0015",
         CoreError::UnsafeImage(_) | CoreError::InvalidImageFile(_) => "IMG.0057",
         CoreError::ImageTooLarge(_) => "IMG.0059",
+        CoreError::KmsKeyNotFound(_) => "IMG.0095",
+        CoreError::KmsKeyNotEnabled(_) => "IMG.0097",
+        CoreError::KmsNoPermission(_) => "IMG.0099",
+        CoreError::SourceKeyNotFound(_) => "IMG.0101",
+        CoreError::SourceKeyNotEnabled(_) => "IMG.0102",
+        CoreError::SourceKeyNoPermission(_) => "IMG.0103",
         _ => "IMG.1075",
     };
     (code.to_string(), e.to_string())

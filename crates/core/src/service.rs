@@ -42,6 +42,9 @@ pub struct CopyRequest {
     pub description: Option<String>,
     pub cmk_id: Option<String>,
     pub enterprise_project_id: Option<String>,
+    /// Extension `__reencrypt_data`: re-encrypt every chunk under a fresh data key instead of
+    /// re-wrapping the source's data key (for a key that may be compromised).
+    pub reencrypt_data: bool,
 }
 
 /// The image service.
@@ -51,6 +54,8 @@ pub struct Service {
     pub config: ServiceConfig,
     /// This process's identity in leases and upload tokens.
     pub node_id: String,
+    /// The embedded key service's root-key operations.
+    pub kms: crate::kms::Kms,
     job_ready: Notify,
 }
 
@@ -162,11 +167,15 @@ impl Service {
         let node_id = node_id(&config)?;
         let db = Db::connect(&config.database_url()).await?;
         let data = DataPlane::open(&config)?;
+        let kms = crate::kms::Kms::new(crate::kms::load_or_create_root_key(
+            &config.root_key_path(),
+        )?);
         let svc = Arc::new(Service {
             db,
             data,
             config,
             node_id,
+            kms,
             job_ready: Notify::new(),
         });
         let reset = svc
@@ -635,10 +644,7 @@ impl Service {
                 self.config.max_image_size >> 30,
             ));
         }
-        if let Some(k) = req.cmk_id.as_deref().filter(|k| !k.is_empty()) {
-            // Keys exist only where a key service holds them; none is configured here.
-            return Err(CoreError::KmsKeyNotFound(k.to_string()));
-        }
+        let plan = self.plan_copy_keys(caller, &src, &req).await?;
         if self
             .db
             .count_open_jobs(&caller.project_id, JobType::CopyImageInRegion)
@@ -665,6 +671,10 @@ impl Service {
                     "new_image_id": new_id.to_string(),
                     "name": req.name,
                     "description": req.description,
+                    "mode": plan.mode,
+                    "image_key": plan.image_key,
+                    "work_dek": plan.work_dek,
+                    "src_dek": plan.src_dek,
                 }),
                 image_id: Some(new_id.to_string()),
                 image_name: Some(req.name.clone()),
@@ -722,8 +732,24 @@ impl Service {
             "__description".into(),
             json!(get("description").unwrap_or_default()),
         );
-        // The manifests are immutable and shared: no chunk is read or written.
-        match self.db.insert_image(&img, u64::MAX).await {
+        let image_key = crate::reencrypt::job_image_key(p)?;
+        match image_key.as_ref().and_then(|k| k.cmk_id.clone()) {
+            Some(cmk) => {
+                img.properties.insert("__system__cmkid".into(), json!(cmk));
+            }
+            None => {
+                img.properties.remove("__system__cmkid");
+            }
+        }
+        if get("mode").as_deref() == Some("encrypt") {
+            // Plaintext (or re-keyed) chunks are streamed through AES under a fresh DEK.
+            let (disk, file) = self.encrypt_image_data(job, &src).await?;
+            img.disk_manifest = Some(disk);
+            img.file_manifest = file;
+        }
+        // Otherwise the manifests are immutable and shared, and only the data key was
+        // re-wrapped (at request time): no chunk is read or written.
+        match self.db.insert_image_with_key(&img, image_key.as_ref()).await {
             Ok(()) | Err(CoreError::DuplicateImage(_)) => Ok(None),
             Err(e) => Err(e),
         }

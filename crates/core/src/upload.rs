@@ -37,6 +37,8 @@ pub struct ImageData {
     pub md5: Option<String>,
     /// Which manifest holds the data.
     pub manifest: String,
+    /// The data key of its chunks when the manifest is encrypted.
+    pub dek: Option<openims_store::Dek>,
 }
 
 struct Staged {
@@ -151,11 +153,14 @@ impl Service {
             Some(m) => m,
             None => return Ok(None),
         };
+        // An encrypted image is readable only while its key is usable (IMG.0101-0103).
+        let dek = self.image_dek(caller, &img).await?;
         let len = self.data.manifest_len(&manifest)?;
         Ok(Some(ImageData {
             len,
             md5: img.checksum.clone(),
             manifest,
+            dek,
         }))
     }
 }

@@ -1,6 +1,7 @@
 //! Reading a stored image back: [`ManifestDisk`] (a `VirtualDisk`) and [`ManifestReader`]
 //! (`std::io::Read + Seek` over the raw virtual disk bytes).
 
+use crate::crypto::Dek;
 use crate::error::{Result, StoreError};
 use crate::id::ManifestId;
 use crate::manifest::Manifest;
@@ -21,16 +22,30 @@ pub struct ManifestDisk {
     store: Store,
     id: ManifestId,
     manifest: Arc<Manifest>,
+    dek: Option<Dek>,
     cache: Option<(usize, Vec<u8>)>,
 }
 
 impl ManifestDisk {
-    /// Wraps an already loaded manifest.
+    /// Wraps an already loaded plaintext manifest (an encrypted one fails on first read; use
+    /// [`ManifestDisk::with_key`]).
     pub fn new(store: Store, id: ManifestId, manifest: Arc<Manifest>) -> Self {
+        Self::with_key(store, id, manifest, None)
+    }
+
+    /// Wraps an already loaded manifest with the data key of its encrypted chunks (ignored
+    /// for a plaintext manifest).
+    pub fn with_key(
+        store: Store,
+        id: ManifestId,
+        manifest: Arc<Manifest>,
+        dek: Option<Dek>,
+    ) -> Self {
         ManifestDisk {
             store,
             id,
             manifest,
+            dek,
             cache: None,
         }
     }
@@ -50,7 +65,11 @@ impl ManifestDisk {
         if self.cache.as_ref().map(|c| c.0) != Some(index) {
             let id = self.manifest.chunks()[index]
                 .ok_or_else(|| StoreError::Invalid(format!("chunk {index} is a zero chunk")))?;
-            let data = self.store.get_chunk(&id)?;
+            let data = self.store.read_manifest_chunk(
+                self.manifest.is_encrypted(),
+                self.dek.as_ref(),
+                &id,
+            )?;
             let want = self.manifest.chunk_len(index);
             if data.len() as u64 != want {
                 return Err(StoreError::corrupt(
@@ -206,13 +225,25 @@ impl Seek for ManifestReader {
 }
 
 impl Store {
-    /// Opens a stored image for reading (loads and verifies its manifest).
+    /// Opens a stored plaintext image for reading (loads and verifies its manifest). An
+    /// encrypted manifest is refused (`Invalid`): use [`Store::open_disk_with`].
     pub fn open_disk(&self, id: &ManifestId) -> Result<ManifestDisk> {
-        let m = self.manifest(id)?;
-        Ok(ManifestDisk::new(self.clone(), *id, Arc::new(m)))
+        self.open_disk_with(id, None)
     }
 
-    /// The raw virtual disk bytes of a stored image, in order.
+    /// Opens a stored image for reading with the data key of its chunks when it is
+    /// encrypted. An encrypted manifest without a key is refused here, before any read.
+    pub fn open_disk_with(&self, id: &ManifestId, dek: Option<Dek>) -> Result<ManifestDisk> {
+        let m = self.manifest(id)?;
+        if m.is_encrypted() && dek.is_none() {
+            return Err(StoreError::Invalid(format!(
+                "manifest {id} is encrypted and no data key was given"
+            )));
+        }
+        Ok(ManifestDisk::with_key(self.clone(), *id, Arc::new(m), dek))
+    }
+
+    /// The raw virtual disk bytes of a stored plaintext image, in order.
     pub fn stream_raw(&self, id: &ManifestId) -> Result<ManifestReader> {
         Ok(ManifestReader::new(self.open_disk(id)?))
     }

@@ -15,6 +15,7 @@
 //! its manifest exists) and the longest GC run. Hours are reasonable; tests use seconds.
 
 use crate::backend::{chunk_key, manifest_key, CHUNK_PREFIX, MANIFEST_PREFIX};
+use crate::crypto::{check_encrypted_chunk, echunk_key, ECHUNK_PREFIX};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
 use crate::store::Store;
@@ -91,6 +92,23 @@ fn parse_chunk_key(key: &str) -> Option<ChunkId> {
     (chunk_key(&id) == key).then_some(id)
 }
 
+/// The encrypted chunk id named by a key, if it is exactly an encrypted chunk key.
+fn parse_echunk_key(key: &str) -> Option<ChunkId> {
+    let id = ChunkId::from_hex(key.rsplit('/').next()?).ok()?;
+    (echunk_key(&id) == key).then_some(id)
+}
+
+/// The two chunk namespaces: plaintext (`chunks/`) and encrypted (`echunks/`).
+const NAMESPACES: [(bool, &str); 2] = [(false, CHUNK_PREFIX), (true, ECHUNK_PREFIX)];
+
+fn parse_key(encrypted: bool, key: &str) -> Option<ChunkId> {
+    if encrypted {
+        parse_echunk_key(key)
+    } else {
+        parse_chunk_key(key)
+    }
+}
+
 impl Store {
     /// Deletes manifests not in `live` and chunks referenced by no kept manifest, but only
     /// objects last modified more than `grace` ago (see the module docs for why this is safe
@@ -134,7 +152,8 @@ impl Store {
         }
 
         // 2. Mark.
-        let mut marked: HashSet<ChunkId> = HashSet::new();
+        // Plaintext and encrypted chunks are marked apart (index 0 and 1).
+        let mut marked: [HashSet<ChunkId>; 2] = Default::default();
         for id in &keep {
             let m = match self.manifest(id) {
                 Ok(m) => m,
@@ -146,27 +165,30 @@ impl Store {
                     )))
                 }
             };
-            marked.extend(m.chunks().iter().flatten().copied());
+            marked[usize::from(m.is_encrypted())].extend(m.chunks().iter().flatten().copied());
         }
 
-        // 3. Sweep chunks.
-        for meta in b.list(CHUNK_PREFIX)? {
-            let meta = meta?;
-            let Some(id) = parse_chunk_key(&meta.key) else {
-                report.foreign_keys += 1;
-                continue;
-            };
-            if marked.contains(&id) {
-                report.chunks_live += 1;
-            } else if meta.modified >= cutoff {
-                report.chunks_young += 1;
-            } else {
-                match b.delete_if_older(&meta.key, cutoff)? {
-                    Some(size) => {
-                        report.chunks_deleted += 1;
-                        report.chunk_bytes_freed += size;
+        // 3. Sweep chunks of both namespaces.
+        for (encrypted, prefix) in NAMESPACES {
+            let marked = &marked[usize::from(encrypted)];
+            for meta in b.list(prefix)? {
+                let meta = meta?;
+                let Some(id) = parse_key(encrypted, &meta.key) else {
+                    report.foreign_keys += 1;
+                    continue;
+                };
+                if marked.contains(&id) {
+                    report.chunks_live += 1;
+                } else if meta.modified >= cutoff {
+                    report.chunks_young += 1;
+                } else {
+                    match b.delete_if_older(&meta.key, cutoff)? {
+                        Some(size) => {
+                            report.chunks_deleted += 1;
+                            report.chunk_bytes_freed += size;
+                        }
+                        None => report.chunks_young += 1,
                     }
-                    None => report.chunks_young += 1,
                 }
             }
         }
@@ -181,7 +203,8 @@ impl Store {
         let b = &self.inner.backend;
         let mut report = FsckReport::default();
         let live_set: HashSet<ManifestId> = live.iter().copied().collect();
-        let mut expected: HashMap<ChunkId, u64> = HashMap::new();
+        // (chunk, encrypted?) -> plaintext length.
+        let mut expected: HashMap<(ChunkId, bool), u64> = HashMap::new();
         let mut checked = HashSet::new();
         for id in live {
             if !checked.insert(*id) {
@@ -189,7 +212,14 @@ impl Store {
             }
             report.manifests_checked += 1;
             match self.manifest(id) {
-                Ok(m) => expected.extend(m.stored_chunks_with_len()),
+                Ok(m) => {
+                    let enc = m.is_encrypted();
+                    expected.extend(
+                        m.stored_chunks_with_len()
+                            .into_iter()
+                            .map(|(c, l)| ((c, enc), l)),
+                    )
+                }
                 Err(StoreError::NotFound(_)) => report.missing_manifests.push(*id),
                 Err(StoreError::Corrupt { reason, .. }) => {
                     report.corrupt_manifests.push((*id, reason))
@@ -199,7 +229,7 @@ impl Store {
         }
 
         // Verify chunks in parallel.
-        let todo: Vec<(ChunkId, u64)> = expected.iter().map(|(k, v)| (*k, *v)).collect();
+        let todo: Vec<((ChunkId, bool), u64)> = expected.iter().map(|(k, v)| (*k, *v)).collect();
         let threads = self.inner.config.ingest_workers.max(1);
         let per = todo.len().div_ceil(threads).max(1);
         type Part = (Vec<ChunkId>, Vec<(ChunkId, String)>, u64, u64);
@@ -210,14 +240,20 @@ impl Store {
                     s.spawn(move || -> Result<Part> {
                         let (mut missing, mut corrupt, mut n, mut bytes) =
                             (Vec::new(), Vec::new(), 0u64, 0u64);
-                        for (id, len) in part {
+                        for ((id, enc), len) in part {
                             n += 1;
-                            match self.get_chunk(id) {
-                                Ok(d) if d.len() as u64 == *len => bytes += *len,
-                                Ok(d) => corrupt.push((
-                                    *id,
-                                    format!("{} bytes, manifests expect {len}", d.len()),
-                                )),
+                            // Encrypted chunks are checked without a key: framing, nonce
+                            // bound to the id, ciphertext checksum, length.
+                            let got = if *enc {
+                                self.get_encrypted_object(id)
+                                    .and_then(|o| check_encrypted_chunk(id, &o))
+                            } else {
+                                self.get_chunk(id).map(|d| d.len() as u64)
+                            };
+                            match got {
+                                Ok(l) if l == *len => bytes += *len,
+                                Ok(l) => corrupt
+                                    .push((*id, format!("{l} bytes, manifests expect {len}"))),
                                 Err(StoreError::NotFound(_)) => missing.push(*id),
                                 Err(StoreError::Corrupt { reason, .. }) => {
                                     corrupt.push((*id, reason))
@@ -255,12 +291,16 @@ impl Store {
                 None => report.foreign_keys.push(meta.key),
             }
         }
-        for meta in b.list(CHUNK_PREFIX)? {
-            let meta = meta?;
-            match parse_chunk_key(&meta.key) {
-                Some(id) if !expected.contains_key(&id) => report.orphan_chunks.push(id),
-                Some(_) => {}
-                None => report.foreign_keys.push(meta.key),
+        for (encrypted, prefix) in NAMESPACES {
+            for meta in b.list(prefix)? {
+                let meta = meta?;
+                match parse_key(encrypted, &meta.key) {
+                    Some(id) if !expected.contains_key(&(id, encrypted)) => {
+                        report.orphan_chunks.push(id)
+                    }
+                    Some(_) => {}
+                    None => report.foreign_keys.push(meta.key),
+                }
             }
         }
         report.orphan_manifests.sort();

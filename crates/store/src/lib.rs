@@ -23,8 +23,14 @@
 //! and nothing GC deletes can be referenced by a manifest written concurrently (see [`gc`]).
 //!
 //! ## Design notes
-//! - Keys: `chunks/ab/cd/<hex>` and `manifests/<hex>`; the serialized manifest format is in
-//!   [`manifest`].
+//! - Keys: `chunks/ab/cd/<hex>`, `echunks/ab/cd/<hex>` (encrypted chunks, see [`crypto`]) and
+//!   `manifests/<hex>`; the serialized manifest format is in [`manifest`] (version 2 marks a
+//!   manifest of encrypted chunks).
+//! - Envelope encryption: [`crypto`] encrypts chunk bytes under a data key ([`Dek`]) with
+//!   AES-256-GCM; the store never sees key-encryption keys (the core wraps DEKs).
+//!   [`Store::open_disk_with`] reads an encrypted manifest with its DEK;
+//!   [`Store::reencrypt`] streams a manifest's chunks into a new encrypted manifest,
+//!   resumable from an [`EncryptCheckpoint`].
 //! - Ingest pipeline: the caller's thread asks the disk for its allocation map (64 chunks at a
 //!   time) and never reads chunks that are wholly holes; data chunks go through a pool of
 //!   `ingest_workers + 2` buffers to worker threads that zero-check, hash and write them.
@@ -39,7 +45,9 @@
 //!   default because a surviving name must mean complete content).
 
 pub mod backend;
+pub mod crypto;
 mod disk;
+mod encrypt;
 pub mod error;
 pub mod gc;
 mod id;
@@ -48,7 +56,9 @@ pub mod manifest;
 mod store;
 
 pub use backend::{Backend, LocalBackend, MemBackend, ObjectMeta, SyncMode};
+pub use crypto::Dek;
 pub use disk::{ManifestDisk, ManifestReader};
+pub use encrypt::{EncryptCheckpoint, EncryptProgress};
 pub use error::{Result, StoreError};
 pub use gc::{FsckReport, GcReport};
 pub use id::{ChunkId, ManifestId};

@@ -5,7 +5,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `OIMSMANI` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version: 1 = plaintext chunks, 2 = encrypted chunks (see [`crate::crypto`]) |
 //! | 12 | 4 | chunk size in bytes |
 //! | 16 | 8 | virtual size in bytes |
 //! | 24 | 8 | chunk count (must equal `ceil(virtual_size / chunk_size)`) |
@@ -23,8 +23,11 @@ const MAGIC: &[u8; 8] = b"OIMSMANI";
 const HEADER_LEN: usize = 32;
 const TRAILER_LEN: usize = 32;
 
-/// The only manifest format version written and read.
+/// Manifest format version of plaintext manifests (chunks under `chunks/`).
 pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest format version of encrypted manifests (chunks under `echunks/`, ids depend on
+/// the data key; see [`crate::crypto`]). Same layout as version 1.
+pub const MANIFEST_VERSION_ENCRYPTED: u32 = 2;
 /// Smallest chunk size a manifest may declare.
 pub const MIN_CHUNK_SIZE: u32 = 512;
 /// Largest chunk size a manifest may declare (bounds memory per chunk read).
@@ -79,6 +82,23 @@ impl Manifest {
             chunk_size,
             chunks,
         })
+    }
+
+    /// Builds an encrypted manifest: like [`Manifest::new`], but its chunk ids name encrypted
+    /// chunks (readable only with the data key they were made with).
+    pub fn new_encrypted(
+        virtual_size: u64,
+        chunk_size: u32,
+        chunks: Vec<Option<ChunkId>>,
+    ) -> Result<Self> {
+        let mut m = Manifest::new(virtual_size, chunk_size, chunks)?;
+        m.version = MANIFEST_VERSION_ENCRYPTED;
+        Ok(m)
+    }
+
+    /// Whether the chunks are encrypted chunks (format version 2).
+    pub fn is_encrypted(&self) -> bool {
+        self.version == MANIFEST_VERSION_ENCRYPTED
     }
 
     /// Format version.
@@ -196,7 +216,7 @@ impl Manifest {
             u64::from_le_bytes(b)
         };
         let version = u32_at(8);
-        if version != MANIFEST_VERSION {
+        if version != MANIFEST_VERSION && version != MANIFEST_VERSION_ENCRYPTED {
             return Err(bad(format!("unsupported manifest version {version}")));
         }
         let chunk_size = u32_at(12);
@@ -217,7 +237,12 @@ impl Manifest {
                 (id != [0u8; 32]).then_some(ChunkId(id))
             })
             .collect();
-        Manifest::new(virtual_size, chunk_size, chunks).map_err(|e| bad(e.to_string()))
+        let m = if version == MANIFEST_VERSION_ENCRYPTED {
+            Manifest::new_encrypted(virtual_size, chunk_size, chunks)
+        } else {
+            Manifest::new(virtual_size, chunk_size, chunks)
+        };
+        m.map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -249,6 +274,18 @@ mod tests {
         assert_eq!(m.plain_physical_bytes(), 4096 * 2);
         assert_eq!(m.physical_bytes(&|_| 7), 14);
         assert_eq!(m.logical_size(), 4096 * 4 + 10);
+    }
+
+    #[test]
+    fn encrypted_flag_round_trips_and_changes_the_id() {
+        let m = sample();
+        let e = Manifest::new_encrypted(m.virtual_size(), m.chunk_size(), m.chunks().to_vec())
+            .expect("valid");
+        assert!(e.is_encrypted() && !m.is_encrypted());
+        assert_ne!(e.id(), m.id());
+        let back = Manifest::from_bytes(&e.to_bytes(), "k").expect("parse");
+        assert!(back.is_encrypted());
+        assert_eq!(back, e);
     }
 
     #[test]

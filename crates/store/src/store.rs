@@ -1,6 +1,7 @@
 //! [`Store`]: chunks and manifests on a [`Backend`].
 
 use crate::backend::{chunk_key, manifest_key, Backend};
+use crate::crypto::{self, Dek};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -121,8 +122,13 @@ impl Store {
     /// (`sync`) before the manifest is written, and the manifest is durable on return.
     pub fn put_manifest(&self, m: &Manifest) -> Result<ManifestId> {
         let b = &self.inner.backend;
+        let key_of = if m.is_encrypted() {
+            crate::crypto::echunk_key
+        } else {
+            chunk_key
+        };
         for id in m.stored_chunks() {
-            if !b.touch(&chunk_key(&id))? {
+            if !b.touch(&key_of(&id))? {
                 return Err(StoreError::NotFound(format!(
                     "chunk {id} referenced by the manifest is not stored"
                 )));
@@ -201,6 +207,81 @@ impl Store {
         }
         b.put(&key, data)?;
         Ok((id, true))
+    }
+
+    /// Encrypts `plaintext` under `dek` and stores it (unless an object with its id is
+    /// already stored, which is then touched); returns its id under `dek`. Not durable until
+    /// [`Store::sync`] or [`Store::put_manifest`].
+    pub fn put_encrypted_chunk(&self, dek: &Dek, plaintext: &[u8]) -> Result<ChunkId> {
+        Ok(self.put_encrypted_chunk_inner(dek, plaintext)?.0)
+    }
+
+    /// Like [`Store::put_encrypted_chunk`]; also says whether the object was newly written.
+    pub(crate) fn put_encrypted_chunk_inner(
+        &self,
+        dek: &Dek,
+        plaintext: &[u8],
+    ) -> Result<(ChunkId, bool)> {
+        if plaintext.is_empty() || plaintext.len() > MAX_CHUNK_SIZE as usize {
+            return Err(StoreError::Invalid(format!(
+                "chunk of {} bytes (must be 1..={MAX_CHUNK_SIZE})",
+                plaintext.len()
+            )));
+        }
+        let id = crypto::encrypted_chunk_id(dek, plaintext);
+        let key = crypto::echunk_key(&id);
+        let b = &self.inner.backend;
+        if b.touch(&key)? {
+            return Ok((id, false));
+        }
+        let (id, obj) = crypto::encrypt_chunk(dek, plaintext)?;
+        b.put(&key, &obj)?;
+        Ok((id, true))
+    }
+
+    /// Reads and decrypts an encrypted chunk (see [`crypto::decrypt_chunk`] for the checks).
+    pub fn get_encrypted_chunk(&self, dek: &Dek, id: &ChunkId) -> Result<Vec<u8>> {
+        let obj = self.get_encrypted_object(id)?;
+        crypto::decrypt_chunk(dek, id, &obj)
+    }
+
+    /// The stored bytes of an encrypted chunk (ciphertext object).
+    pub(crate) fn get_encrypted_object(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.inner
+            .backend
+            .get(&crypto::echunk_key(id))
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => StoreError::NotFound(format!("encrypted chunk {id}")),
+                e => e,
+            })
+    }
+
+    /// The stored object of chunk `id` of a plaintext or encrypted manifest, unverified.
+    pub(crate) fn read_object(&self, encrypted: bool, id: &ChunkId) -> Result<Vec<u8>> {
+        if encrypted {
+            return self.get_encrypted_object(id);
+        }
+        self.inner.backend.get(&chunk_key(id)).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(format!("chunk {id}")),
+            e => e,
+        })
+    }
+
+    /// Reads chunk `id` of a manifest: plaintext chunks are verified against their id;
+    /// encrypted ones need the manifest's data key (`Invalid` without it).
+    pub fn read_manifest_chunk(
+        &self,
+        encrypted: bool,
+        dek: Option<&Dek>,
+        id: &ChunkId,
+    ) -> Result<Vec<u8>> {
+        match (encrypted, dek) {
+            (false, _) => self.get_chunk(id),
+            (true, Some(k)) => self.get_encrypted_chunk(k, id),
+            (true, None) => Err(StoreError::Invalid(
+                "the manifest is encrypted and no data key was given".into(),
+            )),
+        }
     }
 
     /// Durability barrier for chunks written with [`Store::put_chunk`].
