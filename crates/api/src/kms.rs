@@ -174,7 +174,9 @@ async fn enable_key(
     JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Value>> {
     let (id, state) = change(&st, &c, &pid, &body, KeyOp::Enable).await?;
-    Ok(Json(json!({"key_info": {"key_id": id, "key_state": state}})))
+    Ok(Json(
+        json!({"key_info": {"key_id": id, "key_state": state}}),
+    ))
 }
 
 async fn disable_key(
@@ -184,7 +186,9 @@ async fn disable_key(
     JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Value>> {
     let (id, state) = change(&st, &c, &pid, &body, KeyOp::Disable).await?;
-    Ok(Json(json!({"key_info": {"key_id": id, "key_state": state}})))
+    Ok(Json(
+        json!({"key_info": {"key_id": id, "key_state": state}}),
+    ))
 }
 
 async fn schedule_deletion(

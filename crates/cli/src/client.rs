@@ -20,7 +20,11 @@ use std::time::Duration;
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// API endpoint, e.g. http://127.0.0.1:9292.
-    #[arg(long, env = "OPENIMS_ENDPOINT", default_value = "http://127.0.0.1:9292")]
+    #[arg(
+        long,
+        env = "OPENIMS_ENDPOINT",
+        default_value = "http://127.0.0.1:9292"
+    )]
     pub endpoint: String,
     /// Access key.
     #[arg(long, env = "OPENIMS_ACCESS_KEY")]
@@ -95,10 +99,10 @@ pub fn signed_get(c: &ClientArgs, path_q: &str) -> anyhow::Result<Value> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("malformed HTTP status line"))?;
-    if head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"))
-    {
+    if head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    }) {
         body = dechunk(&body)?;
     }
     let v: Value = serde_json::from_slice(&body)
@@ -141,7 +145,10 @@ pub fn usage(args: UsageArgs) -> anyhow::Result<()> {
     }
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!("project          {}", v["project_id"].as_str().unwrap_or(""));
+    println!(
+        "project          {}",
+        v["project_id"].as_str().unwrap_or("")
+    );
     println!("images           {}", n("images"));
     println!(
         "logical bytes    {} ({:.3} GiB)",

@@ -33,7 +33,11 @@ async fn add_image(
     size: u64,
     key: Option<ImageKey>,
 ) -> R<String> {
-    let mut img = Image::new(caller.project_id.clone(), Some("bench".into()), Origin::File);
+    let mut img = Image::new(
+        caller.project_id.clone(),
+        Some("bench".into()),
+        Origin::File,
+    );
     img.status = ImageStatus::Active;
     img.disk_format = Some("raw".into());
     img.container_format = Some("bare".into());
@@ -147,7 +151,11 @@ async fn main() -> R<()> {
         // Encrypted source: a DEK wrapped by k1.
         let dek = Dek::generate();
         let eid = store.put_encrypted_chunk(&dek, &block)?;
-        let em = store.put_manifest(&Manifest::new_encrypted(size, CHUNK_SIZE, vec![Some(eid); n])?)?;
+        let em = store.put_manifest(&Manifest::new_encrypted(
+            size,
+            CHUNK_SIZE,
+            vec![Some(eid); n],
+        )?)?;
         let material = svc.usable_key(&caller, &k1, KeyRole::Target).await?;
         let wrapped = svc.cmk_wrap(&k1, &material, &dek)?;
         let enc = add_image(

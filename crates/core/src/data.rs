@@ -220,9 +220,7 @@ impl DataPlane {
         offset: u64,
         len: u64,
     ) -> Result<Box<dyn std::io::Read + Send>> {
-        let disk = self
-            .store
-            .open_disk_with(&parse_manifest(manifest)?, dek)?;
+        let disk = self.store.open_disk_with(&parse_manifest(manifest)?, dek)?;
         Ok(Box::new(RangeReader {
             disk,
             pos: offset,

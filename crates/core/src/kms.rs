@@ -779,10 +779,10 @@ impl Service {
         match &k.cmk_id {
             Some(cmk) => {
                 let material = self.usable_key(caller, cmk, KeyRole::Source).await?;
-                Ok(Some(
-                    self.kms
-                        .unwrap_dek(Some((cmk.as_str(), &material)), &k.wrapped_dek)?,
-                ))
+                Ok(Some(self.kms.unwrap_dek(
+                    Some((cmk.as_str(), &material)),
+                    &k.wrapped_dek,
+                )?))
             }
             None => Ok(Some(self.kms.unwrap_dek(None, &k.wrapped_dek)?)),
         }
@@ -822,7 +822,10 @@ mod tests {
             transition(Disabled, ScheduleDeletion).expect("ok"),
             PendingDeletion
         );
-        assert_eq!(transition(PendingDeletion, CancelDeletion).expect("ok"), Disabled);
+        assert_eq!(
+            transition(PendingDeletion, CancelDeletion).expect("ok"),
+            Disabled
+        );
         for (s, op) in [
             (Enabled, Enable),
             (Disabled, Disable),
@@ -876,7 +879,9 @@ mod tests {
             dek
         );
         // Another CMK, the same material under another id, or the root key: refused.
-        assert!(kms.unwrap_dek(Some(("key-1", &Dek::generate())), &w).is_err());
+        assert!(kms
+            .unwrap_dek(Some(("key-1", &Dek::generate())), &w)
+            .is_err());
         assert!(kms.unwrap_dek(Some(("key-2", &cmk)), &w).is_err());
         assert!(kms.unwrap_dek(None, &w).is_err());
         // Root-wrapped DEKs: only the same root key opens them.

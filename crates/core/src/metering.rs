@@ -71,7 +71,10 @@ impl Service {
         let mut per_image: Vec<Vec<ManifestId>> = Vec::with_capacity(images.len());
         for img in &images {
             let mut ms = Vec::new();
-            for m in [&img.disk_manifest, &img.file_manifest].into_iter().flatten() {
+            for m in [&img.disk_manifest, &img.file_manifest]
+                .into_iter()
+                .flatten()
+            {
                 ms.push(
                     m.parse::<ManifestId>()
                         .map_err(|_| CoreError::Internal(format!("bad manifest id {m}")))?,

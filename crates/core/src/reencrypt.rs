@@ -157,11 +157,10 @@ impl Service {
         src: &Image,
     ) -> Result<(String, Option<String>)> {
         let p = &job.params;
-        let work = self.root_unwrap(
-            p.get("work_dek")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CoreError::Internal("encrypting copy without a data key".into()))?,
-        )?;
+        let work =
+            self.root_unwrap(p.get("work_dek").and_then(Value::as_str).ok_or_else(|| {
+                CoreError::Internal("encrypting copy without a data key".into())
+            })?)?;
         let src_dek = match p.get("src_dek").and_then(Value::as_str) {
             Some(w) => Some(self.root_unwrap(w)?),
             None => None,
@@ -267,9 +266,7 @@ impl Service {
                     percent: (percent * 10.0).floor() / 10.0,
                     bytes_done: u.bytes_done as i64,
                     bytes_total: bytes_total as i64,
-                    checkpoint: u
-                        .checkpoint
-                        .map(|c| json!({"encrypt": c})),
+                    checkpoint: u.checkpoint.map(|c| json!({"encrypt": c})),
                 };
                 let alive = self
                     .db

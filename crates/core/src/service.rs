@@ -749,7 +749,11 @@ impl Service {
         }
         // Otherwise the manifests are immutable and shared, and only the data key was
         // re-wrapped (at request time): no chunk is read or written.
-        match self.db.insert_image_with_key(&img, image_key.as_ref()).await {
+        match self
+            .db
+            .insert_image_with_key(&img, image_key.as_ref())
+            .await
+        {
             Ok(()) | Err(CoreError::DuplicateImage(_)) => Ok(None),
             Err(e) => Err(e),
         }

@@ -272,12 +272,10 @@ fn worker(
             Work::Zero => Ok((i, None, 0)),
             Work::Known(id) => Ok((i, Some(id), 0)),
             Work::Raw(src_id, obj, want) => decode(src, &src_id, obj, want).and_then(|data| {
-                store
-                    .put_encrypted_chunk_inner(dek, &data)
-                    .map(|(id, _)| {
-                        lock(seen).insert(src_id, id);
-                        (i, Some(id), data.len() as u64)
-                    })
+                store.put_encrypted_chunk_inner(dek, &data).map(|(id, _)| {
+                    lock(seen).insert(src_id, id);
+                    (i, Some(id), data.len() as u64)
+                })
             }),
         };
         if done.send(r).is_err() {
