@@ -70,6 +70,19 @@ def test_tampered_body_and_query_401(tenant):
     assert name not in names_in(tenant)
 
 
+def test_unsigned_payload_header_added_after_signing_401(tenant):
+    # Declaring the body unsigned is only honoured when that declaration is itself signed:
+    # otherwise anyone holding a captured request could swap its body.
+    def unsign_and_swap(method, url, headers, body):
+        headers = dict(headers)
+        headers["X-Sdk-Content-Sha256"] = "UNSIGNED-PAYLOAD"
+        return method, url, headers, body.replace(b"authprobe", b"authprobX")
+
+    name, r = create_attempt(tenant, mutate_after_sign=unsign_and_swap)
+    assert_error(r, 401, "APIGW.0301")
+    assert name.replace("authprobe", "authprobX") not in names_in(tenant)
+
+
 def test_other_project_id_403(tenant, tenant_b):
     # tenant A's key, but X-Project-Id of B (correctly signed): the key may not act there
     name, r = create_attempt(tenant, project_id=tenant_b.project_id)

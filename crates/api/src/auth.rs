@@ -100,7 +100,20 @@ async fn verify_signature(
     // The body is hashed unless the client declared it unsigned.
     let unsigned = header(&headers, "x-sdk-content-sha256").map(str::trim);
     let (req, payload_hash) = match unsigned {
-        Some(v) if v.eq_ignore_ascii_case("UNSIGNED-PAYLOAD") => (req, v.to_string()),
+        Some(v) if v.eq_ignore_ascii_case("UNSIGNED-PAYLOAD") => {
+            // Only a signed declaration counts: an unsigned one could be added to a captured
+            // request to swap its body.
+            if !parsed
+                .signed_headers
+                .iter()
+                .any(|h| h == "x-sdk-content-sha256")
+            {
+                return Err(ApiError::unauthorized(
+                    "X-Sdk-Content-Sha256 must be a signed header when the payload is unsigned.",
+                ));
+            }
+            (req, v.to_string())
+        }
         _ => {
             let (parts, body) = req.into_parts();
             let limited = http_body_util::Limited::new(body, MAX_SIGNED_BODY);
