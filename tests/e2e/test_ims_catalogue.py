@@ -414,3 +414,25 @@ def test_list_tags(tenant):
     assert sorted(r.tags) == ["app.db", "app.web"]
     r = tenant.ims.list_tags(ListTagsRequest(id=i1["id"]))
     assert r.tags == ["app.web"]
+
+
+def test_concurrent_creates_and_tag_changes_all_succeed(tenant):
+    # Many writers at once must queue for the database, never fail (SQLite lock upgrades).
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(i):
+        r = tenant.raw.post("/v2/images", json_body={"name": f"conc-{i}", "disk_format": "raw",
+                                                     "container_format": "bare"})
+        return r.status_code, r.text
+
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        results = list(ex.map(create, range(24)))
+    assert all(code == 201 for code, _ in results), [r for r in results if r[0] != 201][:3]
+    first = tenant.raw.get("/v2/images", query={"limit": 1}).json()["images"][0]["id"]
+
+    def tag(i):
+        return tenant.raw.put(f"/v2/images/{first}/tags/t{i}").status_code
+
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        codes = list(ex.map(tag, range(8)))
+    assert codes == [204] * 8, codes

@@ -799,15 +799,19 @@ fn image_from_row(r: &sqlx::any::AnyRow) -> Result<Image> {
 impl Db {
     /// Inserts a new image, refusing it when the owner's private-image quota is used up.
     pub async fn insert_image(&self, img: &Image, quota: u64) -> Result<()> {
+        // Write first, then check: on SQLite a transaction that reads before it writes cannot
+        // wait for a concurrent writer (its lock upgrade fails at once), so the insert takes
+        // the write lock and the quota check counts the new row too.
         let mut tx = self.pool.begin().await?;
+        insert_image_row(&mut tx, img).await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
             .bind(img.owner.as_str())
             .fetch_one(&mut *tx)
             .await?;
-        if n as u64 >= quota {
+        if n as u64 > quota {
+            // Dropping the transaction rolls the insert back.
             return Err(CoreError::ImageQuotaExceeded(quota));
         }
-        insert_image_row(&mut tx, img).await?;
         for (k, v) in &img.tags {
             sqlx::query(
                 "INSERT INTO image_tags (image_id, tag_key, tag_value, created_at) VALUES ($1, $2, $3, $4)",

@@ -37,7 +37,14 @@ impl Db {
         changes: &[TagChange],
         quota: usize,
     ) -> Result<Vec<(String, String)>> {
+        let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // Write first (see `insert_image`): take the write lock before reading.
+        sqlx::query("UPDATE images SET updated_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
         let rows = sqlx::query("SELECT tag_key, tag_value FROM image_tags WHERE image_id = $1")
             .bind(id.to_string())
             .fetch_all(&mut *tx)
@@ -61,7 +68,6 @@ impl Db {
         if current.len() > quota {
             return Err(CoreError::TagQuotaExceeded(quota));
         }
-        let now = now_ms();
         for c in changes {
             match c {
                 TagChange::Upsert(k, v) => {
@@ -85,11 +91,6 @@ impl Db {
                 }
             }
         }
-        sqlx::query("UPDATE images SET updated_at = $1 WHERE id = $2")
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(current)
     }
