@@ -911,7 +911,7 @@ impl BucketObjects {
         validate_object_key(key)?;
         self.authorize(project, bucket, Action::PutObject, Some(key))
             .await?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let info = self
             .commit_object(
                 bucket,
@@ -936,7 +936,7 @@ impl BucketObjects {
     ) -> Result<bool> {
         self.authorize(project, bucket, Action::DeleteObject, Some(key))
             .await?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let deleted = sqlx::query("DELETE FROM objects WHERE bucket = $1 AND object_key = $2")
             .bind(bucket)
             .bind(key)
@@ -976,7 +976,7 @@ impl BucketObjects {
             .into_iter()
             .map(|p| (p.part_number, p.manifest, p.size))
             .collect();
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let info = self
             .commit_object(
                 dst_bucket, dst_key, &parts, src.etag, &attrs, false, &mut tx,
@@ -1290,7 +1290,7 @@ impl BucketObjects {
             chosen.push((p.part_number, p.manifest.clone(), p.size));
         }
         let etag = multipart_etag(&md5s);
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         // Claim the upload first: of two concurrent completions only one proceeds.
         let claimed = sqlx::query("DELETE FROM multipart_uploads WHERE upload_id = $1")
             .bind(upload_id)
@@ -1335,7 +1335,7 @@ impl BucketObjects {
             Action::AbortMultipartUpload,
         )
         .await?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         sqlx::query("DELETE FROM upload_parts WHERE upload_id = $1")
             .bind(upload_id)
             .execute(&mut *tx)

@@ -56,6 +56,25 @@ impl Db {
     }
 }
 
+/// Begins a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`: the write lock is
+/// taken up front (waiting up to `busy_timeout` for another writer), because a deferred
+/// transaction that reads first cannot later upgrade its lock while another connection writes
+/// and fails with `SQLITE_BUSY` instead of waiting. On PostgreSQL it is a plain `BEGIN`.
+pub async fn begin_write(
+    pool: &AnyPool,
+) -> std::result::Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    if pool
+        .connect_options()
+        .database_url
+        .scheme()
+        .starts_with("sqlite")
+    {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    } else {
+        pool.begin().await
+    }
+}
+
 /// Small helpers to read portable columns.
 pub trait RowExt {
     fn s(&self, col: &str) -> String;

@@ -239,7 +239,7 @@ impl Db {
                 project.name
             )));
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.pool).await?;
         for sql in [
             "DELETE FROM access_keys WHERE project_id = $1",
             "DELETE FROM tokens WHERE project_id = $1",
@@ -316,7 +316,7 @@ impl Db {
     }
 
     pub async fn delete_user(&self, user: &User) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.pool).await?;
         for sql in [
             "DELETE FROM access_keys WHERE user_id = $1",
             "DELETE FROM tokens WHERE user_id = $1",

@@ -663,6 +663,26 @@ fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> Ordering {
     }
 }
 
+/// A value bound to a dynamically built query.
+#[derive(Clone)]
+enum BindVal {
+    S(String),
+    I(i64),
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    vals: &'q [BindVal],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for v in vals {
+        q = match v {
+            BindVal::S(s) => q.bind(s.as_str()),
+            BindVal::I(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
 /// One page of images, plus whether more follow.
 pub struct Page {
     pub images: Vec<Image>,
@@ -802,7 +822,7 @@ impl Db {
         // Write first, then check: on SQLite a transaction that reads before it writes cannot
         // wait for a concurrent writer (its lock upgrade fails at once), so the insert takes
         // the write lock and the quota check counts the new row too.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.pool).await?;
         insert_image_row(&mut tx, img).await?;
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
             .bind(img.owner.as_str())
@@ -872,6 +892,132 @@ impl Db {
             }
         }
         Ok(images)
+    }
+
+    /// One page of the images `owner` owns, filtered, sorted and paged by the database, when
+    /// the query only uses what the database can answer from columns and indexes: equality on
+    /// plain columns, `created_at`/`updated_at` ranges, one sort key among `created_at` and
+    /// `updated_at`, and an id marker. `None` means the caller must fall back to
+    /// [`apply_list_query`] over all the owner's images (custom properties, tags, other sorts).
+    ///
+    /// The page is a keyset query (`(key, id)` strictly after the marker's), so its cost does not
+    /// grow with the number of images the project has.
+    pub async fn page_of(&self, owner: &ProjectId, q: &ListQuery) -> Result<Option<Page>> {
+        const COLUMNS: &[&str] = &[
+            "name",
+            "status",
+            "visibility",
+            "disk_format",
+            "container_format",
+        ];
+        if !q.tags.is_empty() || q.sort.len() > 1 {
+            return Ok(None);
+        }
+        let (key, asc) = match q.sort.first() {
+            None => ("created_at", false),
+            Some((k, asc)) if k == "created_at" => ("created_at", *asc),
+            Some((k, asc)) if k == "updated_at" => ("updated_at", *asc),
+            Some(_) => return Ok(None),
+        };
+        if !q.equals.iter().all(|(k, _)| COLUMNS.contains(&k.as_str())) {
+            return Ok(None);
+        }
+        // WHERE clause shared by the marker lookup and the page query.
+        let mut cond = String::from("owner = $1");
+        let mut binds: Vec<BindVal> = vec![BindVal::S(owner.as_str().to_string())];
+        for (k, want) in &q.equals {
+            // Same semantics as the in-memory filter: the value, or one of a comma list.
+            let mut alts: Vec<&str> = vec![want.as_str()];
+            if want.contains(',') {
+                alts.extend(want.split(','));
+            }
+            let mut ors = Vec::new();
+            for a in alts {
+                binds.push(BindVal::S(a.to_string()));
+                ors.push(format!("COALESCE({k}, '') = ${}", binds.len()));
+            }
+            cond.push_str(&format!(" AND ({})", ors.join(" OR ")));
+        }
+        for (col, filters) in [("created_at", &q.created_at), ("updated_at", &q.updated_at)] {
+            for &(op, want) in filters.iter() {
+                let op = match op {
+                    TimeOp::Gt => ">",
+                    TimeOp::Gte => ">=",
+                    TimeOp::Lt => "<",
+                    TimeOp::Lte => "<=",
+                    TimeOp::Eq => "=",
+                    TimeOp::Neq => "<>",
+                };
+                // Second precision, as on the wire.
+                binds.push(BindVal::I(want / 1000));
+                cond.push_str(&format!(" AND ({col} / 1000) {op} ${}", binds.len()));
+            }
+        }
+        let mut page_cond = cond.clone();
+        let mut page_binds = binds.clone();
+        if let Some(m) = &q.marker {
+            let mut sql = format!("SELECT {key} AS k, id FROM images WHERE {cond}");
+            binds.push(BindVal::S(m.clone()));
+            sql.push_str(&format!(" AND id = ${}", binds.len()));
+            let row = bind_all(sqlx::query(&sql), &binds)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| CoreError::InvalidRequest(format!("No image found with ID {m}")))?;
+            let cmp = if asc { ">" } else { "<" };
+            page_binds.push(BindVal::I(row.i("k")));
+            let kn = page_binds.len();
+            page_binds.push(BindVal::S(row.s("id")));
+            let idn = page_binds.len();
+            page_cond.push_str(&format!(
+                " AND ({key} {cmp} ${kn} OR ({key} = ${kn} AND id {cmp} ${idn}))"
+            ));
+        }
+        let dir = if asc { "ASC" } else { "DESC" };
+        let limit = q.limit.min(i64::MAX as usize - 1) as i64;
+        page_binds.push(BindVal::I(limit + 1));
+        let sql = format!(
+            "SELECT {IMAGE_COLUMNS} FROM images WHERE {page_cond} \
+             ORDER BY {key} {dir}, id {dir} LIMIT ${}",
+            page_binds.len()
+        );
+        let rows = bind_all(sqlx::query(&sql), &page_binds)
+            .fetch_all(&self.pool)
+            .await?;
+        let more = rows.len() as i64 > limit;
+        let mut images = rows
+            .iter()
+            .take(limit as usize)
+            .map(image_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        self.load_tags(&mut images).await?;
+        Ok(Some(Page { images, more }))
+    }
+
+    /// Fills in the tags of `images` with one query.
+    async fn load_tags(&self, images: &mut [Image]) -> Result<()> {
+        if images.is_empty() {
+            return Ok(());
+        }
+        let marks: Vec<String> = (1..=images.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "SELECT image_id, tag_key, tag_value FROM image_tags WHERE image_id IN ({}) \
+             ORDER BY created_at, tag_key",
+            marks.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for img in images.iter() {
+            query = query.bind(img.id.to_string());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        for img in images.iter_mut() {
+            let id = img.id.to_string();
+            img.tags = rows
+                .iter()
+                .filter(|r| r.s("image_id") == id)
+                .map(|r| (r.s("tag_key"), r.s("tag_value")))
+                .collect();
+        }
+        Ok(())
     }
 
     pub async fn count_images(&self, owner: &ProjectId) -> Result<u64> {
@@ -964,7 +1110,7 @@ impl Db {
     }
 
     pub async fn delete_image_row(&self, id: &ImageId) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.pool).await?;
         sqlx::query("DELETE FROM image_tags WHERE image_id = $1")
             .bind(id.to_string())
             .execute(&mut *tx)

@@ -444,7 +444,7 @@ impl Db {
 
     /// Inserts a new image and, for encrypted manifests, its wrapped data key, atomically.
     pub async fn insert_image_with_key(&self, img: &Image, key: Option<&ImageKey>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.pool).await?;
         crate::image::insert_image_row(&mut tx, img).await?;
         if let Some(k) = key {
             sqlx::query(

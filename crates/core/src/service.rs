@@ -239,6 +239,9 @@ impl Service {
                 more: false,
             });
         }
+        if let Some(page) = self.db.page_of(&caller.project_id, &q).await? {
+            return Ok(page);
+        }
         let images = self.db.images_of(&caller.project_id).await?;
         apply_list_query(images, &q)
     }
@@ -660,7 +663,7 @@ impl Service {
             return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
         }
         let new_id = ImageId::generate();
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let job_id = insert_job(
             &mut tx,
             NewJob {

@@ -38,7 +38,7 @@ impl Db {
         quota: usize,
     ) -> Result<Vec<(String, String)>> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.pool).await?;
         // Write first (see `insert_image`): take the write lock before reading.
         sqlx::query("UPDATE images SET updated_at = $1 WHERE id = $2")
             .bind(now)
