@@ -157,7 +157,7 @@ pub enum CoreError {
     KeyNotGranted(String),
     #[error("The number of shared images has reached the maximum allowed: an image may have at most {0} members.")]
     MemberLimit(usize),
-    #[error("The image cannot be replicated because it is not accepted by the recipient.")]
+    #[error("The image cannot be used (downloaded or replicated) because the share is not accepted by the recipient.")]
     ShareNotAccepted,
     #[error("Failed to replicate the shared image because it is encrypted using KMS: give a key of your own (cmk_id) to re-key it.")]
     EncryptedSharedCopy,
