@@ -53,7 +53,7 @@ impl ApiError {
             "IMG.0028" | "IMG.0026" | "IMG.0047" | "IMG.0106" | "IMG.0092" | "IMG.0196" => {
                 self.status = StatusCode::FORBIDDEN
             }
-            "IMG.0090" | "IMG.9015" => self.status = StatusCode::CONFLICT,
+            "IMG.0090" | "IMG.9022" => self.status = StatusCode::CONFLICT,
             _ => {}
         }
         self
@@ -139,9 +139,9 @@ fn classify(e: &CoreError) -> (StatusCode, &'static str) {
         ShareNotAccepted => (bad, "IMG.0196"),
         EncryptedSharedCopy => (bad, "IMG.0197"),
         UnknownMember(_) => (bad, "IMG.0145"),
-        MemberNotFound(_) => (StatusCode::NOT_FOUND, "IMG.9013"),
-        MemberExists(_) => (StatusCode::CONFLICT, "IMG.9014"),
-        SharedWithDomain => (bad, "IMG.9015"),
+        MemberNotFound(_) => (StatusCode::NOT_FOUND, "IMG.9020"),
+        MemberExists(_) => (StatusCode::CONFLICT, "IMG.9021"),
+        SharedWithDomain => (bad, "IMG.9022"),
         MemberJobFailed { code, .. } => (bad, code),
         Store(_) | Format(_) | Db(_) | Migrate(_) | Io(_) | Internal(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "IMG.9000")

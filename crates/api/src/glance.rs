@@ -8,9 +8,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use openims_core::members::MemberStatus;
 use axum::{Json, Router};
 use openims_core::image::{parse_time_filter, ListQuery, SORT_KEYS};
+use openims_core::members::MemberStatus;
 use openims_core::service::{PatchKind, PatchOp};
 use serde_json::{json, Map, Value};
 
@@ -547,10 +547,12 @@ async fn add_member(
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Value>> {
-    let member = body
-        .get("member")
-        .and_then(|m| m.as_str())
-        .ok_or_else(|| g(ApiError::bad_request("IMG.0001", "The body needs a member (a project id).")))?;
+    let member = body.get("member").and_then(|m| m.as_str()).ok_or_else(|| {
+        g(ApiError::bad_request(
+            "IMG.0001",
+            "The body needs a member (a project id).",
+        ))
+    })?;
     let m = st.svc.add_member_now(&c, &id, member).await.map_err(g)?;
     Ok(Json(m.view()))
 }
@@ -560,7 +562,13 @@ async fn show_member(
     Auth(c): Auth,
     Path((id, member)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(st.svc.show_member(&c, &id, &member).await.map_err(g)?.view()))
+    Ok(Json(
+        st.svc
+            .show_member(&c, &id, &member)
+            .await
+            .map_err(g)?
+            .view(),
+    ))
 }
 
 async fn update_member(
@@ -573,7 +581,12 @@ async fn update_member(
         .get("status")
         .and_then(|s| s.as_str())
         .and_then(MemberStatus::parse)
-        .ok_or_else(|| g(ApiError::bad_request("IMG.0001", "status must be accepted or rejected.")))?;
+        .ok_or_else(|| {
+            g(ApiError::bad_request(
+                "IMG.0001",
+                "status must be accepted or rejected.",
+            ))
+        })?;
     let m = st
         .svc
         .answer_member_now(&c, &id, &member, status)
@@ -587,7 +600,10 @@ async fn delete_member(
     Auth(c): Auth,
     Path((id, member)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    st.svc.remove_member_now(&c, &id, &member).await.map_err(g)?;
+    st.svc
+        .remove_member_now(&c, &id, &member)
+        .await
+        .map_err(g)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -695,6 +695,8 @@ async fn update_members(
     }
     let images = string_list(&body, "images", true)?;
     let project_id = field(&body, "project_id").ok_or_else(|| bad("project_id is required."))?;
+    // Only the recipient project itself answers a share addressed to it.
+    own_project(&c, project_id)?;
     let status = field(&body, "status")
         .and_then(MemberStatus::parse)
         .ok_or_else(|| bad("status must be accepted or rejected."))?;
@@ -721,7 +723,11 @@ pub fn page_members(
                     .parse::<usize>()
                     .ok()
                     .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| bad(format!("limit must be an integer from 1 to 1000, not {v:?}")))?
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "limit must be an integer from 1 to 1000, not {v:?}"
+                        ))
+                    })?
             }
             "marker" => {
                 let decoded = base64::engine::general_purpose::STANDARD

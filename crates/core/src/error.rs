@@ -167,7 +167,9 @@ pub enum CoreError {
     MemberNotFound(String),
     #[error("The member already exists: {0}")]
     MemberExists(String),
-    #[error("The image is shared with a domain and cannot be deleted; remove the domain members first.")]
+    #[error(
+        "The image is shared with a domain and cannot be deleted; remove the domain members first."
+    )]
     SharedWithDomain,
     #[error("{failed} of {total} member operations failed; see entities.results.")]
     MemberJobFailed {

@@ -777,7 +777,8 @@ pub fn apply_list_query(images: Vec<Image>, q: &ListQuery) -> Result<Page> {
 // Repository
 // ---------------------------------------------------------------------------------------------
 
-pub(crate) const IMAGE_COLUMNS: &str = "id, owner, name, status, visibility, protected, disk_format, \
+pub(crate) const IMAGE_COLUMNS: &str =
+    "id, owner, name, status, visibility, protected, disk_format, \
     container_format, min_disk, min_ram, size, virtual_size, checksum, os_hash_algo, \
     os_hash_value, disk_manifest, file_manifest, origin, properties, created_at, updated_at, \
     active_at";

@@ -5,15 +5,15 @@
 
 use crate::error::{CoreError, Result};
 use crate::identity::Caller;
-use crate::ids::{is_hex_id, ImageId, JobId, ProjectId};
+use crate::ids::{is_hex_id, ImageId, JobId};
 use crate::image::{Image, Origin};
 use crate::jobs::{insert_job, Job, JobType, NewJob};
-use crate::time::now_ms;
 use crate::members::{
     Access, Added, Member, MemberStatus, MemberType, Need, Recipient, MAX_MEMBERS,
     MAX_WHOLE_MEMBERS,
 };
 use crate::service::Service;
+use crate::time::now_ms;
 use serde_json::{json, Value};
 
 /// The recipients of a batch add or delete.
@@ -128,9 +128,7 @@ impl Service {
         }
         if let Some(cmk) = self.image_cmk(img).await? {
             match self.db.kms_key(&cmk).await? {
-                Some(k) if k.is_deleted(now_ms()) => {
-                    return Err(CoreError::SourceKeyNotFound(cmk))
-                }
+                Some(k) if k.is_deleted(now_ms()) => return Err(CoreError::SourceKeyNotFound(cmk)),
                 Some(k) if k.is_default() => return Err(CoreError::EncryptedNotShareable),
                 Some(_) => {}
                 None => return Err(CoreError::SourceKeyNotFound(cmk)),
@@ -223,11 +221,11 @@ impl Service {
             return Err(CoreError::EncryptedSharedCopy);
         };
         match self.db.kms_key(target).await? {
-            Some(k) if k.project_id != caller.project_id.as_str() => Err(
-                CoreError::KmsNoPermission(format!(
+            Some(k) if k.project_id != caller.project_id.as_str() => {
+                Err(CoreError::KmsNoPermission(format!(
                     "{target}: a shared image is re-keyed into a key of your own project"
-                )),
-            ),
+                )))
+            }
             // Missing, deleted or disabled keys answer from plan_copy_keys.
             _ => Ok(()),
         }
@@ -333,7 +331,9 @@ impl Service {
         }
         for id in images {
             if ImageId::parse(id).is_none() {
-                return Err(CoreError::InvalidRequest(format!("{id:?} is not an image id")));
+                return Err(CoreError::InvalidRequest(format!(
+                    "{id:?} is not an image id"
+                )));
             }
         }
         self.queue_member_job(
@@ -410,16 +410,18 @@ impl Service {
             for (m, t) in targets.members() {
                 let outcome = match &img {
                     Err(_) => Err(CoreError::ImageNotFound(id.clone())),
-                    Ok(img) => async {
-                        self.check_shareable(img).await?;
-                        self.check_recipient(img, &m, t, &owner_domain).await?;
-                        match self.db.add_member(&img.id, &m, t, member_limit(img)).await {
-                            Ok(Added::New(_) | Added::Existing(_))
-                            | Err(CoreError::MemberExists(_)) => Ok(()),
-                            Err(e) => Err(e),
+                    Ok(img) => {
+                        async {
+                            self.check_shareable(img).await?;
+                            self.check_recipient(img, &m, t, &owner_domain).await?;
+                            match self.db.add_member(&img.id, &m, t, member_limit(img)).await {
+                                Ok(Added::New(_) | Added::Existing(_))
+                                | Err(CoreError::MemberExists(_)) => Ok(()),
+                                Err(e) => Err(e),
+                            }
                         }
+                        .await
                     }
-                    .await,
                 };
                 o.push(&id, &m, t, outcome);
             }
