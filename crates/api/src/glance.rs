@@ -261,7 +261,7 @@ async fn show(
     Auth(c): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let img = st.svc.image(&c, &id).await.map_err(g)?;
+    let img = st.svc.readable_image(&c, &id).await.map_err(g)?;
     Ok(Json(Value::Object(img.view())))
 }
 

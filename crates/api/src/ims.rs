@@ -348,7 +348,7 @@ async fn image_tags(
     Path((pid, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     own_project(&c, &pid)?;
-    let img = st.svc.image(&c, &id).await?;
+    let img = st.svc.readable_image(&c, &id).await?;
     Ok(Json(json!({"tags": tags_json(&img.tags)})))
 }
 

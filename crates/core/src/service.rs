@@ -245,8 +245,21 @@ impl Service {
         }
     }
 
-    /// An image the caller may see (metadata only: owner or any member), or `ImageNotFound`.
+    /// An image the caller's project owns, or `ImageNotFound` for everyone else, members of a
+    /// shared image included. The safe default for operations that are not sharing-aware:
+    /// they behave exactly as before sharing existed. Sharing-aware operations call
+    /// [`Service::readable_image`] (metadata), [`Service::visible_image`] with `Need::Use`
+    /// (data), or [`Service::own_image`] (changes, with IMG.0047 for members).
     pub async fn image(&self, caller: &Caller, id: &str) -> Result<Image> {
+        match self.visible_image(caller, id, Need::Manage).await {
+            Err(CoreError::NotOwner) => Err(CoreError::ImageNotFound(id.to_string())),
+            r => r,
+        }
+    }
+
+    /// An image whose metadata the caller may read: the owner, or a member of a shared image
+    /// whatever its answer (pending, accepted, rejected); `ImageNotFound` for everyone else.
+    pub async fn readable_image(&self, caller: &Caller, id: &str) -> Result<Image> {
         self.visible_image(caller, id, Need::Read).await
     }
 

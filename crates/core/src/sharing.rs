@@ -535,7 +535,7 @@ impl Service {
     /// Members as the caller may see them: the owner sees every member; a recipient sees
     /// only itself (its project, with its own answer); anyone else `ImageNotFound`.
     pub async fn list_members(&self, caller: &Caller, id: &str) -> Result<Vec<Member>> {
-        let img = self.image(caller, id).await?;
+        let img = self.readable_image(caller, id).await?;
         match img.access {
             Access::Owner => self.db.members(&img.id).await,
             Access::Member(_) => {
@@ -568,7 +568,7 @@ impl Service {
         member: &str,
         status: MemberStatus,
     ) -> Result<Member> {
-        let img = self.image(caller, id).await?;
+        let img = self.readable_image(caller, id).await?;
         if img.access == Access::Owner {
             return Err(CoreError::Forbidden(
                 "The image owner cannot change a member's status; only the member can.".into(),
