@@ -264,3 +264,34 @@ def test_default_key_images_are_never_shared(tenant, tenant_b, image_a):
     r = a.raw.post("/v1/cloudimages/members", json_body={"images": [enc], "projects": [b.project_id]})
     assert_code(r, 400, "IMG.0098")
     assert a.raw.get(f"/v2/images/{enc}/members").json()["members"] == []
+
+
+def test_concurrent_member_adds_and_answers(tenant, tenant_b, image_a):
+    """Concurrent Glance adds on one image (SQLite write locks) never fail with 500, never pass
+    the limit, and every member lands once; concurrent answers of a domain's projects too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sharing_helpers import insert_projects
+    a, iid = tenant, image_a["id"]
+    ids = insert_projects(a, 24)
+
+    def add(pid):
+        return a.raw.post(f"/v2/images/{iid}/members", json_body={"member": pid}).status_code
+
+    with ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(add, ids + ids[:8]))
+    assert sorted(codes) == [200] * 24 + [409] * 8, codes
+    got = a.raw.get(f"/v2/images/{iid}/members").json()["members"]
+    assert sorted(m["member_id"] for m in got) == sorted(ids)
+    # A domain share answered by several projects at once.
+    img2 = make_active_image(a.raw, name=unique("dom"))["id"]
+    projects = [tenant_b] + [make_project_in(tenant_b, f"c{i}") for i in range(3)]
+    job_ok(add_members(a, [img2], domains=[tenant_b.domain_id]))
+
+    def acc(t):
+        return t.raw.put(f"/v2/images/{img2}/members/{t.project_id}", json_body={"status": "accepted"}).status_code
+
+    with ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(acc, projects)) == [200] * 4
+    for t in projects:
+        assert img2 in shared_ids(t, "accepted")

@@ -246,24 +246,6 @@ impl Db {
         member_type: MemberType,
         limit: usize,
     ) -> Result<Added> {
-        let mut tx = self.pool.begin().await?;
-        let existing = sqlx::query(&format!(
-            "SELECT {MEMBER_COLUMNS} FROM image_members WHERE image_id = $1 AND member_id = $2"
-        ))
-        .bind(image.to_string())
-        .bind(member_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = existing {
-            return Ok(Added::Existing(member_from_row(&row)));
-        }
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM image_members WHERE image_id = $1")
-            .bind(image.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        if n as usize >= limit {
-            return Err(CoreError::MemberLimit(limit));
-        }
         let now = now_ms();
         let m = Member {
             image_id: image.to_string(),
@@ -273,9 +255,13 @@ impl Db {
             created_at: now,
             updated_at: now,
         };
-        sqlx::query(
+        // Write first, then check (see `Db::insert_image`): on SQLite a transaction that reads
+        // before it writes cannot wait for a concurrent writer, so the insert takes the write
+        // lock and the limit check counts the new row too.
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
             "INSERT INTO image_members (image_id, member_id, member_type, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $5)",
+             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (image_id, member_id) DO NOTHING",
         )
         .bind(&m.image_id)
         .bind(&m.member_id)
@@ -283,14 +269,29 @@ impl Db {
         .bind(m.status.as_str())
         .bind(now)
         .execute(&mut *tx)
-        .await
-        .map_err(|e| match &e {
-            // A concurrent add of the same member won the race: it is a member now.
-            sqlx::Error::Database(d) if d.is_unique_violation() => {
-                CoreError::MemberExists(member_id.to_string())
-            }
-            _ => CoreError::Db(e),
-        })?;
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let row = sqlx::query(&format!(
+                "SELECT {MEMBER_COLUMNS} FROM image_members WHERE image_id = $1 AND member_id = $2"
+            ))
+            .bind(image.to_string())
+            .bind(member_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            return match row {
+                Some(row) => Ok(Added::Existing(member_from_row(&row))),
+                None => Err(CoreError::MemberExists(member_id.to_string())),
+            };
+        }
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM image_members WHERE image_id = $1")
+            .bind(image.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        if n as usize > limit {
+            // Dropping the transaction rolls the insert back.
+            return Err(CoreError::MemberLimit(limit));
+        }
         tx.commit().await?;
         Ok(Added::New(m))
     }
@@ -333,7 +334,13 @@ impl Db {
             .await?,
             MemberType::Domain => {
                 let mut tx = self.pool.begin().await?;
-                // The domain share must still exist: the answer hangs off it.
+                // Write first (see `add_member`), then check that the domain share still
+                // exists: the answer hangs off it.
+                sqlx::query("DELETE FROM image_member_answers WHERE image_id = $1 AND project_id = $2")
+                    .bind(&via.image_id)
+                    .bind(r.project.as_str())
+                    .execute(&mut *tx)
+                    .await?;
                 let still: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM image_members WHERE image_id = $1 AND member_id = $2",
                 )
@@ -344,11 +351,6 @@ impl Db {
                 if still == 0 {
                     return Ok(false);
                 }
-                sqlx::query("DELETE FROM image_member_answers WHERE image_id = $1 AND project_id = $2")
-                    .bind(&via.image_id)
-                    .bind(r.project.as_str())
-                    .execute(&mut *tx)
-                    .await?;
                 let res = sqlx::query(
                     "INSERT INTO image_member_answers (image_id, domain_id, project_id, status, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $5)",
