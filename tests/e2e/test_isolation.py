@@ -120,7 +120,6 @@ def test_b_cannot_modify_a(tenant, tenant_b, a_images):
     assert r.status_code == 200 and md5_hex(r.content) == act["checksum"]
 
 
-@pytest.mark.xfail(reason="member APIs land with the sharing issue", strict=False)
 def test_b_cannot_touch_a_members(tenant, tenant_b, a_images):
     act, _ = a_images
     b, bpid, iid = tenant_b.raw, tenant_b.project_id, act["id"]

@@ -49,8 +49,11 @@ impl ApiError {
     pub fn glance(mut self) -> Self {
         self.glance = true;
         match self.code {
-            "IMG.0028" | "IMG.0026" => self.status = StatusCode::FORBIDDEN,
-            "IMG.0090" => self.status = StatusCode::CONFLICT,
+            // Glance answers 403 when the caller may see the image but not do this to it.
+            "IMG.0028" | "IMG.0026" | "IMG.0047" | "IMG.0106" | "IMG.0092" | "IMG.0196" => {
+                self.status = StatusCode::FORBIDDEN
+            }
+            "IMG.0090" | "IMG.9022" => self.status = StatusCode::CONFLICT,
             _ => {}
         }
         self
@@ -126,6 +129,20 @@ fn classify(e: &CoreError) -> (StatusCode, &'static str) {
         | EntityTooSmall(_)
         | InvalidPart(_)
         | InvalidPartOrder(_) => (bad, "IMG.0001"),
+        OwnedByOther => (bad, "IMG.0106"),
+        DeleteNotOwner => (bad, "IMG.0092"),
+        ShareWithSelf => (bad, "IMG.0076"),
+        PublicNotShareable => (bad, "IMG.0089"),
+        EncryptedNotShareable => (bad, "IMG.0098"),
+        KeyNotGranted(_) => (bad, "IMG.0099"),
+        MemberLimit(_) => (bad, "IMG.0088"),
+        ShareNotAccepted => (bad, "IMG.0196"),
+        EncryptedSharedCopy => (bad, "IMG.0197"),
+        UnknownMember(_) => (bad, "IMG.0145"),
+        MemberNotFound(_) => (StatusCode::NOT_FOUND, "IMG.9020"),
+        MemberExists(_) => (StatusCode::CONFLICT, "IMG.9021"),
+        SharedWithDomain => (bad, "IMG.9022"),
+        MemberJobFailed { code, .. } => (bad, code),
         Store(_) | Format(_) | Db(_) | Migrate(_) | Io(_) | Internal(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "IMG.9000")
         }

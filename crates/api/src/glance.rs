@@ -1,4 +1,4 @@
-//! OpenStack Glance v2: images, image data, tags, schemas, version documents.
+//! OpenStack Glance v2: images, image data, tags, members, schemas, version documents.
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, QueryPairs};
@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use openims_core::image::{parse_time_filter, ListQuery, SORT_KEYS};
+use openims_core::members::MemberStatus;
 use openims_core::service::{PatchKind, PatchOp};
 use serde_json::{json, Map, Value};
 
@@ -21,6 +22,14 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v2/images/{id}/tags/{tag}",
             put(add_tag).delete(delete_tag),
+        )
+        .route(
+            "/v2/images/{id}/members",
+            get(list_members).post(add_member),
+        )
+        .route(
+            "/v2/images/{id}/members/{member}",
+            get(show_member).put(update_member).delete(delete_member),
         )
 }
 
@@ -252,7 +261,7 @@ async fn show(
     Auth(c): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let img = st.svc.image(&c, &id).await.map_err(g)?;
+    let img = st.svc.readable_image(&c, &id).await.map_err(g)?;
     Ok(Json(Value::Object(img.view())))
 }
 
@@ -518,6 +527,83 @@ async fn delete_tag(
     Path((id, tag)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     st.svc.remove_tag_strict(&c, &id, &tag).await.map_err(g)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_members(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> ApiResult<Json<Value>> {
+    let members = st.svc.list_members(&c, &id).await.map_err(g)?;
+    let (page, next) = crate::ims::page_members(members, &pairs).map_err(g)?;
+    Ok(Json(crate::ims::members_body(&page, next)))
+}
+
+async fn add_member(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<Value>> {
+    let member = body.get("member").and_then(|m| m.as_str()).ok_or_else(|| {
+        g(ApiError::bad_request(
+            "IMG.0001",
+            "The body needs a member (a project id).",
+        ))
+    })?;
+    let m = st.svc.add_member_now(&c, &id, member).await.map_err(g)?;
+    Ok(Json(m.view()))
+}
+
+async fn show_member(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path((id, member)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        st.svc
+            .show_member(&c, &id, &member)
+            .await
+            .map_err(g)?
+            .view(),
+    ))
+}
+
+async fn update_member(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path((id, member)): Path<(String, String)>,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<Value>> {
+    let status = body
+        .get("status")
+        .and_then(|s| s.as_str())
+        .and_then(MemberStatus::parse)
+        .ok_or_else(|| {
+            g(ApiError::bad_request(
+                "IMG.0001",
+                "status must be accepted or rejected.",
+            ))
+        })?;
+    let m = st
+        .svc
+        .answer_member_now(&c, &id, &member, status)
+        .await
+        .map_err(g)?;
+    Ok(Json(m.view()))
+}
+
+async fn delete_member(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path((id, member)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    st.svc
+        .remove_member_now(&c, &id, &member)
+        .await
+        .map_err(g)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

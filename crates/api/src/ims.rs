@@ -1,4 +1,5 @@
-//! The Huawei Cloud IMS API: catalogue, update, tags, quotas, OS versions, jobs, in-region copy.
+//! The Huawei Cloud IMS API: catalogue, update, tags, quotas, OS versions, jobs, in-region copy,
+//! sharing (members).
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{own_project, Auth, JsonBody, QueryPairs};
@@ -9,7 +10,9 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use openims_core::image::{Image, ImageStatus, OS_VERSIONS};
+use openims_core::members::{Member, MemberStatus};
 use openims_core::service::CopyRequest;
+use openims_core::sharing::MemberTargets;
 use openims_core::tags::TagChange;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -46,6 +49,18 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v1/cloudimages/tags",
             put(create_or_update_tags).get(list_tags),
+        )
+        .route(
+            "/v1/cloudimages/members",
+            post(add_members).put(update_members).delete(delete_members),
+        )
+        .route(
+            "/v1/{project_id}/cloudimages/{id}/members",
+            get(list_members),
+        )
+        .route(
+            "/v1/{project_id}/cloudimages/{id}/members/{member_id}",
+            get(show_member),
         )
 }
 
@@ -333,7 +348,7 @@ async fn image_tags(
     Path((pid, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     own_project(&c, &pid)?;
-    let img = st.svc.image(&c, &id).await?;
+    let img = st.svc.readable_image(&c, &id).await?;
     Ok(Json(json!({"tags": tags_json(&img.tags)})))
 }
 
@@ -612,4 +627,160 @@ async fn by_tags(
         })
         .collect();
     Ok(Json(json!({"resources": resources, "total_count": total})))
+}
+
+// ---- sharing (members) -----------------------------------------------------------------------
+
+fn string_list(body: &Value, name: &str, required: bool) -> ApiResult<Vec<String>> {
+    match body.get(name) {
+        None | Some(Value::Null) if !required => Ok(vec![]),
+        None | Some(Value::Null) => Err(bad(format!("{name} is required."))),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(format!("{name} must be a list of strings.")))
+            })
+            .collect(),
+        Some(_) => Err(bad(format!("{name} must be a list of strings."))),
+    }
+}
+
+/// The body of batch_add_members / batch_delete_members.
+fn member_targets(body: &Value) -> ApiResult<(Vec<String>, MemberTargets)> {
+    if !body.is_object() {
+        return Err(bad("The request body must be a JSON object."));
+    }
+    let images = string_list(body, "images", true)?;
+    let targets = MemberTargets {
+        projects: string_list(body, "projects", false)?,
+        domains: string_list(body, "domains", false)?,
+    };
+    if !string_list(body, "organizations", false)?.is_empty() {
+        return Err(bad(
+            "Sharing with organizations is not supported: name projects or domains.",
+        ));
+    }
+    Ok((images, targets))
+}
+
+async fn add_members(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<Value>> {
+    let (images, targets) = member_targets(&body)?;
+    let job = st.svc.add_members(&c, &images, &targets).await?;
+    Ok(Json(json!({"job_id": job})))
+}
+
+async fn delete_members(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<Value>> {
+    let (images, targets) = member_targets(&body)?;
+    let job = st.svc.remove_members(&c, &images, &targets).await?;
+    Ok(Json(json!({"job_id": job})))
+}
+
+async fn update_members(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<Value>> {
+    if !body.is_object() {
+        return Err(bad("The request body must be a JSON object."));
+    }
+    let images = string_list(&body, "images", true)?;
+    let project_id = field(&body, "project_id").ok_or_else(|| bad("project_id is required."))?;
+    // Only the recipient project itself answers a share addressed to it.
+    own_project(&c, project_id)?;
+    let status = field(&body, "status")
+        .and_then(MemberStatus::parse)
+        .ok_or_else(|| bad("status must be accepted or rejected."))?;
+    let job = st
+        .svc
+        .answer_members(&c, &images, project_id, status)
+        .await?;
+    Ok(Json(json!({"job_id": job})))
+}
+
+/// Pages a member list: `limit` 1-1000 (default 500), `marker` the base64 of the last member
+/// id of the previous page. Returns the page and the next marker, if more follow.
+pub fn page_members(
+    members: Vec<Member>,
+    pairs: &[(String, String)],
+) -> ApiResult<(Vec<Member>, Option<String>)> {
+    use base64::Engine;
+    let mut limit = 500usize;
+    let mut start = 0usize;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "limit must be an integer from 1 to 1000, not {v:?}"
+                        ))
+                    })?
+            }
+            "marker" => {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(v.as_bytes())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| bad(format!("marker {v:?} is not base64 content.")))?;
+                let pos = members
+                    .iter()
+                    .position(|m| m.member_id == decoded)
+                    .ok_or_else(|| bad(format!("marker {v:?} names no member of this image.")))?;
+                start = pos + 1;
+            }
+            _ => {}
+        }
+    }
+    let total = members.len();
+    let page: Vec<Member> = members.into_iter().skip(start).take(limit).collect();
+    let next = if start + page.len() < total {
+        page.last()
+            .map(|m| base64::engine::general_purpose::STANDARD.encode(m.member_id.as_bytes()))
+    } else {
+        None
+    };
+    Ok((page, next))
+}
+
+/// `{"members", "schema", "page_info"}` (spec A.5), shared with Glance's member list.
+pub fn members_body(page: &[Member], next: Option<String>) -> Value {
+    json!({
+        "members": page.iter().map(Member::view).collect::<Vec<_>>(),
+        "schema": "/v2/schemas/members",
+        "page_info": {"next_marker": next, "current_count": page.len()},
+    })
+}
+
+async fn list_members(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path((pid, id)): Path<(String, String)>,
+    QueryPairs(pairs): QueryPairs,
+) -> ApiResult<Json<Value>> {
+    own_project(&c, &pid)?;
+    let members = st.svc.list_members(&c, &id).await?;
+    let (page, next) = page_members(members, &pairs)?;
+    Ok(Json(members_body(&page, next)))
+}
+
+async fn show_member(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path((pid, id, member)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    own_project(&c, &pid)?;
+    Ok(Json(st.svc.show_member(&c, &id, &member).await?.view()))
 }

@@ -54,6 +54,19 @@ fn sdk_date() -> anyhow::Result<String> {
 
 /// Sends a signed GET and returns the parsed JSON body (errors for non-2xx answers).
 pub fn signed_get(c: &ClientArgs, path_q: &str) -> anyhow::Result<Value> {
+    signed_request(c, "GET", path_q, None)
+}
+
+/// Sends a signed request (a JSON body for POST/PUT/DELETE, signed by its SHA-256 as the SDK
+/// does) and returns the parsed JSON body; an empty 2xx body is `null`. Non-2xx answers are
+/// errors carrying the status and the IMG code.
+pub fn signed_request(
+    c: &ClientArgs,
+    method: &str,
+    path_q: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
+    use sha2::{Digest, Sha256};
     let rest = c
         .endpoint
         .strip_prefix("http://")
@@ -64,16 +77,26 @@ pub fn signed_get(c: &ClientArgs, path_q: &str) -> anyhow::Result<Value> {
     }
     let (path, query) = path_q.split_once('?').unwrap_or((path_q, ""));
     let date = sdk_date()?;
+    let payload = match body {
+        Some(b) => serde_json::to_vec(b)?,
+        None => Vec::new(),
+    };
+    let content_type = if body.is_some() {
+        "application/json;charset=utf-8"
+    } else {
+        "application/json"
+    };
     let headers = vec![
-        ("content-type".to_string(), "application/json".to_string()),
+        ("content-type".to_string(), content_type.to_string()),
         ("host".to_string(), host.to_string()),
         ("x-project-id".to_string(), c.project_id.clone()),
         ("x-sdk-date".to_string(), date.clone()),
     ];
     let signed: Vec<String> = headers.iter().map(|(k, _)| k.clone()).collect();
-    let cr = sign::canonical_request("GET", path, query, &headers, &signed, sign::EMPTY_SHA256);
+    let payload_hash = hex::encode(Sha256::digest(&payload));
+    let cr = sign::canonical_request(method, path, query, &headers, &signed, &payload_hash);
     let sig = sign::signature(&c.secret_key, &sign::string_to_sign(&date, &cr));
-    let mut req = format!("GET {path_q} HTTP/1.1\r\n");
+    let mut req = format!("{method} {path_q} HTTP/1.1\r\n");
     for (k, v) in &headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -82,10 +105,12 @@ pub fn signed_get(c: &ClientArgs, path_q: &str) -> anyhow::Result<Value> {
         c.access_key,
         signed.join(";")
     ));
+    req.push_str(&format!("content-length: {}\r\n", payload.len()));
     req.push_str("accept: application/json\r\nconnection: close\r\n\r\n");
     let mut s = TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     s.write_all(req.as_bytes())?;
+    s.write_all(&payload)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw
@@ -104,6 +129,9 @@ pub fn signed_get(c: &ClientArgs, path_q: &str) -> anyhow::Result<Value> {
             .starts_with("transfer-encoding: chunked")
     }) {
         body = dechunk(&body)?;
+    }
+    if body.is_empty() && (200..300).contains(&status) {
+        return Ok(Value::Null);
     }
     let v: Value = serde_json::from_slice(&body)
         .with_context(|| format!("HTTP {status}: response is not JSON"))?;

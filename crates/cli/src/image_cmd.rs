@@ -1,4 +1,6 @@
-//! `openims image`: local tools on image files (no server involved).
+//! `openims image`: local tools on image files (inspect, convert), and the sharing commands
+//! that talk to a running service (`share`, `unshare`, `accept`, `reject`, `shared-with-me`;
+//! see `share_cmd`).
 
 use clap::{Args, Subcommand};
 use openims_format::convert::convert;
@@ -15,6 +17,16 @@ pub struct ImageArgs {
 
 #[derive(Subcommand)]
 enum ImageCmd {
+    /// Share images with projects or whole domains (owner; batch_add_members, waits for the job).
+    Share(crate::share_cmd::MembersArgs),
+    /// Stop sharing images with projects or domains (owner; batch_delete_members).
+    Unshare(crate::share_cmd::MembersArgs),
+    /// Accept images shared with your project (recipient; batch_update_members).
+    Accept(crate::share_cmd::AnswerArgs),
+    /// Reject images shared with your project (recipient; batch_update_members).
+    Reject(crate::share_cmd::AnswerArgs),
+    /// Images shared with your project, with the state of each share.
+    SharedWithMe(crate::share_cmd::SharedWithMeArgs),
     /// Detect an image file's format and run every safety check; prints a JSON report.
     /// Exits with status 1 when the file is unsafe.
     Inspect {
@@ -51,6 +63,11 @@ enum ImageCmd {
 
 pub fn run(args: ImageArgs) -> anyhow::Result<()> {
     match args.cmd {
+        ImageCmd::Share(a) => crate::share_cmd::share(a),
+        ImageCmd::Unshare(a) => crate::share_cmd::unshare(a),
+        ImageCmd::Accept(a) => crate::share_cmd::answer(a, "accepted"),
+        ImageCmd::Reject(a) => crate::share_cmd::answer(a, "rejected"),
+        ImageCmd::SharedWithMe(a) => crate::share_cmd::shared_with_me(a),
         ImageCmd::Convert {
             input,
             output,

@@ -11,6 +11,7 @@ mod client;
 mod config;
 mod image_cmd;
 mod serve;
+mod share_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -31,7 +32,7 @@ enum Command {
     Serve(config::ServeArgs),
     /// Manage domains, projects, users and keys on a data directory.
     Admin(admin::AdminArgs),
-    /// Inspect and convert image files locally.
+    /// Inspect and convert image files locally; share images through a running service.
     Image(image_cmd::ImageArgs),
     /// Storage usage of a project (logical vs billable bytes), from a running service.
     Usage(client::UsageArgs),

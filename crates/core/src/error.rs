@@ -143,6 +143,40 @@ pub enum CoreError {
     BadDigest(String),
     #[error("The request body is shorter or longer than its declared length: {0}")]
     IncompleteBody(String),
+    #[error("This operation can be performed only by the image owner: the image owner is another tenant.")]
+    OwnedByOther,
+    #[error("The image can only be deleted by the owner.")]
+    DeleteNotOwner,
+    #[error("You cannot share an image with yourself.")]
+    ShareWithSelf,
+    #[error("The public image cannot be shared.")]
+    PublicNotShareable,
+    #[error("The encrypted image cannot be shared: it is encrypted with a default key, or its key is unknown to the key service.")]
+    EncryptedNotShareable,
+    #[error("You do not have the permission to access the key: key {0} is not granted to the recipient.")]
+    KeyNotGranted(String),
+    #[error("The number of shared images has reached the maximum allowed: an image may have at most {0} members.")]
+    MemberLimit(usize),
+    #[error("The image cannot be used (downloaded or replicated) because the share is not accepted by the recipient.")]
+    ShareNotAccepted,
+    #[error("Failed to replicate the shared image because it is encrypted using KMS: give a key of your own (cmk_id) to re-key it.")]
+    EncryptedSharedCopy,
+    #[error("The project or domain does not exist: {0}")]
+    UnknownMember(String),
+    #[error("The member does not exist: {0}")]
+    MemberNotFound(String),
+    #[error("The member already exists: {0}")]
+    MemberExists(String),
+    #[error(
+        "The image is shared with a domain and cannot be deleted; remove the domain members first."
+    )]
+    SharedWithDomain,
+    #[error("{failed} of {total} member operations failed; see entities.results.")]
+    MemberJobFailed {
+        code: &'static str,
+        failed: usize,
+        total: usize,
+    },
     #[error("storage error: {0}")]
     Store(#[from] openims_store::StoreError),
     #[error("image format error: {0}")]

@@ -4,6 +4,7 @@
 use crate::db::{Db, RowExt};
 use crate::error::{CoreError, Result};
 use crate::ids::{ImageId, ProjectId};
+use crate::members::Access;
 use crate::time::{fmt_seconds, now_ms, parse_time};
 use serde_json::{json, Map, Value};
 use std::cmp::Ordering;
@@ -123,6 +124,11 @@ pub struct Image {
     pub created_at: i64,
     pub updated_at: i64,
     pub active_at: Option<i64>,
+    /// How the caller who loaded the image relates to it (not stored; set by the access
+    /// checks). A member sees the image as `__imagetype: shared`, `visibility: shared`.
+    pub access: Access,
+    /// The image has members (not stored): its owner sees `visibility: shared`.
+    pub shared_out: bool,
 }
 
 /// Attributes computed by the service that callers may not set through PATCH.
@@ -196,6 +202,8 @@ impl Image {
             created_at: now,
             updated_at: now,
             active_at: None,
+            access: Access::Owner,
+            shared_out: false,
         };
         img.set_os_version(crate::image::DEFAULT_OS_VERSION)
             .expect("the default OS version is in the catalogue");
@@ -283,6 +291,16 @@ impl Image {
         }
         for (k, v) in &self.properties {
             m.insert(k.clone(), v.clone());
+        }
+        match self.access {
+            Access::Member(_) => {
+                m.insert("visibility".into(), json!("shared"));
+                m.insert("__imagetype".into(), json!("shared"));
+            }
+            Access::Owner if self.shared_out => {
+                m.insert("visibility".into(), json!("shared"));
+            }
+            Access::Owner => {}
         }
         m.insert(
             "__image_size".into(),
@@ -779,12 +797,13 @@ pub fn apply_list_query(images: Vec<Image>, q: &ListQuery) -> Result<Page> {
 // Repository
 // ---------------------------------------------------------------------------------------------
 
-const IMAGE_COLUMNS: &str = "id, owner, name, status, visibility, protected, disk_format, \
+pub(crate) const IMAGE_COLUMNS: &str =
+    "id, owner, name, status, visibility, protected, disk_format, \
     container_format, min_disk, min_ram, size, virtual_size, checksum, os_hash_algo, \
     os_hash_value, disk_manifest, file_manifest, origin, properties, created_at, updated_at, \
     active_at";
 
-fn image_from_row(r: &sqlx::any::AnyRow) -> Result<Image> {
+pub(crate) fn image_from_row(r: &sqlx::any::AnyRow) -> Result<Image> {
     let id = r.s("id");
     let properties: Map<String, Value> = serde_json::from_str(&r.s("properties"))
         .map_err(|e| CoreError::Internal(format!("image {id}: bad properties: {e}")))?;
@@ -813,6 +832,8 @@ fn image_from_row(r: &sqlx::any::AnyRow) -> Result<Image> {
         created_at: r.i("created_at"),
         updated_at: r.i("updated_at"),
         active_at: r.oi("active_at"),
+        access: Access::Owner,
+        shared_out: false,
     })
 }
 
@@ -1111,10 +1132,17 @@ impl Db {
 
     pub async fn delete_image_row(&self, id: &ImageId) -> Result<bool> {
         let mut tx = crate::db::begin_write(&self.pool).await?;
-        sqlx::query("DELETE FROM image_tags WHERE image_id = $1")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
+        // Members go with the image: recipients lose access in the same transaction.
+        for sql in [
+            "DELETE FROM image_tags WHERE image_id = $1",
+            "DELETE FROM image_member_answers WHERE image_id = $1",
+            "DELETE FROM image_members WHERE image_id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         let r = sqlx::query("DELETE FROM images WHERE id = $1")
             .bind(id.to_string())
             .execute(&mut *tx)

@@ -41,17 +41,29 @@ impl JobStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobType {
     CopyImageInRegion,
+    /// batch_add_members (owner).
+    AddImageMembers,
+    /// batch_delete_members (owner).
+    DelImageMembers,
+    /// batch_update_members (recipient).
+    UpdateImageMembers,
 }
 
 impl JobType {
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::CopyImageInRegion => "imsCopyImageInRegionJob",
+            JobType::AddImageMembers => "imsAddImageMembersJob",
+            JobType::DelImageMembers => "imsDelImageMembersJob",
+            JobType::UpdateImageMembers => "imsUpdateImageMembersJob",
         }
     }
     pub fn parse(s: &str) -> Option<JobType> {
         Some(match s {
             "imsCopyImageInRegionJob" => JobType::CopyImageInRegion,
+            "imsAddImageMembersJob" => JobType::AddImageMembers,
+            "imsDelImageMembersJob" => JobType::DelImageMembers,
+            "imsUpdateImageMembersJob" => JobType::UpdateImageMembers,
             _ => return None,
         })
     }
@@ -290,6 +302,21 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Records a running job's per-member `results` (kept whether the job then succeeds or
+    /// fails); false if the lease was lost.
+    pub async fn record_results(&self, job: &JobId, node: &str, results: &Value) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE jobs SET results = $1, updated_at = $2 WHERE id = $3 AND lease_owner = $4 AND status = 'RUNNING'",
+        )
+        .bind(results.to_string())
+        .bind(now_ms())
+        .bind(job.as_str())
+        .bind(node)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Ends a job. `Err((code, reason))` marks it FAIL.
     pub async fn finish_job(
         &self,
@@ -376,6 +403,9 @@ pub fn failure_of(e: &CoreError) -> (String, String) {
         CoreError::SourceKeyNotFound(_) => "IMG.0101",
         CoreError::SourceKeyNotEnabled(_) => "IMG.0102",
         CoreError::SourceKeyNoPermission(_) => "IMG.0103",
+        CoreError::MemberJobFailed { code, .. } => code,
+        CoreError::ShareNotAccepted => "IMG.0196",
+        CoreError::EncryptedSharedCopy => "IMG.0197",
         _ => "IMG.1075",
     };
     (code.to_string(), e.to_string())

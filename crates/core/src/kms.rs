@@ -229,6 +229,13 @@ pub struct KmsKey {
 }
 
 impl KmsKey {
+    /// A service default key (alias `<service>/default`, e.g. `ims/default`): such keys are
+    /// created by the service for a project, never through `create-key`, and images encrypted
+    /// with one can never be shared (spec C.3, C.6).
+    pub fn is_default(&self) -> bool {
+        self.alias.ends_with("/default")
+    }
+
     /// Past its scheduled deletion date: gone for every purpose.
     pub fn is_deleted(&self, now: i64) -> bool {
         self.state == KeyState::PendingDeletion && self.deletion_at.is_some_and(|d| d <= now)
@@ -247,7 +254,7 @@ impl KmsKey {
             "creation_date": self.created_at.to_string(),
             "scheduled_deletion_date": self.deletion_at.map(|d| d.to_string()).unwrap_or_default(),
             "key_state": self.state.code(),
-            "default_key_flag": "0",
+            "default_key_flag": if self.is_default() { "1" } else { "0" },
             "key_type": "1",
             "expiration_time": "",
             "origin": self.origin,

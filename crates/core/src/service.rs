@@ -13,6 +13,7 @@ use crate::image::{
     Page, CONTAINER_FORMATS, DISK_FORMATS, READ_ONLY,
 };
 use crate::jobs::{failure_of, insert_job, Job, JobType, NewJob, Progress};
+use crate::members::{Access, MemberStatus, Need, Recipient};
 use crate::tags::TagChange;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -56,7 +57,7 @@ pub struct Service {
     pub node_id: String,
     /// The embedded key service's root-key operations.
     pub kms: crate::kms::Kms,
-    job_ready: Notify,
+    pub(crate) job_ready: Notify,
 }
 
 /// IMS `__*` attributes that update_image may change (spec A.3), besides name/min_ram/max_ram.
@@ -198,51 +199,143 @@ impl Service {
 
     // ---- images ----------------------------------------------------------------------------
 
-    /// An image the caller may see, or `ImageNotFound`.
-    pub async fn image(&self, caller: &Caller, id: &str) -> Result<Image> {
+    /// The caller's project and that project's domain (the recipient side of sharing).
+    pub async fn recipient(&self, caller: &Caller) -> Result<Recipient> {
+        let domain = self
+            .db
+            .project_domain(&caller.project_id)
+            .await?
+            .unwrap_or_else(|| caller.domain_id.clone());
+        Ok(Recipient {
+            project: caller.project_id.clone(),
+            domain,
+        })
+    }
+
+    /// The access model: an image as the caller may use it for `need`.
+    ///
+    /// - The owner may do anything.
+    /// - A member (pending, accepted or rejected) may read the metadata (`Need::Read`); only
+    ///   an accepted member may use the data (`Need::Use`, else `ShareNotAccepted`); no
+    ///   member may change the image or its members (`Need::Manage`: `NotOwner`).
+    /// - Anyone else gets `ImageNotFound`, exactly as for an image that does not exist.
+    ///
+    /// The returned image carries the caller's [`Access`].
+    pub async fn visible_image(&self, caller: &Caller, id: &str, need: Need) -> Result<Image> {
         let Some(iid) = ImageId::parse(id) else {
             return Err(CoreError::ImageNotFound(id.to_string()));
         };
-        match self.db.get_image(&iid).await? {
-            Some(img) if img.owner == caller.project_id => Ok(img),
-            _ => Err(CoreError::ImageNotFound(id.to_string())),
+        let Some(mut img) = self.db.get_image(&iid).await? else {
+            return Err(CoreError::ImageNotFound(id.to_string()));
+        };
+        if img.owner == caller.project_id {
+            img.access = Access::Owner;
+            img.shared_out = !self.db.members(&img.id).await?.is_empty();
+            return Ok(img);
+        }
+        let r = self.recipient(caller).await?;
+        let Some((_, status)) = self.db.membership(&img.id, &r).await? else {
+            return Err(CoreError::ImageNotFound(id.to_string()));
+        };
+        img.access = Access::Member(status);
+        match (need, status) {
+            (Need::Read, _) | (Need::Use, MemberStatus::Accepted) => Ok(img),
+            (Need::Use, _) => Err(CoreError::ShareNotAccepted),
+            (Need::Manage, _) => Err(CoreError::NotOwner),
         }
     }
 
-    /// An image the caller owns (for changes).
+    /// An image the caller's project owns, or `ImageNotFound` for everyone else, members of a
+    /// shared image included. The safe default for operations that are not sharing-aware:
+    /// they behave exactly as before sharing existed. Sharing-aware operations call
+    /// [`Service::readable_image`] (metadata), [`Service::visible_image`] with `Need::Use`
+    /// (data), or [`Service::own_image`] (changes, with IMG.0047 for members).
+    pub async fn image(&self, caller: &Caller, id: &str) -> Result<Image> {
+        match self.visible_image(caller, id, Need::Manage).await {
+            Err(CoreError::NotOwner) => Err(CoreError::ImageNotFound(id.to_string())),
+            r => r,
+        }
+    }
+
+    /// An image whose metadata the caller may read: the owner, or a member of a shared image
+    /// whatever its answer (pending, accepted, rejected); `ImageNotFound` for everyone else.
+    pub async fn readable_image(&self, caller: &Caller, id: &str) -> Result<Image> {
+        self.visible_image(caller, id, Need::Read).await
+    }
+
+    /// An image the caller owns (for changes): `NotOwner` for members, `ImageNotFound` for
+    /// everyone else.
     pub async fn own_image(&self, caller: &Caller, id: &str) -> Result<Image> {
-        self.image(caller, id).await
+        self.visible_image(caller, id, Need::Manage).await
     }
 
     /// Images the caller may see, filtered, sorted and paged.
+    ///
+    /// Which images are candidates depends on `__imagetype` and `member_status` (spec A.3,
+    /// A.7): `private` -> the caller's own; `shared` or any `member_status` -> images shared
+    /// with the caller whose answer is `member_status` (default `accepted`); `gold`/`market`
+    /// -> none (this service has no public or marketplace images); no type -> own images plus
+    /// accepted shares. Pending and rejected shares are listed only when asked for.
     pub async fn list_images(&self, caller: &Caller, q: &ListQuery) -> Result<Page> {
         let mut q = q.clone();
-        let mut shared_only = false;
-        q.equals.retain(|(k, v)| {
-            if k == "__imagetype" {
-                match v.as_str() {
-                    "private" => {}
-                    _ => shared_only = true,
+        let mut image_type: Option<String> = None;
+        let mut member_status: Option<MemberStatus> = None;
+        let mut bad_status: Option<String> = None;
+        q.equals.retain(|(k, v)| match k.as_str() {
+            "__imagetype" => {
+                image_type = Some(v.clone());
+                false
+            }
+            "member_status" => {
+                match MemberStatus::parse(v) {
+                    Some(s) => member_status = Some(s),
+                    None => bad_status = Some(v.clone()),
                 }
-                return false;
+                false
             }
-            if k == "member_status" {
-                shared_only = true;
-                return false;
-            }
-            true
+            _ => true,
         });
-        if shared_only {
-            // No image is shared with, published to, or sold to this project.
-            return Ok(Page {
-                images: vec![],
-                more: false,
-            });
+        if let Some(v) = bad_status {
+            return Err(CoreError::InvalidRequest(format!(
+                "member_status must be accepted, rejected or pending, not {v:?}"
+            )));
         }
-        if let Some(page) = self.db.page_of(&caller.project_id, &q).await? {
-            return Ok(page);
+        let (own, shared) = match (image_type.as_deref(), member_status) {
+            (Some("private"), Some(_)) => (false, None),
+            (Some("private"), None) => (true, None),
+            (Some("shared"), s) | (None, s @ Some(_)) => {
+                (false, Some(s.unwrap_or(MemberStatus::Accepted)))
+            }
+            (None, None) => (true, Some(MemberStatus::Accepted)),
+            _ => (false, None),
+        };
+        let shared_images = match shared {
+            Some(status) => {
+                let r = self.recipient(caller).await?;
+                self.db.shared_with(&r, status).await?
+            }
+            None => Vec::new(),
+        };
+        if own && shared_images.is_empty() {
+            // Only the caller's own images: the database pages them (cost independent of the
+            // number of images) when the query allows it.
+            if let Some(mut page) = self.db.page_of(&caller.project_id, &q).await? {
+                let out = self.db.shared_out_ids(&caller.project_id).await?;
+                for img in &mut page.images {
+                    img.shared_out = out.contains(&img.id.to_string());
+                }
+                return Ok(page);
+            }
         }
-        let images = self.db.images_of(&caller.project_id).await?;
+        let mut images = Vec::new();
+        if own {
+            let out = self.db.shared_out_ids(&caller.project_id).await?;
+            images = self.db.images_of(&caller.project_id).await?;
+            for img in &mut images {
+                img.shared_out = out.contains(&img.id.to_string());
+            }
+        }
+        images.extend(shared_images);
         apply_list_query(images, &q)
     }
 
@@ -528,9 +621,16 @@ impl Service {
         self.image(caller, id).await
     }
 
-    /// Deletes an image the caller owns (both APIs).
+    /// Deletes an image the caller owns (both APIs). Its members go with it, so recipients
+    /// lose access at once; an image shared with a whole domain cannot be deleted (spec C.6).
     pub async fn delete_image(&self, caller: &Caller, id: &str) -> Result<()> {
-        let img = self.own_image(caller, id).await?;
+        let img = self.own_image(caller, id).await.map_err(|e| match e {
+            CoreError::NotOwner => CoreError::DeleteNotOwner,
+            e => e,
+        })?;
+        if self.db.domain_member_count(&img.id).await? > 0 {
+            return Err(CoreError::SharedWithDomain);
+        }
         if img.protected {
             return Err(CoreError::ImageProtected);
         }
@@ -602,11 +702,16 @@ impl Service {
 
     /// `show_image_quota` resources.
     pub async fn quota(&self, caller: &Caller) -> Result<Value> {
+        // Shared images do not count against the recipient's private images (spec C.6): only
+        // images the project owns are counted.
         let used = self.db.count_images(&caller.project_id).await?;
+        // image_shared: own images shared with at least one member that answered (pending
+        // shares do not consume the sharer's quota); image_member: most members of one image.
+        let (shared, most_members) = self.db.sharing_usage(&caller.project_id).await?;
         Ok(json!({"quotas": {"resources": [
             {"type": "image", "used": used, "quota": self.config.image_quota, "min": 1, "max": 1000},
-            {"type": "image_shared", "used": 0, "quota": 1000, "min": 1, "max": 1000},
-            {"type": "image_member", "used": 0, "quota": 256, "min": 1, "max": 256},
+            {"type": "image_shared", "used": shared, "quota": 1000, "min": 1, "max": 1000},
+            {"type": "image_member", "used": most_members, "quota": crate::members::MAX_MEMBERS, "min": 1, "max": crate::members::MAX_MEMBERS},
         ]}}))
     }
 
@@ -631,7 +736,9 @@ impl Service {
         if let Some(d) = &req.description {
             validate_description(d)?;
         }
-        let src = self.image(caller, id).await?;
+        // Own images, or shared images the caller has accepted (spec C.1): a pending or
+        // rejected share answers IMG.0196.
+        let src = self.visible_image(caller, id, Need::Use).await?;
         if src.status != ImageStatus::Active {
             return Err(CoreError::ImageNotActive(src.status.as_str().into()));
         }
@@ -647,6 +754,8 @@ impl Service {
                 self.config.max_image_size >> 30,
             ));
         }
+        self.check_shared_copy(caller, &src, req.cmk_id.as_deref())
+            .await?;
         let plan = self.plan_copy_keys(caller, &src, &req).await?;
         if self
             .db
@@ -707,13 +816,15 @@ impl Service {
         let src_iid =
             ImageId::parse(&src_id).ok_or_else(|| CoreError::Internal("bad source id".into()))?;
         let src = match self.db.get_image(&src_iid).await? {
-            Some(s) if s.owner == job.project_id && s.status == ImageStatus::Active => s,
-            Some(s) if s.owner == job.project_id => {
-                return Err(CoreError::ImageNotActive(s.status.as_str().into()))
-            }
+            Some(s) if self.may_use_at_run(&s, &job.project_id).await? => s,
             _ => return Err(CoreError::ImageNotFound(src_id)),
         };
+        if src.status != ImageStatus::Active {
+            return Err(CoreError::ImageNotActive(src.status.as_str().into()));
+        }
         let mut img = src.clone();
+        img.access = Access::Owner;
+        img.shared_out = false;
         img.id = new_iid;
         img.owner = job.project_id.clone();
         img.name = get("name");
@@ -760,6 +871,25 @@ impl Service {
             Ok(()) | Err(CoreError::DuplicateImage(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// When a job runs, the share it was accepted under may be gone: the job's project must
+    /// still own the image or be an accepted member of it.
+    async fn may_use_at_run(&self, img: &Image, project: &ProjectId) -> Result<bool> {
+        if img.owner == *project {
+            return Ok(true);
+        }
+        let Some(domain) = self.db.project_domain(project).await? else {
+            return Ok(false);
+        };
+        let r = Recipient {
+            project: project.clone(),
+            domain,
+        };
+        Ok(matches!(
+            self.db.membership(&img.id, &r).await?,
+            Some((_, MemberStatus::Accepted))
+        ))
     }
 
     /// Starts `n` workers that run queued jobs until `shutdown` fires.
@@ -826,6 +956,9 @@ impl Service {
             .await;
         let outcome = match JobType::parse(&job.job_type) {
             Some(JobType::CopyImageInRegion) => self.run_copy(&job).await,
+            Some(JobType::AddImageMembers) => self.run_add_members(&job).await,
+            Some(JobType::DelImageMembers) => self.run_del_members(&job).await,
+            Some(JobType::UpdateImageMembers) => self.run_update_members(&job).await,
             None => Err(CoreError::Internal(format!(
                 "unknown job type {}",
                 job.job_type

@@ -143,9 +143,12 @@ impl Service {
     }
 
     /// Where an active image's data can be read from, or `None` for an image without data
-    /// (Glance answers 204).
+    /// (Glance answers 204). The owner and accepted members may read it; a pending or
+    /// rejected member gets `ShareNotAccepted`.
     pub async fn image_data(&self, caller: &Caller, id: &str) -> Result<Option<ImageData>> {
-        let img = self.image(caller, id).await?;
+        let img = self
+            .visible_image(caller, id, crate::members::Need::Use)
+            .await?;
         if img.status != ImageStatus::Active {
             return Ok(None);
         }
