@@ -19,15 +19,21 @@ pub fn routes() -> Router<AppState> {
         .route("/v1.0/{project_id}/kms/create-key", post(create_key))
         .route("/v1.0/{project_id}/kms/list-keys", post(list_keys))
         .route("/v1.0/{project_id}/kms/describe-key", post(describe_key))
-        .route("/v1.0/{project_id}/kms/enable-key", post(enable_key))
-        .route("/v1.0/{project_id}/kms/disable-key", post(disable_key))
+        .route(
+            "/v1.0/{project_id}/kms/enable-key",
+            post(state_handler(KeyOp::Enable)),
+        )
+        .route(
+            "/v1.0/{project_id}/kms/disable-key",
+            post(state_handler(KeyOp::Disable)),
+        )
         .route(
             "/v1.0/{project_id}/kms/schedule-key-deletion",
-            post(schedule_deletion),
+            post(state_handler(KeyOp::ScheduleDeletion)),
         )
         .route(
             "/v1.0/{project_id}/kms/cancel-key-deletion",
-            post(cancel_deletion),
+            post(state_handler(KeyOp::CancelDeletion)),
         )
         .route("/v1.0/{project_id}/kms/create-grant", post(create_grant))
         .route("/v1.0/{project_id}/kms/list-grants", post(list_grants))
@@ -147,68 +153,49 @@ async fn describe_key(
     Ok(Json(json!({"key_info": k.details(&st.svc.config.region)})))
 }
 
-async fn change(
-    st: &AppState,
-    c: &openims_core::Caller,
-    pid: &str,
-    body: &Value,
+/// The four key state changes (`enable-key`, `disable-key`, `schedule-key-deletion`,
+/// `cancel-key-deletion`) share one handler; enable and disable answer inside `key_info`, as
+/// the KMS API does.
+async fn change_state(
+    st: AppState,
+    c: openims_core::Caller,
+    pid: String,
+    body: Value,
     op: KeyOp,
-) -> ApiResult<(String, &'static str)> {
-    own_project(c, pid)?;
+) -> ApiResult<Json<Value>> {
+    own_project(&c, &pid)?;
     let pending = if op == KeyOp::ScheduleDeletion {
-        opt_int(body, "pending_days")?
+        opt_int(&body, "pending_days")?
     } else {
         None
     };
     let k = st
         .svc
-        .kms_change_state(c, &req_str(body, "key_id")?, op, pending)
+        .kms_change_state(&c, &req_str(&body, "key_id")?, op, pending)
         .await?;
-    Ok((k.id, k.state.code()))
+    let state = json!({"key_id": k.id, "key_state": k.state.code()});
+    Ok(Json(match op {
+        KeyOp::Enable | KeyOp::Disable => json!({ "key_info": state }),
+        _ => state,
+    }))
 }
 
-async fn enable_key(
-    State(st): State<AppState>,
-    Auth(c): Auth,
-    Path(pid): Path<String>,
-    JsonBody(body): JsonBody,
-) -> ApiResult<Json<Value>> {
-    let (id, state) = change(&st, &c, &pid, &body, KeyOp::Enable).await?;
-    Ok(Json(
-        json!({"key_info": {"key_id": id, "key_state": state}}),
-    ))
-}
-
-async fn disable_key(
-    State(st): State<AppState>,
-    Auth(c): Auth,
-    Path(pid): Path<String>,
-    JsonBody(body): JsonBody,
-) -> ApiResult<Json<Value>> {
-    let (id, state) = change(&st, &c, &pid, &body, KeyOp::Disable).await?;
-    Ok(Json(
-        json!({"key_info": {"key_id": id, "key_state": state}}),
-    ))
-}
-
-async fn schedule_deletion(
-    State(st): State<AppState>,
-    Auth(c): Auth,
-    Path(pid): Path<String>,
-    JsonBody(body): JsonBody,
-) -> ApiResult<Json<Value>> {
-    let (id, state) = change(&st, &c, &pid, &body, KeyOp::ScheduleDeletion).await?;
-    Ok(Json(json!({"key_id": id, "key_state": state})))
-}
-
-async fn cancel_deletion(
-    State(st): State<AppState>,
-    Auth(c): Auth,
-    Path(pid): Path<String>,
-    JsonBody(body): JsonBody,
-) -> ApiResult<Json<Value>> {
-    let (id, state) = change(&st, &c, &pid, &body, KeyOp::CancelDeletion).await?;
-    Ok(Json(json!({"key_id": id, "key_state": state})))
+/// A route handler for one key state change.
+fn state_handler(
+    op: KeyOp,
+) -> impl Fn(
+    State<AppState>,
+    Auth,
+    Path<String>,
+    JsonBody,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult<Json<Value>>> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |State(st), Auth(c), Path(pid), JsonBody(body)| {
+        Box::pin(change_state(st, c, pid, body, op))
+    }
 }
 
 async fn create_grant(
