@@ -56,7 +56,7 @@ pub struct Service {
     pub node_id: String,
     /// The embedded key service's root-key operations.
     pub kms: crate::kms::Kms,
-    job_ready: Notify,
+    pub(crate) job_ready: Notify,
 }
 
 /// IMS `__*` attributes that update_image may change (spec A.3), besides name/min_ram/max_ram.
@@ -823,6 +823,10 @@ impl Service {
             .await;
         let outcome = match JobType::parse(&job.job_type) {
             Some(JobType::CopyImageInRegion) => self.run_copy(&job).await,
+            Some(JobType::ImportImage | JobType::ImportDataImage | JobType::NativeImport) => {
+                self.run_import(&job).await
+            }
+            Some(JobType::NativeExport) => self.run_export(&job).await,
             None => Err(CoreError::Internal(format!(
                 "unknown job type {}",
                 job.job_type
