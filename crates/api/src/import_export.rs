@@ -17,7 +17,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/cloudimages/action", post(create_image))
         .route("/v2.1/cloudimages/action", post(create_image))
         .route("/v1/cloudimages/dataimages/action", post(create_data_image))
-        .route("/v2.1/cloudimages/dataimages/action", post(create_data_image))
+        .route(
+            "/v2.1/cloudimages/dataimages/action",
+            post(create_data_image),
+        )
         .route("/v2/cloudimages/quickimport/action", post(quick_import))
         .route("/v2.1/cloudimages/quickimport/action", post(quick_import))
         .route("/v1/cloudimages/{id}/upload", put(register_image))
@@ -71,7 +74,9 @@ fn parse_tags(body: &Value) -> ApiResult<Vec<(String, String)>> {
         (Some(Value::Array(list)), _) => list
             .iter()
             .map(|t| {
-                let s = t.as_str().ok_or_else(|| tag_err("A tag must be a string."))?;
+                let s = t
+                    .as_str()
+                    .ok_or_else(|| tag_err("A tag must be a string."))?;
                 let (k, v) = s.split_once('.').unwrap_or((s, ""));
                 Ok((k.trim().to_string(), v.trim().to_string()))
             })
@@ -94,7 +99,10 @@ fn parse_tags(body: &Value) -> ApiResult<Vec<(String, String)>> {
 
 fn import_request(body: &Value) -> ApiResult<ImportRequest> {
     if !body.is_object() {
-        return Err(ApiError::bad_request("IMG.0007", "The request body is empty."));
+        return Err(ApiError::bad_request(
+            "IMG.0007",
+            "The request body is empty.",
+        ));
     }
     Ok(ImportRequest {
         name: opt_str(body, "name")?,

@@ -11,6 +11,7 @@ mod client;
 mod config;
 mod image_cmd;
 mod serve;
+mod transfer;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,9 @@ enum Command {
     Image(image_cmd::ImageArgs),
     /// Storage usage of a project (logical vs billable bytes), from a running service.
     Usage(client::UsageArgs),
+    /// Move an image between two sites through their buckets (export, download, upload,
+    /// register), resumably and verified end to end.
+    Transfer(Box<transfer::TransferArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Admin(args) => admin::run(args),
         Command::Image(args) => image_cmd::run(args),
         Command::Usage(args) => client::usage(args),
+        Command::Transfer(args) => transfer::run(*args),
     }
 }

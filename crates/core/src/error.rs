@@ -166,9 +166,13 @@ pub enum CoreError {
     ExportInProgress,
     #[error("Only images less than {0} GB can be exported.")]
     ExportTooLarge(u64),
-    #[error("OS information must be contained in the ISO files used to create images: set os_version.")]
+    #[error(
+        "OS information must be contained in the ISO files used to create images: set os_version."
+    )]
     IsoNeedsOsVersion,
-    #[error("The maximum number of images that can be imported at one time has been reached ({0}).")]
+    #[error(
+        "The maximum number of images that can be imported at one time has been reached ({0})."
+    )]
     TooManyImports(u64),
     #[error("The image file changed while it was being imported: {0}")]
     ObjectChanged(String),

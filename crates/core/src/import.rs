@@ -178,11 +178,9 @@ impl Service {
             (_, None | Some("ECS") | Some("FusionCompute")) => "FusionCompute",
             (_, Some("BMS") | Some("Ironic")) => "Ironic",
             (_, Some("IsoImage")) if !req.quick => "IsoImage",
-            (_, Some(other)) => {
-                return Err(CoreError::InvalidRequest(format!(
-                    "type {other:?} is not one of ECS, FusionCompute, BMS, Ironic, IsoImage, DataImage"
-                )))
-            }
+            (_, Some(other)) => return Err(CoreError::InvalidRequest(format!(
+                "type {other:?} is not one of ECS, FusionCompute, BMS, Ironic, IsoImage, DataImage"
+            ))),
         };
         if env == "Ironic" && req.cmk_id.as_deref().is_some_and(|k| !k.trim().is_empty()) {
             return Err(CoreError::BmsNoEncryption);
@@ -291,7 +289,12 @@ impl Service {
 
         // ---- the key ----
         let mut key_params = json!({"image_key": null, "work_dek": null});
-        if let Some(cmk) = req.cmk_id.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+        if let Some(cmk) = req
+            .cmk_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
             let material = self.usable_key(caller, cmk, KeyRole::Target).await?;
             let dek = Dek::generate();
             key_params = json!({
@@ -528,7 +531,8 @@ impl Service {
         let reader = objects
             .open_object_reader(&job.project_id, &bucket, &key)
             .await?;
-        let same = |i: &crate::buckets::ObjectInfo| i.version == s("version") && i.etag == s("etag");
+        let same =
+            |i: &crate::buckets::ObjectInfo| i.version == s("version") && i.etag == s("etag");
         if !same(reader.info()) {
             return Err(CoreError::ObjectChanged(format!(
                 "{bucket}:{key} was replaced after the import was requested"
@@ -722,11 +726,23 @@ impl Service {
                 done.properties
                     .insert("virtual_env_type".into(), json!("IsoImage"));
             }
-            if done.disk_format.as_deref().is_none_or(|f| f != "raw" && f != "iso") {
+            if done
+                .disk_format
+                .as_deref()
+                .is_none_or(|f| f != "raw" && f != "iso")
+            {
                 // The stored data is the virtual disk; it is served as raw bytes.
-                done.disk_format = Some(if ing.format == DiskFormat::Iso { "iso" } else { "raw" }.into());
+                done.disk_format = Some(
+                    if ing.format == DiskFormat::Iso {
+                        "iso"
+                    } else {
+                        "raw"
+                    }
+                    .into(),
+                );
             }
-            done.properties.insert("__root_origin".into(), json!("file"));
+            done.properties
+                .insert("__root_origin".into(), json!("file"));
             done.properties.insert(
                 "__data_origin".into(),
                 json!(format!("file,{bucket}:{key}")),
