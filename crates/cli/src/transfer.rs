@@ -191,6 +191,7 @@ fn throttle(rate: u64, start: Instant, done: u64) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn http(
     host: &str,
     method: &str,
