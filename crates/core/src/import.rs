@@ -178,9 +178,11 @@ impl Service {
             (_, None | Some("ECS") | Some("FusionCompute")) => "FusionCompute",
             (_, Some("BMS") | Some("Ironic")) => "Ironic",
             (_, Some("IsoImage")) if !req.quick => "IsoImage",
-            (_, Some(other)) => return Err(CoreError::InvalidRequest(format!(
+            (_, Some(other)) => {
+                return Err(CoreError::InvalidRequest(format!(
                 "type {other:?} is not one of ECS, FusionCompute, BMS, Ironic, IsoImage, DataImage"
-            ))),
+            )))
+            }
         };
         if env == "Ironic" && req.cmk_id.as_deref().is_some_and(|k| !k.trim().is_empty()) {
             return Err(CoreError::BmsNoEncryption);

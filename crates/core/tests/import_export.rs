@@ -4,11 +4,11 @@
 
 use bytes::Bytes;
 use openims_core::buckets::ObjectAttrs;
-use openims_core::objects::PutOptions;
 use openims_core::export::ExportRequest;
 use openims_core::image::ImageStatus;
 use openims_core::import::{ImportKind, ImportRequest};
 use openims_core::jobs::JobStatus;
+use openims_core::objects::PutOptions;
 use openims_core::{Caller, ImageId, Service, ServiceConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,7 +93,10 @@ async fn a_replaced_object_fails_the_import_and_an_unchanged_one_imports_and_exp
     let j = wait(&svc, &c, job.as_str()).await;
     assert_eq!(j.status, JobStatus::Fail, "{j:?}");
     assert_eq!(j.error_code.as_deref(), Some("IMG.0057"));
-    assert!(j.fail_reason.as_deref().unwrap_or("").contains("replaced"), "{j:?}");
+    assert!(
+        j.fail_reason.as_deref().unwrap_or("").contains("replaced"),
+        "{j:?}"
+    );
     let id = ImageId::parse(j.image_id.as_deref().expect("image id")).expect("uuid");
     let img = svc.db.get_image(&id).await.expect("get").expect("exists");
     assert_eq!(img.status, ImageStatus::Killed);
