@@ -367,9 +367,7 @@ impl Service {
         {
             Ok(info) => {
                 tracing::info!(job_id = %job.id, bucket, key, size = info.size, "image exported");
-                Ok(Some(
-                    json!({"bucket": bucket, "key": key, "size": info.size, "etag": info.etag}),
-                ))
+                Ok(None)
             }
             Err(e) => {
                 let _ = objects
