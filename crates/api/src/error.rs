@@ -121,6 +121,20 @@ fn classify(e: &CoreError) -> (StatusCode, &'static str) {
         InvalidBucketName(_) => (bad, "IMG.0109"),
         InvalidObjectKey(_) => (bad, "IMG.0075"),
         EntityTooLarge(_) => (bad, "IMG.0059"),
+        BadFileUrl(_) => (bad, "IMG.0017"),
+        BucketNameEmpty => (bad, "IMG.0068"),
+        ExportFileNameEmpty => (bad, "IMG.0073"),
+        ExportFileNameTooLong(_) => (bad, "IMG.0074"),
+        ExportFileNameSpaces(_) => (bad, "IMG.0175"),
+        PublicImageExport => (bad, "IMG.0077"),
+        WholeImageExport => (bad, "IMG.0128"),
+        ExportRefused(_) => (bad, "IMG.0071"),
+        UnsupportedFormat(_) => (bad, "IMG.0072"),
+        ExportInProgress => (bad, "IMG.0148"),
+        ExportTooLarge(_) => (bad, "IMG.0160"),
+        IsoNeedsOsVersion => (bad, "IMG.0166"),
+        TooManyImports(_) => (bad, "IMG.0194"),
+        ObjectChanged(_) => (bad, "IMG.0057"),
         NoSuchBucketPolicy(_)
         | BucketAlreadyExists(_)
         | BucketAlreadyOwnedByYou(_)

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod glance;
+pub mod import_export;
 pub mod ims;
 pub mod keystone;
 pub mod kms;
@@ -46,6 +47,7 @@ pub fn router(svc: Arc<Service>) -> Router {
     let protected = Router::new()
         .merge(glance::routes())
         .merge(ims::routes())
+        .merge(import_export::routes())
         .merge(kms::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

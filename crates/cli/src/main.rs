@@ -12,6 +12,7 @@ mod config;
 mod image_cmd;
 mod serve;
 mod share_cmd;
+mod transfer;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,9 @@ enum Command {
     Image(image_cmd::ImageArgs),
     /// Storage usage of a project (logical vs billable bytes), from a running service.
     Usage(client::UsageArgs),
+    /// Move an image between two sites through their buckets (export, download, upload,
+    /// register), resumably and verified end to end.
+    Transfer(Box<transfer::TransferArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Admin(args) => admin::run(args),
         Command::Image(args) => image_cmd::run(args),
         Command::Usage(args) => client::usage(args),
+        Command::Transfer(args) => transfer::run(*args),
     }
 }

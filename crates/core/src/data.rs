@@ -54,6 +54,64 @@ pub struct Ingested {
     pub format: DiskFormat,
 }
 
+/// Inspects `file` (safety verdict first: nothing reads through a file that fails it), checks
+/// the detected format against `declared` (when given) and the virtual size against
+/// `max_virtual`, and opens it as a virtual disk. Returns the disk and the detected format
+/// (an ISO is opened as raw bytes). Used by Glance uploads and bucket imports alike.
+pub fn open_checked(
+    file: Arc<dyn ReadAt>,
+    declared: Option<DeclaredFormat>,
+    max_virtual: u64,
+) -> Result<(Box<dyn openims_format::VirtualDisk>, DiskFormat)> {
+    let opts = InspectOptions {
+        max_virtual_size: max_virtual,
+        declared_format: None,
+        deep: true,
+        ..InspectOptions::default()
+    };
+    let report = inspect(file.as_ref(), &opts)?;
+    let detected = report.format;
+    if let Some(declared) = declared {
+        let matches = match declared {
+            // An ISO is a raw byte image of a CD; declared raw it is read as raw.
+            DeclaredFormat::Raw => matches!(detected, DiskFormat::Raw | DiskFormat::Iso),
+            DeclaredFormat::Format(DiskFormat::Iso) => detected == DiskFormat::Iso,
+            DeclaredFormat::Format(f) => f == detected,
+        };
+        if !matches {
+            let declared_name = match declared {
+                DeclaredFormat::Raw => "raw".to_string(),
+                DeclaredFormat::Format(f) => f.to_string(),
+            };
+            return Err(CoreError::FormatMismatch {
+                declared: declared_name,
+                detected: detected.to_string(),
+            });
+        }
+    }
+    if !report.is_safe() {
+        let reasons: Vec<String> = report
+            .violations
+            .iter()
+            .map(|v| format!("{}: {v}", v.name()))
+            .collect();
+        return Err(CoreError::UnsafeImage(reasons.join("; ")));
+    }
+    let read_as = if detected == DiskFormat::Iso {
+        DiskFormat::Raw
+    } else {
+        detected
+    };
+    let disk = openims_format::read::open(file, read_as)?;
+    let virtual_size = disk.virtual_size();
+    if virtual_size > max_virtual {
+        return Err(CoreError::UnsafeImage(format!(
+            "virtual size {virtual_size} exceeds the maximum of {max_virtual} bytes"
+        )));
+    }
+    Ok((disk, detected))
+}
+
 /// Staging area and chunk store.
 #[derive(Clone)]
 pub struct DataPlane {
@@ -107,50 +165,13 @@ impl DataPlane {
         max_virtual: u64,
     ) -> Result<Ingested> {
         let file: Arc<dyn ReadAt> = Arc::new(std::fs::File::open(path)?);
-        let opts = InspectOptions {
-            max_virtual_size: max_virtual,
-            declared_format: None,
-            deep: true,
-            ..InspectOptions::default()
-        };
-        let report = inspect(file.as_ref(), &opts)?;
-        let detected = report.format;
-        let matches = match declared {
-            // An ISO is a raw byte image of a CD; declared raw it is read as raw.
-            DeclaredFormat::Raw => matches!(detected, DiskFormat::Raw | DiskFormat::Iso),
-            DeclaredFormat::Format(DiskFormat::Iso) => detected == DiskFormat::Iso,
-            DeclaredFormat::Format(f) => f == detected,
-        };
-        if !matches {
-            let declared_name = match declared {
-                DeclaredFormat::Raw => "raw".to_string(),
-                DeclaredFormat::Format(f) => f.to_string(),
-            };
-            return Err(CoreError::FormatMismatch {
-                declared: declared_name,
-                detected: detected.to_string(),
-            });
-        }
-        if !report.is_safe() {
-            let reasons: Vec<String> = report
-                .violations
-                .iter()
-                .map(|v| format!("{}: {v}", v.name()))
-                .collect();
-            return Err(CoreError::UnsafeImage(reasons.join("; ")));
-        }
+        let (mut disk, detected) = open_checked(file.clone(), Some(declared), max_virtual)?;
         let read_as = if detected == DiskFormat::Iso {
             DiskFormat::Raw
         } else {
             detected
         };
-        let mut disk = openims_format::read::open(file.clone(), read_as)?;
         let virtual_size = disk.virtual_size();
-        if virtual_size > max_virtual {
-            return Err(CoreError::UnsafeImage(format!(
-                "virtual size {virtual_size} exceeds the maximum of {max_virtual} bytes"
-            )));
-        }
         let disk_report = self.store.ingest(disk.as_mut(), &mut |_| {})?;
         let file_manifest = if read_as == DiskFormat::Raw {
             None

@@ -177,6 +177,39 @@ pub enum CoreError {
         failed: usize,
         total: usize,
     },
+    // ---- Import from and export to bucket objects (see `import`, `export`). ----
+    #[error("The URL format is incorrect: {0}")]
+    BadFileUrl(String),
+    #[error("The specified bucket name is empty.")]
+    BucketNameEmpty,
+    #[error("The name of the exported file is empty.")]
+    ExportFileNameEmpty,
+    #[error("The file name length exceeds the limit of {0} bytes.")]
+    ExportFileNameTooLong(usize),
+    #[error("The folder name and image file name cannot contain spaces: {0}")]
+    ExportFileNameSpaces(String),
+    #[error("The public image cannot be exported.")]
+    PublicImageExport,
+    #[error("The full-ECS image cannot be exported.")]
+    WholeImageExport,
+    #[error("The image cannot be exported: {0}")]
+    ExportRefused(String),
+    #[error("The specified image format is not supported: {0}")]
+    UnsupportedFormat(String),
+    #[error("The image is being exported.")]
+    ExportInProgress,
+    #[error("Only images less than {0} GB can be exported.")]
+    ExportTooLarge(u64),
+    #[error(
+        "OS information must be contained in the ISO files used to create images: set os_version."
+    )]
+    IsoNeedsOsVersion,
+    #[error(
+        "The maximum number of images that can be imported at one time has been reached ({0})."
+    )]
+    TooManyImports(u64),
+    #[error("The image file changed while it was being imported: {0}")]
+    ObjectChanged(String),
     #[error("storage error: {0}")]
     Store(#[from] openims_store::StoreError),
     #[error("image format error: {0}")]

@@ -162,6 +162,8 @@ pub const READ_ONLY: &[&str] = &[
     "__os_type",
     "__os_bit",
     "__platform",
+    "__disk_digest",
+    "__source_format",
 ];
 
 impl Image {

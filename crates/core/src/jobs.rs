@@ -47,6 +47,15 @@ pub enum JobType {
     DelImageMembers,
     /// batch_update_members (recipient).
     UpdateImageMembers,
+    /// System-disk (or ISO) image from a bucket object (`create_image` with `image_url`,
+    /// quick import of a system disk).
+    ImportImage,
+    /// Data-disk image from a bucket object.
+    ImportDataImage,
+    /// `register_image` on an image made by `POST /v2/images`.
+    NativeImport,
+    /// Export of an image to a bucket object.
+    NativeExport,
 }
 
 impl JobType {
@@ -56,6 +65,10 @@ impl JobType {
             JobType::AddImageMembers => "imsAddImageMembersJob",
             JobType::DelImageMembers => "imsDelImageMembersJob",
             JobType::UpdateImageMembers => "imsUpdateImageMembersJob",
+            JobType::ImportImage => "imsImportImageJob",
+            JobType::ImportDataImage => "imsImportDataImageJob",
+            JobType::NativeImport => "imsNativeImportImageJob",
+            JobType::NativeExport => "imsNativeExportImageJob",
         }
     }
     pub fn parse(s: &str) -> Option<JobType> {
@@ -64,6 +77,10 @@ impl JobType {
             "imsAddImageMembersJob" => JobType::AddImageMembers,
             "imsDelImageMembersJob" => JobType::DelImageMembers,
             "imsUpdateImageMembersJob" => JobType::UpdateImageMembers,
+            "imsImportImageJob" => JobType::ImportImage,
+            "imsImportDataImageJob" => JobType::ImportDataImage,
+            "imsNativeImportImageJob" => JobType::NativeImport,
+            "imsNativeExportImageJob" => JobType::NativeExport,
             _ => return None,
         })
     }
@@ -395,7 +412,16 @@ pub fn failure_of(e: &CoreError) -> (String, String) {
         CoreError::ImageNotFound(_) => "IMG.0027",
         CoreError::ImageNotActive(_) => "IMG.0046",
         CoreError::ImageQuotaExceeded(_) => "IMG.0015",
-        CoreError::UnsafeImage(_) | CoreError::InvalidImageFile(_) => "IMG.0057",
+        CoreError::UnsafeImage(_)
+        | CoreError::InvalidImageFile(_)
+        | CoreError::FormatMismatch { .. }
+        | CoreError::Format(_)
+        | CoreError::NoSuchKey(_)
+        | CoreError::ObjectChanged(_) => "IMG.0057",
+        CoreError::InvalidDiskOrMemory(_) => "IMG.0055",
+        CoreError::IsoNeedsOsVersion => "IMG.0166",
+        CoreError::NoSuchBucket(_) | CoreError::AccessDenied(_) => "IMG.0069",
+        CoreError::ObjectExists(_) => "IMG.0070",
         CoreError::ImageTooLarge(_) => "IMG.0059",
         CoreError::KmsKeyNotFound(_) => "IMG.0095",
         CoreError::KmsKeyNotEnabled(_) => "IMG.0097",

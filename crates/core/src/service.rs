@@ -959,6 +959,10 @@ impl Service {
             Some(JobType::AddImageMembers) => self.run_add_members(&job).await,
             Some(JobType::DelImageMembers) => self.run_del_members(&job).await,
             Some(JobType::UpdateImageMembers) => self.run_update_members(&job).await,
+            Some(JobType::ImportImage | JobType::ImportDataImage | JobType::NativeImport) => {
+                self.run_import(&job).await
+            }
+            Some(JobType::NativeExport) => self.run_export(&job).await,
             None => Err(CoreError::Internal(format!(
                 "unknown job type {}",
                 job.job_type

@@ -1,0 +1,77 @@
+"""Import and export through the embedded bucket, driven like a user: boto3 uploads a qcow2 file,
+the IMS SDK imports it (create_image with image_url) and exports it back (qcow2), and the job
+times are compared with `dd` sequential write speed measured in the same run. Peak RSS is the
+server's VmHWM. Usage: bench.py WORKDIR OPENIMS_BIN VIRTUAL_GIB DATA_GIB"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "e2e"))
+os.environ.setdefault("OPENIMS_BIN", sys.argv[2])
+import boto3  # noqa: E402
+from boto3.s3.transfer import TransferConfig  # noqa: E402
+from botocore.config import Config  # noqa: E402
+from huaweicloudsdkims.v2 import (CreateImageRequest, CreateImageRequestBody, ExportImageRequest,  # noqa: E402
+                                  ExportImageRequestBody, ShowJobRequest)
+
+import helpers  # noqa: E402
+
+work, vgib, dgib = Path(sys.argv[1]), int(sys.argv[3]), float(sys.argv[4])
+GiB, MiB = 1 << 30, 1 << 20
+work.mkdir(parents=True, exist_ok=True)
+
+# The source: VIRTUAL_GIB virtual, DATA_GIB of random data in 64 MiB runs spread over the disk.
+raw = work / f"src-{vgib}.raw"
+data_bytes = int(dgib * GiB)
+runs = data_bytes // (64 * MiB)
+with open(raw, "wb") as f:
+    f.truncate(vgib * GiB)
+    step = (vgib * GiB) // runs
+    blk = os.urandom(64 * MiB)
+    for i in range(runs):
+        f.seek(i * step)
+        f.write(blk[i % 7:] + blk[:i % 7])
+src = work / f"src-{vgib}.qcow2"
+subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(src)], check=True)
+raw.unlink()
+
+srv = helpers.Server(work / f"data-{vgib}", work / f"server-{vgib}.log").start()
+try:
+    t = helpers.default_tenant(srv)
+    s3 = boto3.client("s3", endpoint_url=srv.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
+                      region_name="local-1", config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+    s3.create_bucket(Bucket="bench")
+    t0 = time.monotonic()
+    s3.upload_file(str(src), "bench", "src.qcow2",
+                   Config=TransferConfig(multipart_chunksize=64 * MiB, max_concurrency=2))
+    upload_s = time.monotonic() - t0
+
+    def run_job(job_id):
+        t0 = time.monotonic()
+        while True:
+            j = t.ims.show_job(ShowJobRequest(job_id=job_id))
+            if j.status in ("SUCCESS", "FAIL"):
+                assert j.status == "SUCCESS", j
+                return j, time.monotonic() - t0
+            time.sleep(0.05)
+
+    job, import_s = run_job(t.ims.create_image(CreateImageRequest(body=CreateImageRequestBody(
+        name="bench", image_url="bench:src.qcow2", min_disk=max(1, vgib)))).job_id)
+    image_id = job.entities.image_id
+    job, export_s = run_job(t.ims.export_image(ExportImageRequest(image_id=image_id, body=ExportImageRequestBody(
+        bucket_url="bench:out.qcow2", file_format="qcow2"))).job_id)
+    hwm = int(next(l for l in open(f"/proc/{srv.pid}/status") if l.startswith("VmHWM")).split()[1]) * 1024
+    out_size = s3.head_object(Bucket="bench", Key="out.qcow2")["ContentLength"]
+finally:
+    srv.terminate()
+print(json.dumps({
+    "virtual_gib": vgib, "data_bytes": data_bytes, "file_bytes": src.stat().st_size, "export_bytes": out_size,
+    "upload_s": round(upload_s, 2), "import_s": round(import_s, 2), "export_s": round(export_s, 2),
+    "import_mb_s": round(data_bytes / import_s / 1e6, 1), "export_mb_s": round(data_bytes / export_s / 1e6, 1),
+    "peak_rss_mib": round(hwm / MiB, 1),
+}))
+src.unlink()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Import/export benchmark: a qcow2 file (4 GiB virtual, 1 GiB data) imported from the embedded
+# bucket and exported back to it as qcow2, as MB/s of data, next to `dd` sequential write speed
+# measured in the same run; then the same with a 20 GiB image (1 GiB data) for peak RSS.
+# Usage: benches/import-export/run.sh [WORKDIR]   (default /tmp/oims-bench-import-export)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+WORK=${1:-/tmp/oims-bench-import-export}
+PROFILE=${PROFILE:-dev}          # dev = deps, store and format at opt-level 2 (see Cargo.toml)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+PY=${PY:-$HOME/.cache/openims-venv/bin/python}
+rm -rf "$WORK" && mkdir -p "$WORK"
+if [ "$PROFILE" = release ]; then
+  cargo build -q --release --bin openims; BIN=$CARGO_TARGET_DIR/release/openims
+else
+  cargo build -q --bin openims; BIN=$CARGO_TARGET_DIR/debug/openims
+fi
+
+echo "== baseline"
+dd if=/dev/urandom of="$WORK/rand" bs=4M count=256 status=none
+DD=$(dd if="$WORK/rand" of="$WORK/dd.out" bs=4M oflag=direct conv=fsync 2>&1 | tail -1 | awk -F', ' '{print $NF}')
+rm -f "$WORK/rand" "$WORK/dd.out"
+echo "dd write 1 GiB O_DIRECT: $DD"
+DD_MBS=$(echo "$DD" | awk '{v=$1; if ($2 ~ /^GB/) v*=1000; print v}')
+
+echo "== openims ($PROFILE)"
+"$PY" benches/import-export/bench.py "$WORK" "$BIN" 4 1 | tee "$WORK/results.jsonl"
+"$PY" benches/import-export/bench.py "$WORK" "$BIN" 20 1 | tee -a "$WORK/results.jsonl"
+
+"$PY" - "$WORK/results.jsonl" "$DD_MBS" <<'PY'
+import json, sys
+dd = float(sys.argv[2])
+print(f"\nbaseline dd {dd:.0f} MB/s; target >= {0.7*dd:.0f} MB/s; RSS target < 200 MiB at 20 GiB")
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    print(f"{r['virtual_gib']:>3} GiB image, {r['data_bytes']>>20} MiB data: import {r['import_s']} s = "
+          f"{r['import_mb_s']} MB/s ({r['import_mb_s']/dd:.2f} x dd), export {r['export_s']} s = "
+          f"{r['export_mb_s']} MB/s ({r['export_mb_s']/dd:.2f} x dd), peak RSS {r['peak_rss_mib']} MiB")
+PY

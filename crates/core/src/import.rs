@@ -1,0 +1,821 @@
+//! Images from bucket objects (spec A.1, C.5): `create_image` with `image_url` (system disk or
+//! ISO), `create_data_image`, `import_image_quick` (raw, optionally with the allocation bitmap
+//! our quick export writes next to it) and `register_image` (data for an image made by
+//! `POST /v2/images`).
+//!
+//! The request is checked at once (names, sizes, OS version, key, bucket access, the object's
+//! existence, the ISO rule) and an async job is queued; the image row exists from then on in
+//! `saving`, owned by the job through an upload token. The job:
+//! 1. opens the object as of the request (its version and ETag are in the job) and refuses an
+//!    object that changed since;
+//! 2. inspects it: the safety verdict comes first, nothing reads through a hostile file;
+//! 3. opens it with the format reader, checks `min_disk` against the virtual size (IMG.0055);
+//! 4. streams the virtual disk into the chunk store (progress and ETA in the job);
+//! 5. for a `cmk_id`, re-encrypts the stored disk under a fresh data key wrapped by that key
+//!    (the same store path the encrypting in-region copy uses);
+//! 6. checks again that the object did not change, then marks the image `active` in one
+//!    conditional update (with its key row) that succeeds only while the job still owns it.
+//!
+//! A failed job leaves the image `killed` (deletable); nothing becomes `active`.
+
+use crate::data::{open_checked, DeclaredFormat};
+use crate::error::{CoreError, Result};
+use crate::identity::Caller;
+use crate::image::{validate_description, validate_ims_name, validate_tag, Image, ImageStatus};
+use crate::jobs::{insert_job, Job, JobType, NewJob, Progress};
+use crate::kms::KeyRole;
+use crate::objects::ObjectReader;
+use crate::Service;
+use openims_format::write::AllocationBitmap;
+use openims_format::{DiskFormat, ReadAt};
+use openims_store::{Dek, ManifestId};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest file a standard import takes (spec C.5: 128 GB).
+pub const MAX_IMPORT_FILE: u64 = 128 << 30;
+/// Largest file a quick import takes (spec C.5: 1 TB).
+pub const MAX_QUICK_IMPORT_FILE: u64 = 1 << 40;
+/// Import jobs a project may have queued or running at once (IMG.0194).
+pub const MAX_CONCURRENT_IMPORTS: u64 = 40;
+/// Suffix of the allocation-bitmap object that accompanies a quick-export raw file.
+pub const BITMAP_SUFFIX: &str = ".bitmap";
+/// Least time between two progress-only heartbeats.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+
+/// Which import operation a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportKind {
+    /// `create_image` with `image_url`, or quick import of a system disk.
+    System,
+    /// `create_data_image`, or quick import with `type` DataImage.
+    Data,
+    /// `register_image` on an existing queued image.
+    Register,
+}
+
+/// An import request, as the API parsed it.
+#[derive(Debug, Clone, Default)]
+pub struct ImportRequest {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// `bucket:object`.
+    pub image_url: String,
+    pub min_disk: Option<i64>,
+    pub min_ram: Option<i64>,
+    pub max_ram: Option<i64>,
+    pub os_version: Option<String>,
+    /// Data disks: `Linux` (default) or `Windows`.
+    pub os_type: Option<String>,
+    /// `ECS`/`FusionCompute`, `BMS`/`Ironic`, `IsoImage`, `DataImage`.
+    pub image_type: Option<String>,
+    pub architecture: Option<String>,
+    pub hw_firmware_type: Option<String>,
+    pub tags: Vec<(String, String)>,
+    pub cmk_id: Option<String>,
+    pub is_config: bool,
+    pub license_type: Option<String>,
+    pub enterprise_project_id: Option<String>,
+    /// `import_image_quick`: raw only (with an optional allocation bitmap), up to 1 TB.
+    pub quick: bool,
+}
+
+/// Splits `bucket:object` (the first colon separates them; keys may contain colons).
+pub fn parse_file_url(url: &str) -> Result<(String, String)> {
+    let Some((bucket, key)) = url.split_once(':') else {
+        return Err(CoreError::BadFileUrl(format!(
+            "{url:?} is not of the form bucket:object"
+        )));
+    };
+    if bucket.is_empty() {
+        return Err(CoreError::BucketNameEmpty);
+    }
+    if key.is_empty() {
+        return Err(CoreError::BadFileUrl(format!("{url:?} names no object")));
+    }
+    Ok((bucket.to_string(), key.to_string()))
+}
+
+/// Whether the bytes at 32769 of the object say "CD001" (an ISO 9660 volume descriptor).
+fn looks_like_iso(r: &ObjectReader) -> bool {
+    let mut b = [0u8; 5];
+    matches!(r.read_range(&mut b, 0x8001), Ok(5)) && &b == b"CD001"
+}
+
+/// A raw file seen through the allocation bitmap of a quick export: clear bits are holes
+/// (read as zeros, never fetched), so only the allocated ranges are read and stored.
+struct BitmapReadAt {
+    inner: Arc<ObjectReader>,
+    bitmap: AllocationBitmap,
+}
+
+impl ReadAt for BitmapReadAt {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.inner.len())
+    }
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        let g = self.bitmap.granularity();
+        let end = (offset + len).min(self.inner.len());
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut i = offset / g;
+        while i * g < end {
+            if self.bitmap.get(i) {
+                let s = (i * g).max(offset);
+                let e = ((i + 1) * g).min(end);
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == s => last.1 += e - s,
+                    _ => out.push((s, e - s)),
+                }
+            }
+            i += 1;
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Progress from the blocking ingest to the job loop.
+struct Update {
+    task: &'static str,
+    done: u64,
+    total: u64,
+}
+
+impl Service {
+    /// Checks an import request and queues its job (spec A.1). Returns the job id.
+    pub async fn import_image(
+        &self,
+        caller: &Caller,
+        kind: ImportKind,
+        register_id: Option<&str>,
+        req: ImportRequest,
+    ) -> Result<crate::ids::JobId> {
+        // ---- the request's own fields ----
+        let data = kind == ImportKind::Data
+            || req.image_type.as_deref() == Some("DataImage") && kind != ImportKind::Register;
+        let kind = if data { ImportKind::Data } else { kind };
+        if kind != ImportKind::Register {
+            match &req.name {
+                Some(n) => validate_ims_name(n)?,
+                None => return Err(CoreError::NameMissing),
+            }
+        }
+        if let Some(d) = &req.description {
+            validate_description(d)?;
+        }
+        for (k, v) in &req.tags {
+            validate_tag(k, v)?;
+        }
+        if req.tags.len() > self.config.tag_quota {
+            return Err(CoreError::TagQuotaExceeded(self.config.tag_quota));
+        }
+        let env = match (kind, req.image_type.as_deref()) {
+            (ImportKind::Data, _) => "DataImage",
+            (_, None | Some("ECS") | Some("FusionCompute")) => "FusionCompute",
+            (_, Some("BMS") | Some("Ironic")) => "Ironic",
+            (_, Some("IsoImage")) if !req.quick => "IsoImage",
+            (_, Some(other)) => {
+                return Err(CoreError::InvalidRequest(format!(
+                "type {other:?} is not one of ECS, FusionCompute, BMS, Ironic, IsoImage, DataImage"
+            )))
+            }
+        };
+        if env == "Ironic" && req.cmk_id.as_deref().is_some_and(|k| !k.trim().is_empty()) {
+            return Err(CoreError::BmsNoEncryption);
+        }
+        if let Some(f) = &req.hw_firmware_type {
+            if !matches!(f.as_str(), "bios" | "uefi") {
+                return Err(CoreError::InvalidFirmware);
+            }
+        }
+        if let Some(a) = &req.architecture {
+            if !matches!(a.to_ascii_lowercase().as_str(), "x86" | "arm") {
+                return Err(CoreError::InvalidArchitecture);
+            }
+        }
+        let os_type = match (kind, req.os_type.as_deref()) {
+            (ImportKind::Data, None | Some("Linux")) => Some("Linux"),
+            (ImportKind::Data, Some("Windows")) => Some("Windows"),
+            (ImportKind::Data, Some(o)) => {
+                return Err(CoreError::InvalidRequest(format!(
+                    "os_type {o:?} is not Linux or Windows"
+                )))
+            }
+            _ => None,
+        };
+        if let Some(v) = &req.os_version {
+            if crate::image::find_os_version(v).is_none() {
+                return Err(CoreError::InvalidOsVersion(v.clone()));
+            }
+        } else if req.quick && kind == ImportKind::System {
+            return Err(CoreError::InvalidOsVersion(
+                "os_version is required to import a system disk quickly".into(),
+            ));
+        }
+        let windows = os_type == Some("Windows")
+            || req
+                .os_version
+                .as_deref()
+                .and_then(crate::image::find_os_version)
+                .is_some_and(|o| o.os_type == "Windows");
+        let min_disk = match (kind, req.min_disk) {
+            (ImportKind::Register, m) => m,
+            (_, None) => {
+                return Err(CoreError::InvalidDiskOrMemory(
+                    "min_disk is required when importing an image file".into(),
+                ))
+            }
+            (_, Some(m)) => {
+                let (lo, hi) = match (kind, req.quick, windows) {
+                    (ImportKind::Data, _, _) => (1, 2048),
+                    (_, true, false) => (10, 1024),
+                    (_, true, true) => (20, 1024),
+                    _ => (1, 1024),
+                };
+                if !(lo..=hi).contains(&m) {
+                    return Err(CoreError::InvalidDiskOrMemory(format!(
+                        "min_disk {m} GB is outside {lo}-{hi}"
+                    )));
+                }
+                Some(m)
+            }
+        };
+        for (n, v) in [("min_ram", req.min_ram), ("max_ram", req.max_ram)] {
+            if v.is_some_and(|v| v < 0) {
+                return Err(CoreError::InvalidDiskOrMemory(format!(
+                    "{n} must be a non-negative integer"
+                )));
+            }
+        }
+
+        // ---- the object ----
+        let (bucket, key) = parse_file_url(&req.image_url)?;
+        crate::buckets::validate_bucket_name(&bucket)?;
+        let reader = self
+            .buckets()
+            .open_object_reader(&caller.project_id, &bucket, &key)
+            .await?;
+        if reader.is_empty() {
+            return Err(CoreError::InvalidImageFile(format!(
+                "the image file {bucket}:{key} is empty"
+            )));
+        }
+        let limit = if req.quick {
+            MAX_QUICK_IMPORT_FILE
+        } else {
+            MAX_IMPORT_FILE
+        };
+        if reader.len() > limit {
+            return Err(CoreError::ImageTooLarge(limit));
+        }
+        let iso = looks_like_iso(&reader);
+        if iso && (req.quick || kind == ImportKind::Data) {
+            return Err(CoreError::InvalidImageFile(
+                "an ISO file can only become a system-disk image (create_image with type IsoImage)"
+                    .into(),
+            ));
+        }
+        if iso && req.os_version.is_none() && kind != ImportKind::Register {
+            return Err(CoreError::IsoNeedsOsVersion);
+        }
+        if env == "IsoImage" && !iso {
+            return Err(CoreError::InvalidImageFile(format!(
+                "type IsoImage needs an ISO file; {bucket}:{key} is not one"
+            )));
+        }
+        let info = reader.info().clone();
+
+        // ---- the key ----
+        let mut key_params = json!({"image_key": null, "work_dek": null});
+        if let Some(cmk) = req
+            .cmk_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
+            let material = self.usable_key(caller, cmk, KeyRole::Target).await?;
+            let dek = Dek::generate();
+            key_params = json!({
+                "image_key": {"cmk_id": cmk, "wrapped_dek": self.cmk_wrap(cmk, &material, &dek)?},
+                "work_dek": self.root_wrap(&dek)?,
+            });
+        }
+
+        // ---- concurrency ----
+        let mut open = 0;
+        for t in [
+            JobType::ImportImage,
+            JobType::ImportDataImage,
+            JobType::NativeImport,
+        ] {
+            open += self.db.count_open_jobs(&caller.project_id, t).await?;
+        }
+        if open >= MAX_CONCURRENT_IMPORTS {
+            return Err(CoreError::TooManyImports(MAX_CONCURRENT_IMPORTS));
+        }
+
+        // ---- the image row and the job, atomically ----
+        let job_type = match kind {
+            ImportKind::System => JobType::ImportImage,
+            ImportKind::Data => JobType::ImportDataImage,
+            ImportKind::Register => JobType::NativeImport,
+        };
+        let mut img = match register_id {
+            Some(id) => {
+                let img = self.own_image(caller, id).await?;
+                if img.status != ImageStatus::Queued {
+                    return Err(CoreError::BadTransition {
+                        from: img.status.as_str().into(),
+                        to: "saving".into(),
+                    });
+                }
+                if let Some(f) = &img.disk_format {
+                    // The declared format must be readable; it is checked against the file.
+                    DeclaredFormat::from_disk_format(f)?;
+                }
+                img
+            }
+            None => {
+                let mut img = Image::new(
+                    caller.project_id.clone(),
+                    req.name.clone(),
+                    if iso {
+                        crate::image::Origin::Iso
+                    } else {
+                        crate::image::Origin::File
+                    },
+                );
+                img.container_format = Some("bare".into());
+                img.disk_format = Some(if iso { "iso" } else { "raw" }.into());
+                img.min_disk = min_disk.unwrap_or(0);
+                img.min_ram = req.min_ram.unwrap_or(0);
+                if let Some(v) = &req.os_version {
+                    img.set_os_version(v)?;
+                }
+                let env = if iso { "IsoImage" } else { env };
+                let props = &mut img.properties;
+                props.insert("virtual_env_type".into(), json!(env));
+                if let Some(t) = os_type {
+                    props.insert("__os_type".into(), json!(t));
+                }
+                if let Some(d) = &req.description {
+                    props.insert("__description".into(), json!(d));
+                }
+                if let Some(m) = req.max_ram {
+                    props.insert("max_ram".into(), json!(m.to_string()));
+                }
+                if let Some(f) = &req.hw_firmware_type {
+                    props.insert("hw_firmware_type".into(), json!(f));
+                }
+                if let Some(a) = &req.architecture {
+                    let a = a.to_ascii_lowercase();
+                    if a == "arm" {
+                        props.insert("hw_firmware_type".into(), json!("uefi"));
+                        props.insert("__support_arm".into(), json!("true"));
+                    }
+                    props.insert("architecture".into(), json!(a));
+                }
+                if let Some(l) = &req.license_type {
+                    props.insert("__license_type".into(), json!(l));
+                }
+                if let Some(e) = &req.enterprise_project_id {
+                    props.insert("enterprise_project_id".into(), json!(e));
+                }
+                props.insert("__is_config_init".into(), json!(req.is_config.to_string()));
+                props.insert("__root_origin".into(), json!("file"));
+                props.insert(
+                    "__data_origin".into(),
+                    json!(format!("file,{bucket}:{key}")),
+                );
+                if req.quick {
+                    props.insert("__lazyloading".into(), json!("true"));
+                }
+                if let Some(cmk) = key_params["image_key"]["cmk_id"].as_str() {
+                    props.insert("__system__cmkid".into(), json!(cmk));
+                }
+                img.tags = req.tags.clone();
+                img
+            }
+        };
+        img.status = ImageStatus::Saving;
+        let params = json!({
+            "image_id": img.id.to_string(),
+            "bucket": bucket,
+            "key": key,
+            "version": info.version,
+            "etag": info.etag,
+            "size": info.size,
+            "quick": req.quick,
+            "register": register_id.is_some(),
+            "min_disk": min_disk,
+            "image_key": key_params["image_key"],
+            "work_dek": key_params["work_dek"],
+        });
+        let mut tx = self.db.pool.begin().await?;
+        let job_id = insert_job(
+            &mut tx,
+            NewJob {
+                project_id: &caller.project_id,
+                job_type,
+                params,
+                image_id: Some(img.id.to_string()),
+                image_name: img.name.clone(),
+            },
+        )
+        .await?;
+        let token = upload_token(job_id.as_str());
+        if register_id.is_some() {
+            let r = sqlx::query(
+                "UPDATE images SET status = 'saving', upload_token = $1, updated_at = $2 \
+                 WHERE id = $3 AND status = 'queued'",
+            )
+            .bind(&token)
+            .bind(crate::time::now_ms())
+            .bind(img.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() != 1 {
+                return Err(CoreError::BadTransition {
+                    from: "not queued".into(),
+                    to: "saving".into(),
+                });
+            }
+        } else {
+            crate::image::insert_image_row(&mut tx, &img).await?;
+            sqlx::query("UPDATE images SET upload_token = $1 WHERE id = $2")
+                .bind(&token)
+                .bind(img.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
+                .bind(img.owner.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+            if n as u64 > self.config.image_quota {
+                return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+            }
+            for (k, v) in &img.tags {
+                sqlx::query(
+                    "INSERT INTO image_tags (image_id, tag_key, tag_value, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(img.id.to_string())
+                .bind(k)
+                .bind(v)
+                .bind(crate::time::now_ms())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        self.job_ready.notify_one();
+        Ok(job_id)
+    }
+
+    /// Runs an import job (see the module docs); on failure the image becomes `killed`.
+    pub(crate) async fn run_import(&self, job: &Job) -> Result<Option<Value>> {
+        let token = upload_token(job.id.as_str());
+        let image_id = job
+            .params
+            .get("image_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| CoreError::Internal("import job without image".into()))?
+            .to_string();
+        let r = sqlx::query(
+            "UPDATE images SET status = 'saving', upload_token = $1, updated_at = $2 \
+             WHERE id = $3 AND owner = $4 AND (status = 'queued' OR (status = 'saving' AND upload_token = $1))",
+        )
+        .bind(&token)
+        .bind(crate::time::now_ms())
+        .bind(&image_id)
+        .bind(job.project_id.as_str())
+        .execute(&self.db.pool)
+        .await?;
+        if r.rows_affected() != 1 {
+            // A resumed job whose image is already active is done.
+            let iid = crate::ids::ImageId::parse(&image_id)
+                .ok_or_else(|| CoreError::Internal("bad image id".into()))?;
+            if let Some(img) = self.db.get_image(&iid).await? {
+                if img.status == ImageStatus::Active {
+                    return Ok(None);
+                }
+            }
+            return Err(CoreError::UploadInterrupted(
+                "the image was deleted or changed before its data was imported".into(),
+            ));
+        }
+        let outcome = self.import_data(job, &image_id, &token).await;
+        if outcome.is_err() {
+            let _ = sqlx::query(
+                "UPDATE images SET status = 'killed', upload_token = NULL, updated_at = $1 \
+                 WHERE id = $2 AND status = 'saving' AND upload_token = $3",
+            )
+            .bind(crate::time::now_ms())
+            .bind(&image_id)
+            .bind(&token)
+            .execute(&self.db.pool)
+            .await;
+        }
+        outcome
+    }
+
+    async fn import_data(&self, job: &Job, image_id: &str, token: &str) -> Result<Option<Value>> {
+        let p = &job.params;
+        let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let (bucket, key) = (s("bucket"), s("key"));
+        let quick = p.get("quick").and_then(Value::as_bool).unwrap_or(false);
+        let register = p.get("register").and_then(Value::as_bool).unwrap_or(false);
+        let min_disk = p.get("min_disk").and_then(Value::as_i64);
+        let objects = self.buckets();
+        let reader = objects
+            .open_object_reader(&job.project_id, &bucket, &key)
+            .await?;
+        let same =
+            |i: &crate::buckets::ObjectInfo| i.version == s("version") && i.etag == s("etag");
+        if !same(reader.info()) {
+            return Err(CoreError::ObjectChanged(format!(
+                "{bucket}:{key} was replaced after the import was requested"
+            )));
+        }
+        let reader = Arc::new(reader);
+        let bitmap = if quick {
+            match objects
+                .open_object_reader(&job.project_id, &bucket, &format!("{key}{BITMAP_SUFFIX}"))
+                .await
+            {
+                Ok(b) => {
+                    if b.len() > 64 << 20 {
+                        return Err(CoreError::InvalidImageFile(
+                            "the allocation bitmap is too large".into(),
+                        ));
+                    }
+                    let mut buf = vec![0u8; b.len() as usize];
+                    let n = b.read_range(&mut buf, 0)?;
+                    buf.truncate(n);
+                    let bm = AllocationBitmap::from_bytes(&buf).map_err(|e| {
+                        CoreError::InvalidImageFile(format!(
+                            "{bucket}:{key}{BITMAP_SUFFIX} is not an allocation bitmap: {e}"
+                        ))
+                    })?;
+                    if bm.virtual_size != reader.len() {
+                        return Err(CoreError::InvalidImageFile(format!(
+                            "the allocation bitmap covers {} bytes, the raw file has {}",
+                            bm.virtual_size,
+                            reader.len()
+                        )));
+                    }
+                    Some(bm)
+                }
+                Err(CoreError::NoSuchKey(_)) => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let iid = crate::ids::ImageId::parse(image_id)
+            .ok_or_else(|| CoreError::Internal("bad image id".into()))?;
+        let img = self
+            .db
+            .get_image(&iid)
+            .await?
+            .ok_or_else(|| CoreError::ImageNotFound(image_id.into()))?;
+        let declared = match (&img.disk_format, register) {
+            (Some(f), true) => Some(DeclaredFormat::from_disk_format(f)?),
+            _ => None,
+        };
+        let work_dek = match p.get("work_dek").and_then(Value::as_str) {
+            Some(w) => Some(self.root_unwrap(w)?),
+            None => None,
+        };
+
+        // ---- blocking: inspect, open, check, ingest, encrypt ----
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(8);
+        let abort = Arc::new(AtomicBool::new(false));
+        let store = self.data.store.clone();
+        let max_virtual = self.config.max_virtual_size;
+        let abort_w = abort.clone();
+        let dek = work_dek.clone();
+        let task = tokio::task::spawn_blocking(move || -> Result<Ingest> {
+            let src: Arc<dyn ReadAt> = match bitmap {
+                Some(bm) => Arc::new(BitmapReadAt {
+                    inner: reader.clone(),
+                    bitmap: bm,
+                }),
+                None => reader.clone(),
+            };
+            let _ = tx.try_send(Update {
+                task: "inspecting",
+                done: 0,
+                total: 0,
+            });
+            let (mut disk, detected) = open_checked(src, declared, max_virtual)?;
+            if quick && detected != DiskFormat::Raw {
+                return Err(CoreError::InvalidImageFile(format!(
+                    "quick import takes raw files (with an optional allocation bitmap); this file is {detected} \
+                     (ZVHD2 has no public specification and is not supported)"
+                )));
+            }
+            let vsize = disk.virtual_size();
+            if let Some(m) = min_disk {
+                if vsize > (m as u64) << 30 {
+                    return Err(CoreError::InvalidDiskOrMemory(format!(
+                        "min_disk {m} GB is smaller than the disk in the file ({vsize} bytes = {:.2} GiB)",
+                        vsize as f64 / (1u64 << 30) as f64
+                    )));
+                }
+            }
+            let check_abort = |a: &AtomicBool| {
+                if a.load(Ordering::Relaxed) {
+                    Err(openims_store::StoreError::Invalid(
+                        "the job's lease was lost".into(),
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+            let report = store.ingest(disk.as_mut(), &mut |pr| {
+                let _ = tx.try_send(Update {
+                    task: "importing",
+                    done: pr.bytes_done,
+                    total: pr.virtual_size,
+                });
+            })?;
+            check_abort(&abort_w)?;
+            let plain = report.manifest_id;
+            let stored = match &dek {
+                Some(dek) => store.reencrypt(&plain, None, dek, None, 16, &mut |pr| {
+                    check_abort(&abort_w)?;
+                    let _ = tx.try_send(Update {
+                        task: "encrypting",
+                        done: pr.bytes_done,
+                        total: vsize,
+                    });
+                    Ok(())
+                })?,
+                None => plain,
+            };
+            Ok(Ingest {
+                digest: plain,
+                manifest: stored,
+                virtual_size: vsize,
+                format: detected,
+            })
+        });
+        let mut last: Option<Instant> = None;
+        while let Some(u) = rx.recv().await {
+            if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
+                continue;
+            }
+            last = Some(Instant::now());
+            let percent = if u.total == 0 {
+                0.0
+            } else {
+                (u.done as f64 * 100.0 / u.total as f64).min(99.0)
+            };
+            let alive = self
+                .db
+                .heartbeat(
+                    &job.id,
+                    &self.node_id,
+                    self.config.job_lease_ms,
+                    &Progress {
+                        current_task: u.task.into(),
+                        percent: (percent * 10.0).floor() / 10.0,
+                        bytes_done: u.done as i64,
+                        bytes_total: u.total as i64,
+                        checkpoint: None,
+                    },
+                )
+                .await?;
+            if !alive {
+                abort.store(true, Ordering::Relaxed);
+            }
+        }
+        let ing = task
+            .await
+            .map_err(|e| CoreError::Internal(format!("import task failed: {e}")))??;
+        if abort.load(Ordering::Relaxed) {
+            return Err(CoreError::Internal("the job's lease was lost".into()));
+        }
+
+        // ---- the object must still be what was read ----
+        match objects.head_object(&job.project_id, &bucket, &key).await {
+            Ok(i) if same(&i) => {}
+            Ok(_) | Err(CoreError::NoSuchKey(_)) => {
+                return Err(CoreError::ObjectChanged(format!(
+                    "{bucket}:{key} was replaced or deleted during the import"
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+
+        // ---- activate ----
+        let mut done = img.clone();
+        let size = p.get("size").and_then(Value::as_u64).unwrap_or(0);
+        done.size = Some(size as i64);
+        done.virtual_size = Some(ing.virtual_size as i64);
+        let etag = s("etag");
+        done.checksum = (!etag.contains('-') && etag.len() == 32).then_some(etag);
+        done.disk_manifest = Some(ing.manifest.to_string());
+        done.file_manifest = None;
+        if register {
+            done.container_format = Some(done.container_format.unwrap_or_else(|| "bare".into()));
+            if ing.format == DiskFormat::Iso {
+                done.origin = crate::image::Origin::Iso;
+                done.properties
+                    .insert("virtual_env_type".into(), json!("IsoImage"));
+            }
+            if done
+                .disk_format
+                .as_deref()
+                .is_none_or(|f| f != "raw" && f != "iso")
+            {
+                // The stored data is the virtual disk; it is served as raw bytes.
+                done.disk_format = Some(
+                    if ing.format == DiskFormat::Iso {
+                        "iso"
+                    } else {
+                        "raw"
+                    }
+                    .into(),
+                );
+            }
+            done.properties
+                .insert("__root_origin".into(), json!("file"));
+            done.properties.insert(
+                "__data_origin".into(),
+                json!(format!("file,{bucket}:{key}")),
+            );
+        }
+        let props = &mut done.properties;
+        props.insert("__image_size".into(), json!(size.to_string()));
+        props.insert("__source_format".into(), json!(ing.format.as_str()));
+        props.insert(
+            "__disk_digest".into(),
+            json!(format!("blake3-manifest:{}", ing.digest)),
+        );
+        let image_key = crate::reencrypt::job_image_key(p)?;
+        let mut tx = self.db.pool.begin().await?;
+        let now = crate::time::now_ms();
+        let r = sqlx::query(
+            "UPDATE images SET status = 'active', size = $1, virtual_size = $2, checksum = $3, \
+             disk_format = $4, container_format = $5, disk_manifest = $6, file_manifest = NULL, \
+             properties = $7, origin = $8, updated_at = $9, active_at = $9, upload_token = NULL \
+             WHERE id = $10 AND status = 'saving' AND upload_token = $11",
+        )
+        .bind(done.size)
+        .bind(done.virtual_size)
+        .bind(&done.checksum)
+        .bind(&done.disk_format)
+        .bind(&done.container_format)
+        .bind(&done.disk_manifest)
+        .bind(Value::Object(done.properties.clone()).to_string())
+        .bind(done.origin.as_str())
+        .bind(now)
+        .bind(image_id)
+        .bind(token)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Err(CoreError::UploadInterrupted(
+                "the image was deleted or changed during the import".into(),
+            ));
+        }
+        if let Some(k) = image_key {
+            sqlx::query("DELETE FROM image_keys WHERE image_id = $1")
+                .bind(image_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO image_keys (image_id, cmk_id, wrapped_dek, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(image_id)
+            .bind(&k.cmk_id)
+            .bind(&k.wrapped_dek)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::info!(image_id, bucket, key, virtual_size = ing.virtual_size, format = %ing.format, "image imported");
+        Ok(None)
+    }
+}
+
+/// What the blocking part of an import stored.
+struct Ingest {
+    /// The plaintext manifest: a content digest of the virtual disk.
+    digest: ManifestId,
+    /// The manifest the image references (encrypted when a key was asked for).
+    manifest: ManifestId,
+    virtual_size: u64,
+    format: DiskFormat,
+}
+
+/// The upload token an import job holds on its image.
+fn upload_token(job_id: &str) -> String {
+    format!("import:{job_id}")
+}

@@ -1,0 +1,141 @@
+//! Import from and export to bucket objects through the service (no HTTP): an object replaced
+//! after the import was requested fails the job and nothing becomes active; an unchanged one
+//! imports; an export reads back as the same disk.
+
+use bytes::Bytes;
+use openims_core::buckets::ObjectAttrs;
+use openims_core::export::ExportRequest;
+use openims_core::image::ImageStatus;
+use openims_core::import::{ImportKind, ImportRequest};
+use openims_core::jobs::JobStatus;
+use openims_core::objects::PutOptions;
+use openims_core::{Caller, ImageId, Service, ServiceConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn caller(svc: &Service) -> Caller {
+    let b = svc
+        .db
+        .bootstrap()
+        .await
+        .expect("bootstrap")
+        .expect("fresh database bootstraps");
+    svc.db
+        .lookup_key(&b.key.access_key)
+        .await
+        .expect("lookup")
+        .expect("key exists")
+        .caller
+}
+
+async fn put(svc: &Service, c: &Caller, key: &str, data: Vec<u8>) {
+    let body = futures::stream::iter(vec![Ok::<Bytes, std::io::Error>(Bytes::from(data))]);
+    svc.buckets()
+        .put_object(
+            &c.project_id,
+            "bkt1",
+            key,
+            &ObjectAttrs::default(),
+            body,
+            &PutOptions::default(),
+        )
+        .await
+        .expect("put");
+}
+
+async fn wait(svc: &Service, c: &Caller, job: &str) -> openims_core::jobs::Job {
+    for _ in 0..400 {
+        let j = svc.job(c, job).await.expect("job");
+        if matches!(j.status, JobStatus::Success | JobStatus::Fail) {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("job {job} did not finish");
+}
+
+fn disk(seed: u8) -> Vec<u8> {
+    (0..3 * 1024 * 1024u32)
+        .map(|i| (i % 251) as u8 ^ seed)
+        .collect()
+}
+
+fn request(key: &str) -> ImportRequest {
+    ImportRequest {
+        name: Some("imp".into()),
+        image_url: format!("bkt1:{key}"),
+        min_disk: Some(1),
+        ..ImportRequest::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_object_fails_the_import_and_an_unchanged_one_imports_and_exports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc: Arc<Service> = Service::open(ServiceConfig::new(dir.path()))
+        .await
+        .expect("open");
+    let c = caller(&svc).await;
+    svc.buckets()
+        .create_bucket(&c.project_id, "bkt1")
+        .await
+        .expect("bucket");
+    put(&svc, &c, "disk.raw", disk(0)).await;
+
+    // Requested, then the object is replaced before a worker runs the job.
+    let job = svc
+        .import_image(&c, ImportKind::System, None, request("disk.raw"))
+        .await
+        .expect("import accepted");
+    put(&svc, &c, "disk.raw", disk(7)).await;
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let _workers = svc.spawn_workers(1, stop);
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Fail, "{j:?}");
+    assert_eq!(j.error_code.as_deref(), Some("IMG.0057"));
+    assert!(
+        j.fail_reason.as_deref().unwrap_or("").contains("replaced"),
+        "{j:?}"
+    );
+    let id = ImageId::parse(j.image_id.as_deref().expect("image id")).expect("uuid");
+    let img = svc.db.get_image(&id).await.expect("get").expect("exists");
+    assert_eq!(img.status, ImageStatus::Killed);
+    assert!(img.disk_manifest.is_none());
+
+    // Unchanged: imports, and exports back as the same disk.
+    let job = svc
+        .import_image(&c, ImportKind::System, None, request("disk.raw"))
+        .await
+        .expect("import accepted");
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let image_id = j.image_id.expect("image id");
+    let img = svc.image(&c, &image_id).await.expect("image");
+    assert_eq!(img.status, ImageStatus::Active);
+    assert_eq!(img.virtual_size, Some(3 * 1024 * 1024));
+
+    let job = svc
+        .export_image(
+            &c,
+            &image_id,
+            ExportRequest {
+                bucket_url: "bkt1:out.qcow2".into(),
+                file_format: Some("qcow2".into()),
+                is_quick_export: false,
+            },
+        )
+        .await
+        .expect("export accepted");
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let reader = svc
+        .buckets()
+        .open_object_reader(&c.project_id, "bkt1", "out.qcow2")
+        .await
+        .expect("exported object");
+    let mut d = openims_format::read::open(Arc::new(reader), openims_format::DiskFormat::Qcow2)
+        .expect("qcow2");
+    let mut back = vec![0u8; 3 * 1024 * 1024];
+    d.read_at(0, &mut back).expect("read");
+    assert!(back == disk(7), "the export differs from the imported disk");
+}
