@@ -35,6 +35,8 @@ enum Command {
     Image(image_cmd::ImageArgs),
     /// Storage usage of a project (logical vs billable bytes), from a running service.
     Usage(client::UsageArgs),
+    /// Asynchronous jobs of a running service.
+    Job(client::JobArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Admin(args) => admin::run(args),
         Command::Image(args) => image_cmd::run(args),
         Command::Usage(args) => client::usage(args),
+        Command::Job(args) => client::job(args),
     }
 }

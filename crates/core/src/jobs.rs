@@ -41,17 +41,20 @@ impl JobStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobType {
     CopyImageInRegion,
+    CrossRegionCopy,
 }
 
 impl JobType {
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::CopyImageInRegion => "imsCopyImageInRegionJob",
+            JobType::CrossRegionCopy => "imsCrossRegionCopyImageJob",
         }
     }
     pub fn parse(s: &str) -> Option<JobType> {
         Some(match s {
             "imsCopyImageInRegionJob" => JobType::CopyImageInRegion,
+            "imsCrossRegionCopyImageJob" => JobType::CrossRegionCopy,
             _ => return None,
         })
     }
@@ -123,6 +126,12 @@ impl Job {
         });
         if let Some(r) = &self.results {
             entities["results"] = r.clone();
+        }
+        // Cross-region copies: what actually went over the wire.
+        if let Some(xr) = self.checkpoint.as_ref().and_then(|c| c.get("xr")) {
+            for k in ["bytes_sent", "chunks_sent", "chunks_present"] {
+                entities[k] = xr.get(k).cloned().unwrap_or(Value::Null);
+            }
         }
         if self.status == JobStatus::Fail {
             entities["error_code"] = json!(self.error_code);
@@ -376,6 +385,9 @@ pub fn failure_of(e: &CoreError) -> (String, String) {
         CoreError::SourceKeyNotFound(_) => "IMG.0101",
         CoreError::SourceKeyNotEnabled(_) => "IMG.0102",
         CoreError::SourceKeyNoPermission(_) => "IMG.0103",
+        CoreError::ProjectNameIncorrect(_) => "IMG.0145",
+        CoreError::UnknownRegion(_) => "IMG.9031",
+        CoreError::PeerUnavailable(_) | CoreError::ChunksMissing(_) => "IMG.9032",
         _ => "IMG.1075",
     };
     (code.to_string(), e.to_string())

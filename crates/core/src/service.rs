@@ -56,6 +56,8 @@ pub struct Service {
     pub node_id: String,
     /// The embedded key service's root-key operations.
     pub kms: crate::kms::Kms,
+    /// Cross-region replication: peer transport and per-peer bandwidth limits.
+    pub xr: crate::crossregion::XrState,
     job_ready: Notify,
 }
 
@@ -176,6 +178,7 @@ impl Service {
             config,
             node_id,
             kms,
+            xr: Default::default(),
             job_ready: Notify::new(),
         });
         let reset = svc
@@ -759,6 +762,11 @@ impl Service {
         }
     }
 
+    /// Wakes a worker for a newly queued job.
+    pub(crate) fn notify_jobs(&self) {
+        self.job_ready.notify_one();
+    }
+
     /// Starts `n` workers that run queued jobs until `shutdown` fires.
     pub fn spawn_workers(
         self: &Arc<Self>,
@@ -823,6 +831,7 @@ impl Service {
             .await;
         let outcome = match JobType::parse(&job.job_type) {
             Some(JobType::CopyImageInRegion) => self.run_copy(&job).await,
+            Some(JobType::CrossRegionCopy) => self.run_cross_region(&job).await,
             None => Err(CoreError::Internal(format!(
                 "unknown job type {}",
                 job.job_type
