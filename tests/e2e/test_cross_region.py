@@ -227,7 +227,12 @@ def test_rules_and_codes(regions):
     xr_refused(acct.a, iid, "IMG.0104", project_name="", agency=acct.agency)
     xr_refused(acct.a, iid, "IMG.0001", region="", agency=acct.agency)
     # An ISO image.
-    iso = make_active_image(acct.a.raw, os.urandom(MiB), name=unique("iso"), disk_format="iso")
+    iso_data = bytearray(MiB)
+    for off, kind in ((0x8000, 1), (0x8800, 0xFF)):  # primary volume descriptor, terminator
+        iso_data[off] = kind
+        iso_data[off + 1:off + 6] = b"CD001"
+        iso_data[off + 6] = 1
+    iso = make_active_image(acct.a.raw, bytes(iso_data), name=unique("iso"), disk_format="iso")
     xr_refused(acct.a, iso["id"], "IMG.0167", agency=acct.agency)
     # Not active.
     queued = glance_create(acct.a.raw, name=unique("q"), disk_format="raw", container_format="bare")
