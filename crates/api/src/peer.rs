@@ -53,9 +53,8 @@ async fn cross_region_copy(
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Value>> {
-    let name = text(&body, "name")?.ok_or_else(|| {
-        ApiError::bad_request("IMG.0013", "The image name is not specified.")
-    })?;
+    let name = text(&body, "name")?
+        .ok_or_else(|| ApiError::bad_request("IMG.0013", "The image name is not specified."))?;
     let req = CrossRegionRequest {
         name,
         description: text(&body, "description")?,
@@ -94,10 +93,18 @@ async fn put_chunk(
     let encrypted = match kind.as_str() {
         "enc" => true,
         "plain" => false,
-        _ => return Err(ApiError::not_found("The requested resource does not exist.")),
+        _ => {
+            return Err(ApiError::not_found(
+                "The requested resource does not exist.",
+            ))
+        }
     };
     let new = st.svc.peer_put_chunk(&c, encrypted, &id, body).await?;
-    let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(json!({"stored": true, "new": new}))).into_response())
 }
 
@@ -171,7 +178,12 @@ async fn http_call(
         .strip_prefix("http://")
         .map(|h| h.trim_end_matches('/'))
         .filter(|h| !h.is_empty() && !h.contains('/'))
-        .ok_or_else(|| unavailable(format!("peer endpoint must be http://HOST:PORT, not {}", peer.endpoint)))?;
+        .ok_or_else(|| {
+            unavailable(format!(
+                "peer endpoint must be http://HOST:PORT, not {}",
+                peer.endpoint
+            ))
+        })?;
     let date = sdk_date();
     let content_type = if binary {
         "application/octet-stream"
@@ -226,10 +238,10 @@ async fn http_call(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| unavailable("malformed HTTP status line from peer"))?;
     let mut body = raw[split + 4..].to_vec();
-    if head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"))
-    {
+    if head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    }) {
         body = dechunk(&body).ok_or_else(|| unavailable("bad chunked body from peer"))?;
     }
     Ok(PeerReply { status, body })

@@ -543,9 +543,7 @@ impl Service {
         let new_id = need("new_image_id")?;
         let region = need("region")?;
         let peer = self.peer(&region)?;
-        let bucket = self
-            .xr
-            .bucket(&region, peer.bandwidth_bytes_per_sec);
+        let bucket = self.xr.bucket(&region, peer.bandwidth_bytes_per_sec);
         let src_iid =
             ImageId::parse(&src_id).ok_or_else(|| CoreError::Internal("bad source id".into()))?;
         let src = match self.db.get_image(&src_iid).await? {
@@ -566,7 +564,10 @@ impl Service {
         };
         let store = self.data.store.clone();
         let mut manifests = Vec::new();
-        for m in [&src.disk_manifest, &src.file_manifest].into_iter().flatten() {
+        for m in [&src.disk_manifest, &src.file_manifest]
+            .into_iter()
+            .flatten()
+        {
             let id = m
                 .parse::<openims_store::ManifestId>()
                 .map_err(|_| CoreError::Internal(format!("bad manifest id {m}")))?;
@@ -582,7 +583,12 @@ impl Service {
         }
         let bytes_total: u64 = manifests
             .iter()
-            .map(|m| m.stored_chunks_with_len().iter().map(|(_, l)| *l).sum::<u64>())
+            .map(|m| {
+                m.stored_chunks_with_len()
+                    .iter()
+                    .map(|(_, l)| *l)
+                    .sum::<u64>()
+            })
             .sum();
         let mut cp: XrCheckpoint = job
             .checkpoint
@@ -741,7 +747,9 @@ impl Service {
         let encrypted = body["encrypted"].as_bool().unwrap_or(false);
         let ids = parse_ids(&body["ids"])?;
         if ids.len() > 4096 {
-            return Err(CoreError::InvalidRequest("at most 4096 ids per request".into()));
+            return Err(CoreError::InvalidRequest(
+                "at most 4096 ids per request".into(),
+            ));
         }
         let st = self.data.store.clone();
         let missing = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkId>> {
@@ -819,7 +827,10 @@ impl Service {
             };
         }
         let mut manifests = Vec::new();
-        for m in body["manifests"].as_array().ok_or_else(|| bad("manifests"))? {
+        for m in body["manifests"]
+            .as_array()
+            .ok_or_else(|| bad("manifests"))?
+        {
             let bytes = B64
                 .decode(m.as_str().unwrap_or(""))
                 .map_err(|_| bad("base64 manifests"))?;
@@ -967,9 +978,12 @@ fn image_from_meta(v: &Value, owner: ProjectId, id: ImageId) -> Result<Image> {
             img.properties.insert(k.clone(), val.clone());
         }
     }
-    img.properties.insert("__imagetype".into(), json!("private"));
     img.properties
-        .insert("__description".into(), json!(s("description").unwrap_or_default()));
+        .insert("__imagetype".into(), json!("private"));
+    img.properties.insert(
+        "__description".into(),
+        json!(s("description").unwrap_or_default()),
+    );
     img.properties.insert(
         "__originalimagename".into(),
         json!(s("source_image_id").unwrap_or_default()),
@@ -1006,7 +1020,11 @@ struct SendCtx<'a> {
 
 impl SendCtx<'_> {
     async fn beat(&mut self, task: &str, durable: bool) -> Result<()> {
-        if !durable && self.last_beat.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
+        if !durable
+            && self
+                .last_beat
+                .is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY)
+        {
             return Ok(());
         }
         self.last_beat = Some(Instant::now());
@@ -1143,9 +1161,8 @@ impl SendCtx<'_> {
             if reply.status != 200 {
                 return Err(peer_error(&reply));
             }
-            let missing: HashSet<ChunkId> = parse_ids(&reply.json()["missing"])?
-                .into_iter()
-                .collect();
+            let missing: HashSet<ChunkId> =
+                parse_ids(&reply.json()["missing"])?.into_iter().collect();
             for ((src, len), tgt) in batch.iter().zip(&tgt_ids) {
                 if missing.contains(tgt) {
                     let (id, data) = self.load(mode, dek, *src).await?;
@@ -1223,7 +1240,11 @@ mod tests {
             b.take(500_000).await;
         }
         // 1.5 MB at 1 MB/s with a 1 MB burst: at least ~0.5 s.
-        assert!(t.elapsed() >= Duration::from_millis(450), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            t.elapsed()
+        );
         let free = TokenBucket::new(0);
         let t = Instant::now();
         free.take(u64::MAX / 2).await;
