@@ -31,12 +31,13 @@ class Regions:
     tmp: Path
 
 
-def start_regions(tmp: Path, bandwidth_mb: float = 0.0) -> Regions:
+def start_regions(tmp: Path, bandwidth_mb: float = 0.0, max_jobs: int = 5) -> Regions:
     b = Server(tmp / "b-data", tmp / "b.log", extra_args=["--region", "region-b"])
     b.start()
     svc = b.admin("peer-account", "create")
     cfg = tmp / "a.toml"
     cfg.write_text(
+        f"max_copy_jobs_per_project = {max_jobs}\n"
         "[peers.region-b]\n"
         f'endpoint = "{b.endpoint}"\n'
         f'access_key = "{svc["access_key"]}"\n'
@@ -278,7 +279,7 @@ def test_job_watch_cli(regions):
 @pytest.mark.timeout(600)
 def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
     # A bandwidth limit towards the peer keeps the copy running long enough to be killed.
-    r = start_regions(tmp_path, bandwidth_mb=8.0)
+    r = start_regions(tmp_path, bandwidth_mb=8.0, max_jobs=1)
     try:
         acct = account(r)
         size = 48 * MiB
@@ -295,6 +296,8 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
             if v["status"] == "RUNNING" and (v["entities"].get("bytes_sent") or 0) >= 8 * MiB:
                 break
         assert v["status"] == "RUNNING", f"the copy ended before it could be interrupted: {seen[-3:]}"
+        # The per-project limit on concurrent replications (configured to 1 here).
+        xr_refused(acct.a, src["id"], "IMG.0060", agency=acct.agency)
         r.a.kill9()
         new_id = v["entities"]["image_id"]
         # Nothing half-written is visible in region B while the source is down.

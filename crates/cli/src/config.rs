@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// `"__reencrypt_data": true`).
     #[arg(long, env = "OPENIMS_REENCRYPT_ON_REKEY")]
     pub reencrypt_on_rekey: Option<bool>,
+    /// Concurrent replication jobs per project, per kind (in-region, cross-region).
+    #[arg(long, env = "OPENIMS_MAX_COPY_JOBS_PER_PROJECT")]
+    pub max_copy_jobs_per_project: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "OPENIMS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -171,7 +174,10 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, Listen)
     if let Some(r) = args.reencrypt_on_rekey.or(file.reencrypt_on_rekey) {
         cfg.reencrypt_on_rekey = r;
     }
-    if let Some(n) = file.max_copy_jobs_per_project {
+    if let Some(n) = args
+        .max_copy_jobs_per_project
+        .or(file.max_copy_jobs_per_project)
+    {
         cfg.max_copy_jobs_per_project = n;
     }
     for (region, p) in file.peers {

@@ -356,6 +356,12 @@ struct XrCheckpoint {
     chunks_sent: u64,
     chunks_present: u64,
     attempts: u64,
+    /// Manifests (disk, file) whose chunks were all offered to the target.
+    #[serde(default)]
+    stage: usize,
+    /// Within manifest `stage`: stored chunks already offered (a multiple of the batch size).
+    #[serde(default)]
+    next_chunk: usize,
 }
 
 /// How a source manifest's chunks are sent.
@@ -598,8 +604,14 @@ impl Service {
             .unwrap_or_default();
         cp.attempts += 1;
         if cp.attempts > 1 {
-            tracing::info!(job_id = %job.id, bytes_sent = cp.bytes_sent,
-                "cross-region copy resumes: the target is asked again which chunks it lacks");
+            tracing::info!(job_id = %job.id, bytes_sent = cp.bytes_sent, stage = cp.stage,
+                chunk = cp.next_chunk, "cross-region copy resumes from its checkpoint");
+        }
+        // Encrypting on the way needs every chunk's new id for the manifest: that mode asks
+        // the target again from the start (nothing the target has is sent again either way).
+        if mode == SendMode::Encrypt {
+            cp.stage = 0;
+            cp.next_chunk = 0;
         }
         let mut ctx = SendCtx {
             svc: self,
@@ -612,8 +624,24 @@ impl Service {
             last_beat: None,
         };
         let mut out_manifests = Vec::new();
-        for m in &manifests {
-            out_manifests.push(ctx.send_manifest(m, mode, dek.as_ref()).await?);
+        for (stage, m) in manifests.iter().enumerate() {
+            if stage < ctx.cp.stage {
+                ctx.bytes_done += m
+                    .stored_chunks_with_len()
+                    .iter()
+                    .map(|(_, l)| *l)
+                    .sum::<u64>();
+                out_manifests.push(m.clone());
+                continue;
+            }
+            let skip = if stage == ctx.cp.stage {
+                ctx.cp.next_chunk
+            } else {
+                0
+            };
+            out_manifests.push(ctx.send_manifest(m, mode, dek.as_ref(), skip).await?);
+            ctx.cp.stage = stage + 1;
+            ctx.cp.next_chunk = 0;
         }
         // Commit; chunks the target reports missing (lost by a crash of the target) are sent
         // again, a bounded number of times.
@@ -1140,11 +1168,17 @@ impl SendCtx<'_> {
         m: &Manifest,
         mode: SendMode,
         dek: Option<&Dek>,
+        skip: usize,
     ) -> Result<Manifest> {
         let encrypted_out = mode != SendMode::Plain;
         let chunks = m.stored_chunks_with_len();
+        let skip = skip.min(chunks.len());
+        // Batches before the checkpoint were offered to the target already (their chunks are
+        // there, or the commit reports them missing and they are sent then).
+        self.bytes_done += chunks[..skip].iter().map(|(_, l)| *l).sum::<u64>();
         let mut mapping: HashMap<ChunkId, ChunkId> = HashMap::new();
-        for batch in chunks.chunks(BATCH) {
+        let mut offered = skip;
+        for batch in chunks[skip..].chunks(BATCH) {
             let src_ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
             let tgt_ids = self.target_ids(mode, dek, &src_ids).await?;
             for (s, t) in src_ids.iter().zip(&tgt_ids) {
@@ -1178,6 +1212,8 @@ impl SendCtx<'_> {
                 self.bytes_done += len;
                 self.beat("sending chunks", false).await?;
             }
+            offered += batch.len();
+            self.cp.next_chunk = offered;
             self.beat("sending chunks", true).await?;
         }
         if mode != SendMode::Encrypt {
