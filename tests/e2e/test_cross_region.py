@@ -7,6 +7,7 @@ through Glance and compared byte for byte with the source."""
 
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,10 +280,10 @@ def test_job_watch_cli(regions):
 @pytest.mark.timeout(600)
 def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
     # A bandwidth limit towards the peer keeps the copy running long enough to be killed.
-    r = start_regions(tmp_path, bandwidth_mb=8.0, max_jobs=1)
+    r = start_regions(tmp_path, bandwidth_mb=16.0, max_jobs=1)
     try:
         acct = account(r)
-        size = 48 * MiB
+        size = 96 * MiB  # 24 chunks: a first batch of 16, then 8
         data = os.urandom(size)
         src = make_active_image(acct.a.raw, data, name=unique("big"))
         job_id = xr_copy(acct.a, src["id"], agency=acct.agency)
@@ -293,7 +294,8 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
             assert v["status"] != "FAIL", v
             if v["status"] == "SUCCESS":
                 break
-            if v["status"] == "RUNNING" and (v["entities"].get("bytes_sent") or 0) >= 8 * MiB:
+            # Past the first batch (64 MiB offered, a durable checkpoint), before the end.
+            if v["status"] == "RUNNING" and (v["entities"].get("bytes_sent") or 0) >= 72 * MiB:
                 break
         assert v["status"] == "RUNNING", f"the copy ended before it could be interrupted: {seen[-3:]}"
         # The per-project limit on concurrent replications (configured to 1 here).
@@ -306,7 +308,9 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
         r.a.start(port=r.a.port)
         job = wait_job(acct.a.ims, job_id, timeout=300)
         assert job.status == "SUCCESS", job
-        assert "cross-region copy resumes" in r.a.log_tail(400), "the job did not resume"
+        log = re.sub(r"\x1b\[[0-9;]*m", "", r.a.log_tail(400))
+        assert "cross-region copy resumes from its checkpoint" in log, "the job did not resume"
+        assert "stage=0 chunk=16" in log, "the resumed job did not skip the batch already offered"
         final = job_view(acct.a, job_id)
         sent = final["entities"]["bytes_sent"]
         # Chunks the target already had were not sent again (at most the ones in flight).

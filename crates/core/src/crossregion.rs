@@ -1066,7 +1066,9 @@ impl SendCtx<'_> {
             percent: (percent * 10.0).floor() / 10.0,
             bytes_done: self.bytes_done as i64,
             bytes_total: self.bytes_total as i64,
-            checkpoint: durable.then(|| json!({"xr": self.cp})),
+            // The totals are always consistent (`next_chunk` only moves after a whole batch
+            // was offered), so every heartbeat may record them.
+            checkpoint: Some(json!({"xr": self.cp})),
         };
         let alive = self
             .svc
