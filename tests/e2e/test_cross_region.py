@@ -320,3 +320,40 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
         assert fsck["clean"], fsck
     finally:
         stop_regions(r)
+
+
+@pytest.mark.crash
+@pytest.mark.timeout(600)
+def test_kill9_target_during_cross_region_copy_is_retried(tmp_path):
+    """The peer region dies (kill -9) and comes back: the job waits for it and completes."""
+    r = start_regions(tmp_path, bandwidth_mb=16.0)
+    try:
+        acct = account(r)
+        size = 64 * MiB
+        data = os.urandom(size)
+        src = make_active_image(acct.a.raw, data, name=unique("big"))
+        job_id = xr_copy(acct.a, src["id"], agency=acct.agency)
+        while True:
+            v = job_view(acct.a, job_id)
+            assert v["status"] not in ("FAIL", "SUCCESS"), f"the copy ended before the peer could be killed: {v}"
+            if v["status"] == "RUNNING" and (v["entities"].get("bytes_sent") or 0) >= 16 * MiB:
+                break
+        r.b.kill9()
+        # The job notices and waits for the peer (bounded: it retries for about a minute).
+        for _ in range(600):
+            v = job_view(acct.a, job_id)
+            assert v["status"] == "RUNNING", v
+            if v["entities"]["current_task"] == "waiting for the peer region":
+                break
+        else:
+            raise AssertionError(f"the job never waited for the peer: {v}")
+        r.b.start(port=r.b.port)
+        job = wait_job(acct.a.ims, job_id, timeout=300)
+        assert job.status == "SUCCESS", job
+        assert "peer unavailable; retrying" in r.a.log_tail(400)
+        final = job_view(acct.a, job_id)
+        assert_same_disk(acct.b, final["entities"]["image_id"], data)
+        fsck = r.b.admin("fsck")
+        assert fsck["clean"], fsck
+    finally:
+        stop_regions(r)

@@ -48,6 +48,8 @@ pub const IMS_SERVICE: &str = "op_svc_ims";
 pub const PEER_ROLE: &str = "peer";
 /// Chunks asked about (and held in memory when encrypting) per batch.
 const BATCH: usize = 16;
+/// How long a job keeps retrying a peer that cannot be reached before it fails.
+const PEER_RETRY_FOR: Duration = Duration::from_secs(60);
 /// Least time between two progress-only heartbeats.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 
@@ -664,8 +666,13 @@ impl Service {
         });
         for _ in 0..3 {
             ctx.beat("committing", true).await?;
-            let reply = self
-                .peer_json(&peer, "/peer/v1/commit", body.clone())
+            let reply = ctx
+                .call(
+                    "POST",
+                    "/peer/v1/commit",
+                    body.to_string().into_bytes(),
+                    false,
+                )
                 .await?;
             match reply.status {
                 200 | 201 => {
@@ -1142,14 +1149,41 @@ impl SendCtx<'_> {
         .map_err(|e| CoreError::Internal(format!("task failed: {e}")))?
     }
 
+    /// One peer call; while the peer cannot be reached (restarting, network down) it is
+    /// retried with backoff for about a minute, heartbeating so the job keeps its lease.
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        binary: bool,
+    ) -> Result<PeerReply> {
+        let link = self.svc.xr.link()?;
+        let mut wait = Duration::from_millis(250);
+        let mut waited = Duration::ZERO;
+        loop {
+            match link
+                .call(self.peer, method, path, body.clone(), binary)
+                .await
+            {
+                Err(CoreError::PeerUnavailable(why)) if waited < PEER_RETRY_FOR => {
+                    tracing::warn!(job_id = %self.job.id, error = %why, "peer unavailable; retrying");
+                    self.beat("waiting for the peer region", true).await?;
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn put(&mut self, encrypted: bool, id: ChunkId, data: Vec<u8>) -> Result<()> {
         let n = data.len() as u64;
         self.bucket.take(n).await;
         let kind = if encrypted { "enc" } else { "plain" };
-        let link = self.svc.xr.link()?;
-        let reply = link
+        let reply = self
             .call(
-                self.peer,
                 "PUT",
                 &format!("/peer/v1/chunks/{kind}/{}", id.to_hex()),
                 data,
@@ -1187,11 +1221,13 @@ impl SendCtx<'_> {
                 mapping.insert(*s, *t);
             }
             let reply = self
-                .svc
-                .peer_json(
-                    self.peer,
+                .call(
+                    "POST",
                     "/peer/v1/chunks/missing",
-                    json!({"encrypted": encrypted_out, "ids": hex_ids(&tgt_ids)}),
+                    json!({"encrypted": encrypted_out, "ids": hex_ids(&tgt_ids)})
+                        .to_string()
+                        .into_bytes(),
+                    false,
                 )
                 .await?;
             if reply.status != 200 {
