@@ -274,6 +274,17 @@ def test_job_watch_cli(regions):
     lines = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
     assert lines and lines[-1]["status"] == "SUCCESS", lines[-3:]
     assert lines[-1]["entities"]["bytes_sent"] >= 5 * MiB, lines[-1]
+    # The progress-bar view of the finished job ends with its outcome.
+    p = subprocess.run([str(OPENIMS_BIN), "job", "watch", job_id, "--endpoint", acct.a.endpoint,
+                        "--access-key", acct.a.ak, "--secret-key", acct.a.sk, "--project-id", acct.a.project_id],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and f"job {job_id} SUCCESS" in p.stdout, (p.stdout, p.stderr)
+    # Another project cannot watch it.
+    other = account(regions)
+    p = subprocess.run([str(OPENIMS_BIN), "job", "watch", job_id, "--endpoint", other.a.endpoint,
+                        "--access-key", other.a.ak, "--secret-key", other.a.sk, "--project-id", other.a.project_id],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "IMG.9001" in p.stderr, (p.stdout, p.stderr)
 
 
 @pytest.mark.crash
