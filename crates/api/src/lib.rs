@@ -18,6 +18,7 @@ pub mod ims;
 pub mod keystone;
 pub mod kms;
 pub mod metrics;
+pub mod peer;
 pub mod s3;
 pub mod sign;
 
@@ -49,6 +50,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .merge(ims::routes())
         .merge(import_export::routes())
         .merge(kms::routes())
+        .merge(peer::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

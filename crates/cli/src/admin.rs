@@ -49,6 +49,17 @@ enum What {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// IAM agencies: let a cloud service act for a domain (cross-region replication needs
+    /// one delegating to the image service).
+    Agency {
+        #[command(subcommand)]
+        cmd: AgencyCmd,
+    },
+    /// Peer service accounts: what another region's deployment signs its peer calls with.
+    PeerAccount {
+        #[command(subcommand)]
+        cmd: PeerAccountCmd,
+    },
     /// Delete stored data that no image references (older than the grace period).
     Gc {
         /// Keep unreferenced data younger than this many seconds.
@@ -110,6 +121,45 @@ enum UserCmd {
         project: String,
         #[arg(long, default_value = "default")]
         domain: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgencyCmd {
+    Create {
+        name: String,
+        #[arg(long, default_value = "default")]
+        domain: String,
+        /// The service the agency delegates to.
+        #[arg(long, default_value = openims_core::crossregion::IMS_SERVICE)]
+        service: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List {
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    Delete {
+        name: String,
+        #[arg(long, default_value = "default")]
+        domain: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerAccountCmd {
+    /// Creates a service account and its AK/SK: give them to the peer region's
+    /// `[peers.<this region>]` configuration.
+    Create {
+        /// Project the service account lives in (created if missing).
+        #[arg(long, default_value = "peer-service")]
+        project: String,
+        #[arg(long, default_value = "default")]
+        domain: String,
+        /// User name of the service account.
+        #[arg(long, default_value = "peer-service")]
+        user: String,
     },
 }
 
@@ -253,6 +303,52 @@ async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value>
                 let p = db.find_project(&project, Some(&d)).await?;
                 db.grant_role(&u, &p, "admin").await?;
                 json!({"user_id": u.id, "project_id": p.id})
+            }
+        },
+        What::Agency { cmd } => match cmd {
+            AgencyCmd::Create {
+                name,
+                domain,
+                service,
+                description,
+            } => {
+                let d = db.find_domain(&domain).await?;
+                json!(
+                    db.create_agency(d.id.as_str(), &name, &service, &description)
+                        .await?
+                )
+            }
+            AgencyCmd::List { domain } => {
+                let d = domain_opt(db, &domain).await?;
+                json!(db.list_agencies(d.as_ref().map(|d| d.id.as_str())).await?)
+            }
+            AgencyCmd::Delete { name, domain } => {
+                let d = db.find_domain(&domain).await?;
+                if !db.delete_agency(d.id.as_str(), &name).await? {
+                    anyhow::bail!("no agency {name} in domain {domain}");
+                }
+                json!({"deleted": name})
+            }
+        },
+        What::PeerAccount { cmd } => match cmd {
+            PeerAccountCmd::Create {
+                project,
+                domain,
+                user,
+            } => {
+                let d = db.find_domain(&domain).await?;
+                let p = match db.find_project(&project, Some(&d)).await {
+                    Ok(p) => p,
+                    Err(_) => db.create_project(&d, &project).await?,
+                };
+                let u = match db.find_user(&d, &user).await? {
+                    Some(u) => u,
+                    None => db.create_user(&d, &user, None).await?,
+                };
+                let key = db.create_key(&u, &p).await?;
+                db.grant_role(&u, &p, openims_core::crossregion::PEER_ROLE)
+                    .await?;
+                json!(key)
             }
         },
         What::Key { cmd } => match cmd {

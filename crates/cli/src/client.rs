@@ -164,6 +164,141 @@ fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// `openims job` arguments.
+#[derive(Args, Debug, Clone)]
+pub struct JobArgs {
+    #[command(subcommand)]
+    pub cmd: JobCmd,
+}
+
+/// `openims job` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum JobCmd {
+    /// Shows a job until it ends: a live progress bar with bytes, throughput, ETA and queue
+    /// position (`--output json` prints one JSON line per poll instead). Exits 0 on SUCCESS,
+    /// 1 on FAIL.
+    Watch {
+        job_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Seconds between polls.
+        #[arg(long, default_value_t = 0.5)]
+        interval: f64,
+        /// Give up after this many seconds (0 = never).
+        #[arg(long, default_value_t = 0.0)]
+        timeout: f64,
+    },
+    /// Shows a job once.
+    Show {
+        job_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn human_bytes(b: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", units[i])
+}
+
+/// `openims job ...`.
+pub fn job(args: JobArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        JobCmd::Show { job_id, client } => {
+            let v = signed_get(&client, &format!("/v1/{}/jobs/{job_id}", client.project_id))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        JobCmd::Watch {
+            job_id,
+            client,
+            interval,
+            timeout,
+        } => watch(&client, &job_id, interval, timeout),
+    }
+}
+
+fn watch(c: &ClientArgs, job_id: &str, interval: f64, timeout: f64) -> anyhow::Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let path = format!("/v1/{}/jobs/{job_id}", c.project_id);
+    let json_out = c.output == "json";
+    let bar = if json_out {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(100)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{bar:32}] {percent:>3}% {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let v = signed_get(c, &path)?;
+        let status = v["status"].as_str().unwrap_or("?").to_string();
+        let e = &v["entities"];
+        let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
+        if json_out {
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            bar.set_position(f("process_percent").clamp(0.0, 100.0) as u64);
+            let mut msg = format!(
+                "{status} {} {}/{}",
+                e["current_task"].as_str().unwrap_or(""),
+                human_bytes(f("bytes_done")),
+                human_bytes(f("bytes_total"))
+            );
+            if let Some(t) = e["throughput_bytes_per_second"].as_f64() {
+                msg.push_str(&format!(" {}/s", human_bytes(t)));
+            }
+            if let Some(eta) = e["eta_seconds"].as_i64() {
+                msg.push_str(&format!(" ETA {eta}s"));
+            }
+            if let Some(q) = e["queue_position"].as_u64() {
+                msg.push_str(&format!(" queue position {q}"));
+            }
+            if let Some(s) = e["bytes_sent"].as_u64() {
+                msg.push_str(&format!(" sent {}", human_bytes(s as f64)));
+            }
+            bar.set_message(msg);
+            bar.tick();
+        }
+        match status.as_str() {
+            "SUCCESS" => {
+                bar.finish();
+                if !json_out {
+                    println!(
+                        "job {job_id} SUCCESS image {}",
+                        e["image_id"].as_str().unwrap_or("-")
+                    );
+                }
+                return Ok(());
+            }
+            "FAIL" => {
+                bar.abandon();
+                bail!(
+                    "job {job_id} FAIL {}: {}",
+                    v["error_code"].as_str().unwrap_or("?"),
+                    v["fail_reason"].as_str().unwrap_or("")
+                );
+            }
+            _ => {}
+        }
+        if timeout > 0.0 && started.elapsed().as_secs_f64() > timeout {
+            bar.abandon();
+            bail!("job {job_id} still {status} after {timeout} s");
+        }
+        std::thread::sleep(Duration::from_secs_f64(interval.max(0.05)));
+    }
+}
+
 /// `openims usage`.
 pub fn usage(args: UsageArgs) -> anyhow::Result<()> {
     let v = signed_get(&args.client, "/v1/cloudimages/usage")?;

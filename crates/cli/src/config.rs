@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// `"__reencrypt_data": true`).
     #[arg(long, env = "OPENIMS_REENCRYPT_ON_REKEY")]
     pub reencrypt_on_rekey: Option<bool>,
+    /// Concurrent replication jobs per project, per kind (in-region, cross-region).
+    #[arg(long, env = "OPENIMS_MAX_COPY_JOBS_PER_PROJECT")]
+    pub max_copy_jobs_per_project: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "OPENIMS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -73,6 +76,24 @@ pub struct FileConfig {
     pub workers: Option<usize>,
     pub root_key_file: Option<PathBuf>,
     pub reencrypt_on_rekey: Option<bool>,
+    /// Peer regions for cross-region replication: `[peers.<region>]` tables.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, PeerFile>,
+    /// Concurrent replication jobs per project (in-region and cross-region each).
+    pub max_copy_jobs_per_project: Option<u64>,
+}
+
+/// `[peers.<region>]` in `openims.toml`.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    /// Base URL of the peer's API (`http://HOST:PORT`).
+    pub endpoint: String,
+    /// AK/SK of the peer service account at the peer (`openims admin peer-account create`).
+    pub access_key: String,
+    pub secret_key: String,
+    /// Bandwidth limit towards this peer in MB/s (10^6 bytes; 0 or absent = unlimited).
+    pub bandwidth_mb_per_sec: Option<f64>,
 }
 
 pub fn load_file(common: &CommonArgs) -> anyhow::Result<FileConfig> {
@@ -152,6 +173,26 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, Listen)
     }
     if let Some(r) = args.reencrypt_on_rekey.or(file.reencrypt_on_rekey) {
         cfg.reencrypt_on_rekey = r;
+    }
+    if let Some(n) = args
+        .max_copy_jobs_per_project
+        .or(file.max_copy_jobs_per_project)
+    {
+        cfg.max_copy_jobs_per_project = n;
+    }
+    for (region, p) in file.peers {
+        cfg.peers.insert(
+            region,
+            openims_core::config::PeerConfig {
+                endpoint: p.endpoint,
+                access_key: p.access_key,
+                secret_key: p.secret_key,
+                bandwidth_bytes_per_sec: p
+                    .bandwidth_mb_per_sec
+                    .map(|m| (m.max(0.0) * 1e6) as u64)
+                    .unwrap_or(0),
+            },
+        );
     }
     Ok((cfg, Listen { api: listen, s3 }))
 }

@@ -40,6 +40,8 @@ enum Command {
     /// Move an image between two sites through their buckets (export, download, upload,
     /// register), resumably and verified end to end.
     Transfer(Box<transfer::TransferArgs>),
+    /// Asynchronous jobs of a running service.
+    Job(client::JobArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Command::Image(args) => image_cmd::run(args),
         Command::Usage(args) => client::usage(args),
         Command::Transfer(args) => transfer::run(*args),
+        Command::Job(args) => client::job(args),
     }
 }

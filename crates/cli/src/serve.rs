@@ -49,6 +49,9 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Resu
         None => None,
     };
     let svc = Service::open(cfg.clone()).await?;
+    svc.xr.set_link(std::sync::Arc::new(
+        openims_api::peer::HttpPeerLink::default(),
+    ));
     if let Some(b) = svc.db.bootstrap().await? {
         let path = cfg.data_dir.join("credentials");
         let text = format!(

@@ -41,6 +41,34 @@ pub struct ServiceConfig {
     /// Deployment policy: a re-keying copy re-encrypts every chunk under a fresh data key
     /// (as if `"__reencrypt_data": true` were sent) instead of re-wrapping the data key.
     pub reencrypt_on_rekey: bool,
+    /// Peer regions this deployment may replicate images to (cross-region copy), by region
+    /// name.
+    pub peers: std::collections::BTreeMap<String, PeerConfig>,
+}
+
+/// A peer region: another OpenIMS deployment, reached with the AK/SK of a peer service
+/// account there (`openims admin peer-account create` on the peer).
+#[derive(Clone, Default)]
+pub struct PeerConfig {
+    /// Base URL of the peer's API, e.g. `http://10.0.0.2:9292`.
+    pub endpoint: String,
+    /// Access key of the service account at the peer.
+    pub access_key: String,
+    /// Secret key of the service account at the peer.
+    pub secret_key: String,
+    /// Most bytes per second sent to this peer by all replications together (0 = no limit).
+    pub bandwidth_bytes_per_sec: u64,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("endpoint", &self.endpoint)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<redacted>")
+            .field("bandwidth_bytes_per_sec", &self.bandwidth_bytes_per_sec)
+            .finish()
+    }
 }
 
 impl ServiceConfig {
@@ -64,6 +92,7 @@ impl ServiceConfig {
             gc_grace_secs: 6 * 3600,
             root_key_file: None,
             reencrypt_on_rekey: false,
+            peers: Default::default(),
         }
     }
 

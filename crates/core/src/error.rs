@@ -210,6 +210,27 @@ pub enum CoreError {
     TooManyImports(u64),
     #[error("The image file changed while it was being imported: {0}")]
     ObjectChanged(String),
+    // ---- cross-region replication (spec C.2) ----
+    #[error("The project name is incorrect: no project {0:?} of your account exists in the target region.")]
+    ProjectNameIncorrect(String),
+    #[error("Enter the project name if there are multiple projects in the same region.")]
+    ProjectNameRequired,
+    #[error("The token of the source image agency is invalid: {0}")]
+    AgencyInvalid(String),
+    #[error("The target CBR vault does not support image replication: {0}")]
+    VaultNotSupported(String),
+    #[error("The destination region must differ from the source region ({0}).")]
+    SameRegion(String),
+    #[error("The region {0:?} is not a peer of this deployment.")]
+    UnknownRegion(String),
+    #[error("The peer region could not complete the request: {0}")]
+    PeerUnavailable(String),
+    #[error("An encrypted image can be replicated to another region only with a key of the target region (cmk_id): {0}")]
+    EncryptedCrossRegion(String),
+    #[error("The caller is not a peer service account of this deployment.")]
+    NotPeerService,
+    #[error("Chunks referenced by the manifest have not been received: {0} missing")]
+    ChunksMissing(usize),
     #[error("storage error: {0}")]
     Store(#[from] openims_store::StoreError),
     #[error("image format error: {0}")]

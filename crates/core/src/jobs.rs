@@ -56,6 +56,7 @@ pub enum JobType {
     NativeImport,
     /// Export of an image to a bucket object.
     NativeExport,
+    CrossRegionCopy,
 }
 
 impl JobType {
@@ -69,6 +70,7 @@ impl JobType {
             JobType::ImportDataImage => "imsImportDataImageJob",
             JobType::NativeImport => "imsNativeImportImageJob",
             JobType::NativeExport => "imsNativeExportImageJob",
+            JobType::CrossRegionCopy => "imsCrossRegionCopyImageJob",
         }
     }
     pub fn parse(s: &str) -> Option<JobType> {
@@ -81,6 +83,7 @@ impl JobType {
             "imsImportDataImageJob" => JobType::ImportDataImage,
             "imsNativeImportImageJob" => JobType::NativeImport,
             "imsNativeExportImageJob" => JobType::NativeExport,
+            "imsCrossRegionCopyImageJob" => JobType::CrossRegionCopy,
             _ => return None,
         })
     }
@@ -152,6 +155,12 @@ impl Job {
         });
         if let Some(r) = &self.results {
             entities["results"] = r.clone();
+        }
+        // Cross-region copies: what actually went over the wire.
+        if let Some(xr) = self.checkpoint.as_ref().and_then(|c| c.get("xr")) {
+            for k in ["bytes_sent", "chunks_sent", "chunks_present"] {
+                entities[k] = xr.get(k).cloned().unwrap_or(Value::Null);
+            }
         }
         if self.status == JobStatus::Fail {
             entities["error_code"] = json!(self.error_code);
@@ -432,6 +441,9 @@ pub fn failure_of(e: &CoreError) -> (String, String) {
         CoreError::MemberJobFailed { code, .. } => code,
         CoreError::ShareNotAccepted => "IMG.0196",
         CoreError::EncryptedSharedCopy => "IMG.0197",
+        CoreError::ProjectNameIncorrect(_) => "IMG.0145",
+        CoreError::UnknownRegion(_) => "IMG.9031",
+        CoreError::PeerUnavailable(_) | CoreError::ChunksMissing(_) => "IMG.9032",
         _ => "IMG.1075",
     };
     (code.to_string(), e.to_string())

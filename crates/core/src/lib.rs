@@ -17,6 +17,7 @@
 
 pub mod buckets;
 pub mod config;
+pub mod crossregion;
 pub mod data;
 pub mod db;
 pub mod error;

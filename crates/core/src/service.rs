@@ -57,6 +57,8 @@ pub struct Service {
     pub node_id: String,
     /// The embedded key service's root-key operations.
     pub kms: crate::kms::Kms,
+    /// Cross-region replication: peer transport and per-peer bandwidth limits.
+    pub xr: crate::crossregion::XrState,
     pub(crate) job_ready: Notify,
 }
 
@@ -177,6 +179,7 @@ impl Service {
             config,
             node_id,
             kms,
+            xr: Default::default(),
             job_ready: Notify::new(),
         });
         let reset = svc
@@ -892,6 +895,11 @@ impl Service {
         ))
     }
 
+    /// Wakes a worker for a newly queued job.
+    pub(crate) fn notify_jobs(&self) {
+        self.job_ready.notify_one();
+    }
+
     /// Starts `n` workers that run queued jobs until `shutdown` fires.
     pub fn spawn_workers(
         self: &Arc<Self>,
@@ -963,6 +971,7 @@ impl Service {
                 self.run_import(&job).await
             }
             Some(JobType::NativeExport) => self.run_export(&job).await,
+            Some(JobType::CrossRegionCopy) => self.run_cross_region(&job).await,
             None => Err(CoreError::Internal(format!(
                 "unknown job type {}",
                 job.job_type

@@ -256,6 +256,52 @@ impl Store {
             })
     }
 
+    /// The stored object of an encrypted chunk, checked without any key (magic, nonce bound to
+    /// `id`, ciphertext checksum): what a replication to another deployment sends as is.
+    pub fn encrypted_object(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let obj = self.get_encrypted_object(id)?;
+        crypto::check_encrypted_chunk(id, &obj)?;
+        Ok(obj)
+    }
+
+    /// Whether an encrypted chunk object is stored.
+    pub fn has_encrypted_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.inner.backend.exists(&crypto::echunk_key(id))
+    }
+
+    /// Stores an encrypted chunk object received from elsewhere (another deployment's
+    /// [`Store::encrypted_object`]) after checking it against `id` without any key; touches
+    /// it when already stored. Returns whether it was newly written. Not durable until
+    /// [`Store::sync`] or [`Store::put_manifest`].
+    pub fn put_encrypted_object(&self, id: &ChunkId, obj: &[u8]) -> Result<bool> {
+        if obj.len() > MAX_CHUNK_SIZE as usize + crypto::ECHUNK_OVERHEAD {
+            return Err(StoreError::Invalid(format!(
+                "encrypted chunk object of {} bytes is too large",
+                obj.len()
+            )));
+        }
+        crypto::check_encrypted_chunk(id, obj)?;
+        let key = crypto::echunk_key(id);
+        let b = &self.inner.backend;
+        if b.touch(&key)? {
+            return Ok(false);
+        }
+        b.put(&key, obj)?;
+        Ok(true)
+    }
+
+    /// Stores a plaintext chunk received from elsewhere, checking that it hashes to `id`.
+    /// Returns whether it was newly written.
+    pub fn put_chunk_checked(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
+        if ChunkId::hash(data) != *id {
+            return Err(StoreError::corrupt(
+                chunk_key(id),
+                "received chunk does not hash to its id",
+            ));
+        }
+        Ok(self.put_chunk_inner(data)?.1)
+    }
+
     /// The stored object of chunk `id` of a plaintext or encrypted manifest, unverified.
     pub(crate) fn read_object(&self, encrypted: bool, id: &ChunkId) -> Result<Vec<u8>> {
         if encrypted {
