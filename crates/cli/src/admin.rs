@@ -161,11 +161,27 @@ async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value>
     Ok(match what {
         What::Gc { grace_secs } => {
             let data = DataPlane::open(cfg)?;
-            let live = db.live_manifests().await?;
-            let r = tokio::task::spawn_blocking(move || {
-                data.gc(&live, Duration::from_secs(grace_secs))
-            })
-            .await??;
+            // One collector at a time across every node sharing the database.
+            let holder = format!("admin-{}:gc", std::process::id());
+            if !db
+                .try_lease(openims_core::cluster::GC_LEASE, &holder, 6 * 3600 * 1000)
+                .await?
+            {
+                anyhow::bail!("garbage collection is running on a node right now; try again later");
+            }
+            let live = db.live_manifests().await;
+            let r = match live {
+                Ok(live) => tokio::task::spawn_blocking(move || {
+                    data.gc(&live, Duration::from_secs(grace_secs))
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r.map_err(anyhow::Error::from)),
+                Err(e) => Err(e.into()),
+            };
+            db.release_lease(openims_core::cluster::GC_LEASE, &holder)
+                .await?;
+            let r = r?;
             json!({
                 "manifests_deleted": r.manifests_deleted, "chunks_deleted": r.chunks_deleted,
                 "bytes_freed": r.chunk_bytes_freed + r.manifest_bytes_freed,

@@ -167,9 +167,9 @@ impl Service {
         let node_id = node_id(&config)?;
         let db = Db::connect(&config.database_url()).await?;
         let data = DataPlane::open(&config)?;
-        let kms = crate::kms::Kms::new(crate::kms::load_or_create_root_key(
-            &config.root_key_path(),
-        )?);
+        let root_key = crate::kms::load_or_create_root_key(&config.root_key_path())?;
+        db.check_root_key(&root_key).await?;
+        let kms = crate::kms::Kms::new(root_key);
         let svc = Arc::new(Service {
             db,
             data,
@@ -645,10 +645,19 @@ impl Service {
             ));
         }
         let plan = self.plan_copy_keys(caller, &src, &req).await?;
-        if self
-            .db
-            .count_open_jobs(&caller.project_id, JobType::CopyImageInRegion)
-            .await?
+        if self.db.count_images(&caller.project_id).await? >= self.config.image_quota {
+            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+        }
+        let new_id = ImageId::generate();
+        let mut tx = self.db.pool.begin().await?;
+        // The per-project limit holds across nodes: counting and inserting happen under the
+        // project's row lock (PostgreSQL) / the write lock (SQLite).
+        if crate::jobs::count_open_jobs_locked(
+            &mut tx,
+            &caller.project_id,
+            JobType::CopyImageInRegion,
+        )
+        .await?
             >= self.config.max_copy_jobs_per_project
         {
             return Err(CoreError::FlowControl(format!(
@@ -656,11 +665,6 @@ impl Service {
                 self.config.max_copy_jobs_per_project
             )));
         }
-        if self.db.count_images(&caller.project_id).await? >= self.config.image_quota {
-            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
-        }
-        let new_id = ImageId::generate();
-        let mut tx = self.db.pool.begin().await?;
         let job_id = insert_job(
             &mut tx,
             NewJob {
@@ -843,12 +847,34 @@ impl Service {
     }
 
     /// One garbage-collection pass: data no image references, older than the grace period.
-    pub async fn collect_garbage(&self, grace: Duration) -> Result<openims_store::GcReport> {
-        let live = self.db.live_manifests().await?;
-        let data = self.data.clone();
-        tokio::task::spawn_blocking(move || data.gc(&live, grace))
-            .await
-            .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?
+    ///
+    /// With several nodes on one database only one collects at a time (cluster lease
+    /// [`crate::cluster::GC_LEASE`]); `None` when another node holds it.
+    pub async fn collect_garbage(
+        &self,
+        grace: Duration,
+    ) -> Result<Option<openims_store::GcReport>> {
+        let holder = format!("{}:gc", self.node_id);
+        let lease_ms = (grace.as_millis() as i64).clamp(60_000, 6 * 3600 * 1000);
+        if !self
+            .db
+            .try_lease(crate::cluster::GC_LEASE, &holder, lease_ms)
+            .await?
+        {
+            return Ok(None);
+        }
+        let r = async {
+            let live = self.db.live_manifests().await?;
+            let data = self.data.clone();
+            tokio::task::spawn_blocking(move || data.gc(&live, grace))
+                .await
+                .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?
+        }
+        .await;
+        self.db
+            .release_lease(crate::cluster::GC_LEASE, &holder)
+            .await?;
+        r.map(Some)
     }
 
     /// Collects garbage every `gc_interval_secs` until `shutdown` fires.
@@ -871,7 +897,8 @@ impl Service {
                     .collect_garbage(Duration::from_secs(svc.config.gc_grace_secs))
                     .await
                 {
-                    Ok(r) => tracing::info!(
+                    Ok(None) => tracing::info!("garbage collection runs on another node"),
+                    Ok(Some(r)) => tracing::info!(
                         chunks_deleted = r.chunks_deleted,
                         bytes_freed = r.chunk_bytes_freed + r.manifest_bytes_freed,
                         "garbage collected"
