@@ -49,7 +49,7 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Resu
         None => None,
     };
     let svc = Service::open(cfg.clone()).await?;
-    if let Some(b) = svc.db.bootstrap().await? {
+    if let Some(b) = svc.db.bootstrap_once(&svc.node_id).await? {
         let path = cfg.data_dir.join("credentials");
         let text = format!(
             "OPENIMS_ENDPOINT={endpoint}\nOPENIMS_REGION={region}\nOPENIMS_DOMAIN={dname}\nOPENIMS_DOMAIN_ID={did}\n\

@@ -65,3 +65,31 @@ impl Db {
         Ok(())
     }
 }
+
+/// The lease the first start's identities are created under.
+pub const BOOTSTRAP_LEASE: &str = "bootstrap";
+
+impl Db {
+    /// [`Db::bootstrap`] for several nodes starting at once on an empty database: one node
+    /// (the holder of the `bootstrap` lease) creates the first identities; the others wait
+    /// until they exist and get `None`.
+    pub async fn bootstrap_once(&self, node: &str) -> Result<Option<crate::identity::Bootstrap>> {
+        for _ in 0..600 {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM domains")
+                .fetch_one(&self.pool)
+                .await?;
+            if n > 0 {
+                return Ok(None);
+            }
+            if self.try_lease(BOOTSTRAP_LEASE, node, 120_000).await? {
+                let r = self.bootstrap().await;
+                self.release_lease(BOOTSTRAP_LEASE, node).await?;
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Err(crate::CoreError::Internal(
+            "another node has been creating the first identities for 2 minutes".into(),
+        ))
+    }
+}
