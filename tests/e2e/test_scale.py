@@ -23,7 +23,11 @@ import requests
 from botocore.config import Config
 
 import helpers
-from helpers import VENV, Server, describe, make_active_image, make_tenant, raw_bytes, unique, wait_job
+from helpers import (
+    VENV, GeneratedBody, Server, describe, glance_create, glance_show, glance_upload, make_active_image,
+    make_tenant, md5_hex, raw_bytes, unique, wait_job,
+)
+from test_crash import start_upload
 from test_kms_copy import copy, create_key
 
 MiB = 1 << 20
@@ -242,8 +246,16 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
         pool = cf.ThreadPoolExecutor(4)
         uploads = [pool.submit(upload, k) for k in range(6)]
 
-        # Kill node 1 once it holds a running job's lease.
+        # An upload through node 1 that is mid-way (paused) when node 1 dies.
         victim = nodes[1]
+        ut = on(tenants[0], victim)
+        stalled = glance_create(ut.raw, name=unique("stalled"), disk_format="raw", container_format="bare")
+        body = GeneratedBody(total=64 * MiB, pause_at=8 * MiB)
+        up_thread, up_result = start_upload(ut, stalled["id"], body)
+        assert body.reached.wait(120), f"upload did not reach 8 MiB: {up_result}"
+        assert glance_show(ut.raw, stalled["id"])["status"] == "saving"
+
+        # Kill node 1 once it holds a running job's lease.
         deadline = time.monotonic() + 120
         while True:
             if q(f"SELECT COUNT(*) FROM jobs WHERE status = 'RUNNING' AND lease_owner = '{node_ids[1]}'") > 0:
@@ -252,6 +264,8 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
             assert time.monotonic() < deadline, "node 1 never ran a job"
             time.sleep(0.05)
         victim.kill9()
+        body.stop = True
+        body.resume.set()
         killed_jobs = q(f"SELECT COUNT(*) FROM jobs WHERE status = 'RUNNING' AND lease_owner = '{node_ids[1]}'")
 
         # Every job ends SUCCESS (those of the dead node after their lease expires).
@@ -264,6 +278,19 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
         # The jobs the dead node held were taken over (a second attempt) by another node.
         taken_over = q("SELECT COUNT(*) FROM jobs WHERE attempts > 1")
         assert killed_jobs >= 1 and taken_over >= killed_jobs, (killed_jobs, taken_over)
+
+        # The dead node's interrupted upload is queued again by a live node (liveness lease)
+        # and can be uploaded through another node.
+        up_thread.join(60)
+        t0 = on(tenants[0], nodes[0])
+        deadline = time.monotonic() + 90
+        while glance_show(t0.raw, stalled["id"])["status"] != "queued":
+            assert time.monotonic() < deadline, glance_show(t0.raw, stalled["id"])
+            time.sleep(0.2)
+        small = raw_bytes(300 * 1024, seed=b"retry")
+        r = glance_upload(t0.raw, stalled["id"], small)
+        assert r.status_code == 204, describe(r)
+        assert glance_show(t0.raw, stalled["id"])["checksum"] == md5_hex(small)
 
         # Every copy (downloaded through a surviving node) equals its source.
         for k, (t, image_id) in enumerate(results):

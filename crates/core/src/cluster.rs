@@ -93,3 +93,37 @@ impl Db {
         ))
     }
 }
+
+/// Prefix of the liveness lease each serving node renews (`node:<node id>`).
+pub const NODE_LEASE_PREFIX: &str = "node:";
+
+impl Db {
+    /// Renews `node`'s liveness lease for `lease_ms`, and puts back to `queued` the uploads
+    /// that nodes whose liveness lease expired (they died) left in `saving` (their clients'
+    /// connections broke; the image can be uploaded again through any node). Returns the
+    /// number of uploads requeued.
+    pub async fn node_heartbeat(&self, node: &str, lease_ms: i64) -> Result<u64> {
+        self.try_lease(&format!("{NODE_LEASE_PREFIX}{node}"), node, lease_ms)
+            .await?;
+        let now = now_ms();
+        let dead: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM cluster_leases WHERE name LIKE 'node:%' AND until_ms < $1",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut requeued = 0;
+        for name in dead {
+            let Some(id) = name.strip_prefix(NODE_LEASE_PREFIX) else {
+                continue;
+            };
+            requeued += self.reset_interrupted_uploads(&format!("{id}:")).await?;
+            sqlx::query("DELETE FROM cluster_leases WHERE name = $1 AND until_ms < $2")
+                .bind(&name)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(requeued)
+    }
+}

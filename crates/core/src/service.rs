@@ -769,7 +769,7 @@ impl Service {
         n: usize,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut handles = Vec::new();
+        let mut handles = vec![self.spawn_node_heartbeat(shutdown.clone())];
         for w in 0..n.max(1) {
             let svc = self.clone();
             let mut stop = shutdown.clone();
@@ -808,6 +808,38 @@ impl Service {
             }));
         }
         handles
+    }
+
+    /// Renews this node's liveness lease (3 job leases, at least 10 s) every third of it,
+    /// requeueing uploads left in `saving` by nodes that died ([`Db::node_heartbeat`]).
+    fn spawn_node_heartbeat(
+        self: &Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let svc = self.clone();
+        let lease_ms = (svc.config.job_lease_ms * 3).max(10_000);
+        tokio::spawn(async move {
+            loop {
+                match svc.db.node_heartbeat(&svc.node_id, lease_ms).await {
+                    Ok(n) if n > 0 => {
+                        tracing::warn!(images = n, "uploads of a node that died are queued again")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "node heartbeat failed"),
+                }
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(lease_ms as u64 / 3)) => {}
+                }
+            }
+            let _ = svc
+                .db
+                .release_lease(
+                    &format!("{}{}", crate::cluster::NODE_LEASE_PREFIX, svc.node_id),
+                    &svc.node_id,
+                )
+                .await;
+        })
     }
 
     async fn run_job(&self, job: Job) {
