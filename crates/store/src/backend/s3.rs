@@ -311,8 +311,10 @@ impl Backend for S3Backend {
     }
 
     fn delete_if_older(&self, key: &str, cutoff: SystemTime) -> Result<Option<u64>> {
+        // S3 keeps modification times in whole seconds (truncated): an object counts as
+        // modified at the end of its second, so a touch in the cutoff's second keeps it.
         match self.head(key)? {
-            Some(m) if m.modified < cutoff => {
+            Some(m) if m.modified + std::time::Duration::from_secs(1) < cutoff => {
                 let path = self.path(key)?;
                 let s = self.store.clone();
                 match self.run(async move { s.delete(&path).await })? {
