@@ -161,14 +161,34 @@ async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value>
     Ok(match what {
         What::Gc { grace_secs } => {
             let data = DataPlane::open(cfg)?;
-            // One collector at a time across every node sharing the database.
+            // One collector at a time across nodes: wait (up to 2 minutes) for a pass running
+            // on a node to end, or for the lease of a node that died to expire.
             let holder = format!("admin-{}:gc", std::process::id());
-            if !db
-                .try_lease(openims_core::cluster::GC_LEASE, &holder, 6 * 3600 * 1000)
+            let mut waited = 0;
+            while !db
+                .try_lease(openims_core::cluster::GC_LEASE, &holder, 60_000)
                 .await?
             {
-                anyhow::bail!("garbage collection is running on a node right now; try again later");
+                if waited >= 120 {
+                    anyhow::bail!(
+                        "garbage collection has been running on a node for 2 minutes; try again later"
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                waited += 1;
             }
+            let renew = {
+                let db = db.clone();
+                let holder = holder.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(20)).await;
+                        let _ = db
+                            .try_lease(openims_core::cluster::GC_LEASE, &holder, 60_000)
+                            .await;
+                    }
+                })
+            };
             let live = db.live_manifests().await;
             let r = match live {
                 Ok(live) => tokio::task::spawn_blocking(move || {
@@ -179,6 +199,7 @@ async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value>
                 .and_then(|r| r.map_err(anyhow::Error::from)),
                 Err(e) => Err(e.into()),
             };
+            renew.abort();
             db.release_lease(openims_core::cluster::GC_LEASE, &holder)
                 .await?;
             let r = r?;

@@ -887,7 +887,9 @@ impl Service {
         grace: Duration,
     ) -> Result<Option<openims_store::GcReport>> {
         let holder = format!("{}:gc", self.node_id);
-        let lease_ms = (grace.as_millis() as i64).clamp(60_000, 6 * 3600 * 1000);
+        // Short and renewed while the pass runs, so a node that dies mid-pass blocks GC on
+        // the others for one lease at most.
+        let lease_ms = (self.config.job_lease_ms * 3).max(10_000);
         if !self
             .db
             .try_lease(crate::cluster::GC_LEASE, &holder, lease_ms)
@@ -895,6 +897,21 @@ impl Service {
         {
             return Ok(None);
         }
+        let renew = {
+            let db = self.db.clone();
+            let holder = holder.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(lease_ms as u64 / 3)).await;
+                    if let Err(e) = db
+                        .try_lease(crate::cluster::GC_LEASE, &holder, lease_ms)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "renewing the GC lease failed");
+                    }
+                }
+            })
+        };
         let r = async {
             let live = self.db.live_manifests().await?;
             let data = self.data.clone();
@@ -903,6 +920,7 @@ impl Service {
                 .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?
         }
         .await;
+        renew.abort();
         self.db
             .release_lease(crate::cluster::GC_LEASE, &holder)
             .await?;
