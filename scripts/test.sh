@@ -25,7 +25,7 @@ export OPENIMS_BIN=${OPENIMS_BIN:-$CARGO_TARGET_DIR/debug/openims}
 pytest_e2e() {
   "$venv/bin/python" -m pytest tests/e2e -q -x --timeout 300 -p no:cacheprovider -n 2 --dist loadfile "$@"
 }
-OPENIMS_TEST_DB=sqlite pytest_e2e --deselect tests/e2e/test_scale.py::test_three_nodes_share_pg_and_s3_and_survive_kill9 "$@"
+OPENIMS_TEST_DB=sqlite pytest_e2e "$@"
 if [ "${OPENIMS_SKIP_PG:-0}" != 1 ]; then
   OPENIMS_TEST_DB=postgres pytest_e2e "$@"
 fi

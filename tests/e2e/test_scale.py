@@ -183,6 +183,8 @@ def _pg_available() -> bool:
         return False
 
 
+@pytest.mark.skipif(helpers.TEST_DB != "postgres",
+                    reason="multi-node runs in the PostgreSQL pass (OPENIMS_TEST_DB=postgres)")
 def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
     if not _pg_available():
         pytest.fail(f"PostgreSQL not reachable at {helpers.PG_URL} (the multi-node test needs it)")
