@@ -18,4 +18,14 @@ cargo nextest run --workspace
 
 export OPENIMS_BIN=${OPENIMS_BIN:-$CARGO_TARGET_DIR/debug/openims}
 # Each xdist worker starts its own session server (own data dir and port), so -n is safe.
-"$venv/bin/python" -m pytest tests/e2e -q -x --timeout 300 -p no:cacheprovider -n 2 --dist loadfile "$@"
+# The same suite runs twice: on SQLite (the embedded default), then on PostgreSQL, where every
+# server gets a fresh database of its own (tests/e2e/helpers.py: OPENIMS_TEST_DB=postgres) and
+# test_scale.py runs three nodes on one database and one S3 store. PostgreSQL:
+# $OPENIMS_TEST_PG_URL (default postgres://postgres@127.0.0.1:5432; OPENIMS_SKIP_PG=1 skips).
+pytest_e2e() {
+  "$venv/bin/python" -m pytest tests/e2e -q -x --timeout 300 -p no:cacheprovider -n 2 --dist loadfile "$@"
+}
+OPENIMS_TEST_DB=sqlite pytest_e2e "$@"
+if [ "${OPENIMS_SKIP_PG:-0}" != 1 ]; then
+  OPENIMS_TEST_DB=postgres pytest_e2e "$@"
+fi

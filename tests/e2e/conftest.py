@@ -30,6 +30,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "crash: kills the server with SIGKILL (dedicated server)")
 
 
+def pytest_sessionfinish(session, exitstatus):
+    # PostgreSQL databases made for servers (OPENIMS_TEST_DB=postgres): dropped here, since
+    # xdist workers may exit without running atexit handlers.
+    helpers.drop_pg_databases()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -7,6 +7,7 @@ own `Signer`, so the wire format is exactly what the official SDK produces.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -35,6 +36,12 @@ from huaweicloudsdkims.v2 import ImsClient
 VENV = Path(os.environ.get("OPENIMS_VENV", str(Path.home() / ".cache" / "openims-venv")))
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR", str(Path.home() / ".cache" / "openims-target")))
 OPENIMS_BIN = Path(os.environ.get("OPENIMS_BIN", str(TARGET_DIR / "debug" / "openims")))
+
+# Metadata backend of every server the suite starts: "sqlite" (default, a file in the data dir)
+# or "postgres" (each `Server` gets its own fresh database on OPENIMS_TEST_PG_URL, dropped when
+# the test process exits). `admin()` passes the same `--database` for that data dir.
+TEST_DB = os.environ.get("OPENIMS_TEST_DB", "sqlite").strip().lower()
+PG_URL = os.environ.get("OPENIMS_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
 
 SDK_USER_AGENT = "huaweicloud-usdk-python/3.0"
 SDK_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -78,6 +85,53 @@ def _die_with_parent():
         pass
 
 
+# --------------------------------------------------------------------------------------------
+# PostgreSQL test databases
+# --------------------------------------------------------------------------------------------
+
+# data dir (str) -> database URL, for servers and admin commands not on the SQLite default.
+DATABASES: dict[str, str] = {}
+_CREATED_PG: list[str] = []
+
+
+def psql(sql: str, db: str = "postgres") -> str:
+    """Runs one SQL statement with `psql` against `PG_URL/db`; returns unaligned output."""
+    p = subprocess.run(["psql", f"{PG_URL}/{db}", "-v", "ON_ERROR_STOP=1", "-X", "-q", "-At", "-c", sql],
+                       capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise RuntimeError(f"psql {db}: {sql!r} failed: {p.stderr}")
+    return p.stdout
+
+
+def create_pg_database() -> str:
+    """A fresh, empty PostgreSQL database; returns its URL. Dropped when this process exits."""
+    name = "openims_test_" + secrets.token_hex(6)
+    psql(f'CREATE DATABASE "{name}"')
+    if not _CREATED_PG:
+        atexit.register(drop_pg_databases)
+    _CREATED_PG.append(name)
+    return f"{PG_URL}/{name}"
+
+
+def drop_pg_databases() -> None:
+    while _CREATED_PG:
+        name = _CREATED_PG.pop()
+        try:
+            psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _sql_literal(v) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, bool):
+        return "TRUE" if v else "FALSE"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return "'" + str(v).replace("'", "''") + "'"
+
+
 # Every server started in this process, so a failing test can print their logs.
 RUNNING_SERVERS: list["Server"] = []
 
@@ -95,6 +149,34 @@ class Server:
         self.s3_port: Optional[int] = None
         self.proc: Optional[subprocess.Popen] = None
         self._log_fh = None
+        # Metadata database: SQLite in the data dir, or (OPENIMS_TEST_DB=postgres) a fresh
+        # PostgreSQL database of its own, unless the caller passes `--database`.
+        self.database_url: Optional[str] = None
+        if TEST_DB == "postgres" and not any(a.startswith("--database") for a in self.extra_args):
+            self.database_url = create_pg_database()
+            DATABASES[str(self.data_dir)] = self.database_url
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url is not None
+
+    def sql(self, query: str, *params) -> list:
+        """Runs one SQL statement on this server's metadata database (`?` placeholders);
+        returns the rows as tuples of strings (PostgreSQL) or native values (SQLite)."""
+        if self.database_url is None:
+            import sqlite3
+            con = sqlite3.connect(str(self.data_dir / "openims.db"), timeout=30)
+            try:
+                rows = con.execute(query, params).fetchall()
+                con.commit()
+                return rows
+            finally:
+                con.close()
+        parts = query.split("?")
+        assert len(parts) == len(params) + 1, "placeholder count"
+        text = parts[0] + "".join(_sql_literal(v) + rest for v, rest in zip(params, parts[1:]))
+        out = psql(text, db=self.database_url.rsplit("/", 1)[1])
+        return [tuple(line.split("|")) for line in out.splitlines() if line]
 
     @property
     def endpoint(self) -> str:
@@ -126,6 +208,8 @@ class Server:
         if not any(a.startswith("--s3-listen") for a in self.extra_args):
             self.s3_port = self.s3_port or free_port()
             cmd += ["--s3-listen", f"127.0.0.1:{self.s3_port}"]
+        if self.database_url is not None:
+            cmd += ["--database", self.database_url]
         cmd += self.extra_args
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
@@ -196,12 +280,18 @@ class Server:
         return admin(self.data_dir, *args, binary=self.binary)
 
 
+def admin_db_flags(data_dir: Path) -> list:
+    """`--database URL` when the server of `data_dir` is not on its SQLite default."""
+    url = DATABASES.get(str(Path(data_dir)))
+    return ["--database", url] if url else []
+
+
 def admin(data_dir: Path, *args: str, binary: Path = OPENIMS_BIN) -> Any:
     """`openims admin --data-dir D --output json ...`; returns the parsed JSON output.
 
     If the CLI rejects the flags in that position (clap: defined on the leaf commands), the
     same command is retried with the flags after the subcommand."""
-    flags = ["--data-dir", str(data_dir), "--output", "json"]
+    flags = ["--data-dir", str(data_dir), *admin_db_flags(data_dir), "--output", "json"]
     tries = [[str(binary), "admin", *flags, *args], [str(binary), "admin", *args, *flags]]
     for i, cmd in enumerate(tries):
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

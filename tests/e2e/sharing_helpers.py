@@ -5,7 +5,6 @@ create (public images, full-ECS images, service default keys, hundreds of projec
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import time
 
 from huaweicloudsdkims.v2 import (
@@ -95,17 +94,9 @@ def copy_job(t: Tenant, image_id: str, name: str, cmk_id=None):
     return r, wait_job(t.ims, r.json()["job_id"], timeout=120)
 
 
-def db(t: Tenant) -> sqlite3.Connection:
-    return sqlite3.connect(str(t.server.data_dir / "openims.db"), timeout=30)
-
-
 def db_exec(t: Tenant, sql: str, *params) -> None:
-    con = db(t)
-    try:
-        con.execute(sql, params)
-        con.commit()
-    finally:
-        con.close()
+    """Runs one statement on the tenant's server's metadata database (SQLite or PostgreSQL)."""
+    t.server.sql(sql, *params)
 
 
 def insert_projects(t: Tenant, n: int) -> list:
@@ -113,11 +104,7 @@ def insert_projects(t: Tenant, n: int) -> list:
     per project); they are ordinary projects for the service."""
     ids = [secrets.token_hex(16) for _ in range(n)]
     now = int(time.time() * 1000)
-    con = db(t)
-    try:
-        con.executemany("INSERT INTO projects (id, domain_id, name, created_at) VALUES (?, ?, ?, ?)",
-                        [(i, t.domain_id, f"bulk-{i[:12]}", now) for i in ids])
-        con.commit()
-    finally:
-        con.close()
+    values = ", ".join("(?, ?, ?, ?)" for _ in ids)
+    params = [v for i in ids for v in (i, t.domain_id, f"bulk-{i[:12]}", now)]
+    t.server.sql(f"INSERT INTO projects (id, domain_id, name, created_at) VALUES {values}", *params)
     return ids

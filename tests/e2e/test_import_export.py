@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import secrets
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -369,12 +368,7 @@ def test_every_export_refusal(site, tenant_b, tmp_path):
     for attrs, code in ((("visibility", "public"), "IMG.0077"), (("origin", "whole"), "IMG.0128"),
                         (("virtual_size", 129 << 30), "IMG.0160")):
         other = job_ok(t, create_image(t, f"{bucket}:e/src.raw")).entities.image_id
-        con = sqlite3.connect(str(t.server.data_dir / "openims.db"), timeout=30)
-        try:
-            con.execute(f"UPDATE images SET {attrs[0]} = ? WHERE id = ?", (attrs[1], other))
-            con.commit()
-        finally:
-            con.close()
+        t.server.sql(f"UPDATE images SET {attrs[0]} = ? WHERE id = ?", attrs[1], other)
         refused(code, export, t, other, f"{bucket}:e/never.qcow2", "qcow2")
     # One export of an image at a time.
     big = tmp_path / "big.raw"

@@ -5,7 +5,6 @@ Every copy's disk is downloaded through Glance (`GET /v2/images/{id}/file`) and 
 byte for byte with the source."""
 
 import json
-import sqlite3
 import time
 
 import pytest
@@ -173,11 +172,7 @@ def test_root_key_file_and_no_plaintext_key_material(server, tenant):
     root = server.data_dir / "root.key"
     assert root.stat().st_size == 32 and (root.stat().st_mode & 0o777) == 0o600
     key_id = create_key(tenant)
-    con = sqlite3.connect(f"file:{server.data_dir / 'openims.db'}?mode=ro", uri=True)
-    try:
-        (material,) = con.execute("SELECT material FROM kms_keys WHERE id = ?", (key_id,)).fetchone()
-    finally:
-        con.close()
+    ((material,),) = server.sql("SELECT material FROM kms_keys WHERE id = ?", key_id)
     # Sealed: nonce + 32-byte key + tag, never the bare 32 bytes.
     assert len(bytes.fromhex(material)) == 12 + 32 + 16
 
@@ -294,12 +289,7 @@ def test_deleted_key_codes(tenant, src):
     enc_id, _ = copy_ok(tenant, src["id"], k)
     kms_client(tenant).delete_key(DeleteKeyRequest(body=ScheduleKeyDeletionRequestBody(key_id=k, pending_days="7")))
     # Move the deletion date into the past (the service checks it on every use).
-    con = sqlite3.connect(str(tenant.server.data_dir / "openims.db"), timeout=30)
-    try:
-        con.execute("UPDATE kms_keys SET deletion_at = 1 WHERE id = ?", (k,))
-        con.commit()
-    finally:
-        con.close()
+    tenant.server.sql("UPDATE kms_keys SET deletion_at = 1 WHERE id = ?", k)
     copy_refused(tenant, src["id"], k, "IMG.0095")
     assert_download_refused(tenant, enc_id, "IMG.0101")
     copy_refused(tenant, enc_id, None, "IMG.0101")

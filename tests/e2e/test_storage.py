@@ -16,7 +16,8 @@ def store_bytes(srv) -> int:
 
 
 def fsck(srv):
-    p = subprocess.run([str(srv.binary), "admin", "--data-dir", str(srv.data_dir), "--output", "json", "fsck"],
+    p = subprocess.run([str(srv.binary), "admin", "--data-dir", str(srv.data_dir),
+                        *helpers.admin_db_flags(srv.data_dir), "--output", "json", "fsck"],
                        capture_output=True, text=True, timeout=120)
     return p.returncode, json.loads(p.stdout)
 

@@ -211,11 +211,48 @@ async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value>
     Ok(match what {
         What::Gc { grace_secs } => {
             let data = DataPlane::open(cfg)?;
-            let live = db.live_manifests().await?;
-            let r = tokio::task::spawn_blocking(move || {
-                data.gc(&live, Duration::from_secs(grace_secs))
-            })
-            .await??;
+            // One collector at a time across nodes: wait (up to 2 minutes) for a pass running
+            // on a node to end, or for the lease of a node that died to expire.
+            let holder = format!("admin-{}:gc", std::process::id());
+            let mut waited = 0;
+            while !db
+                .try_lease(openims_core::cluster::GC_LEASE, &holder, 60_000)
+                .await?
+            {
+                if waited >= 120 {
+                    anyhow::bail!(
+                        "garbage collection has been running on a node for 2 minutes; try again later"
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                waited += 1;
+            }
+            let renew = {
+                let db = db.clone();
+                let holder = holder.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(20)).await;
+                        let _ = db
+                            .try_lease(openims_core::cluster::GC_LEASE, &holder, 60_000)
+                            .await;
+                    }
+                })
+            };
+            let live = db.live_manifests().await;
+            let r = match live {
+                Ok(live) => tokio::task::spawn_blocking(move || {
+                    data.gc(&live, Duration::from_secs(grace_secs))
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r.map_err(anyhow::Error::from)),
+                Err(e) => Err(e.into()),
+            };
+            renew.abort();
+            db.release_lease(openims_core::cluster::GC_LEASE, &holder)
+                .await?;
+            let r = r?;
             json!({
                 "manifests_deleted": r.manifests_deleted, "chunks_deleted": r.chunks_deleted,
                 "bytes_freed": r.chunk_bytes_freed + r.manifest_bytes_freed,

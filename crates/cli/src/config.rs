@@ -14,6 +14,11 @@ pub struct CommonArgs {
     /// Metadata database URL (default: SQLite in the data directory).
     #[arg(long, env = "OPENIMS_DATABASE")]
     pub database: Option<String>,
+    /// Object store for chunks, manifests and bucket objects (default: `<data-dir>/store`):
+    /// a directory, or `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R&access_key_id=..&secret_access_key=..]`
+    /// for an external S3-compatible store (credentials default to `AWS_*` variables).
+    #[arg(long, env = "OPENIMS_STORE")]
+    pub store: Option<String>,
     /// Configuration file (default: ./openims.toml if present).
     #[arg(long, env = "OPENIMS_CONFIG")]
     pub config: Option<PathBuf>,
@@ -56,6 +61,16 @@ pub struct ServeArgs {
     /// Concurrent replication jobs per project, per kind (in-region, cross-region).
     #[arg(long, env = "OPENIMS_MAX_COPY_JOBS_PER_PROJECT")]
     pub max_copy_jobs_per_project: Option<u64>,
+    /// A job's lease lasts this many seconds without a heartbeat; after that another node
+    /// takes the job over (default 30).
+    #[arg(long, env = "OPENIMS_JOB_LEASE_SECS")]
+    pub job_lease_secs: Option<f64>,
+    /// Seconds between garbage-collection passes (0 = never; default 3600).
+    #[arg(long, env = "OPENIMS_GC_INTERVAL_SECS")]
+    pub gc_interval_secs: Option<u64>,
+    /// Unreferenced data younger than this many seconds is kept by GC (default 21600).
+    #[arg(long, env = "OPENIMS_GC_GRACE_SECS")]
+    pub gc_grace_secs: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "OPENIMS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -67,6 +82,11 @@ pub struct ServeArgs {
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub database: Option<String>,
+    #[serde(alias = "store_url")]
+    pub store: Option<String>,
+    pub job_lease_secs: Option<f64>,
+    pub gc_interval_secs: Option<u64>,
+    pub gc_grace_secs: Option<u64>,
     pub listen: Option<String>,
     pub s3_listen: Option<String>,
     pub region: Option<String>,
@@ -122,6 +142,7 @@ pub fn resolve_common(common: &CommonArgs) -> anyhow::Result<ServiceConfig> {
         .unwrap_or_else(|| PathBuf::from("openims-data"));
     let mut cfg = ServiceConfig::new(data_dir);
     cfg.database_url = common.database.clone().or(file.database);
+    cfg.store_url = common.store.clone().or(file.store);
     cfg.root_key_file = common.root_key_file.clone().or(file.root_key_file);
     Ok(cfg)
 }
@@ -170,6 +191,18 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, Listen)
     }
     if let Some(w) = args.workers.or(file.workers) {
         cfg.workers = w;
+    }
+    if let Some(l) = args.job_lease_secs.or(file.job_lease_secs) {
+        if !(l.is_finite() && l >= 0.2) {
+            anyhow::bail!("job lease must be at least 0.2 seconds (got {l})");
+        }
+        cfg.job_lease_ms = (l * 1000.0) as i64;
+    }
+    if let Some(g) = args.gc_interval_secs.or(file.gc_interval_secs) {
+        cfg.gc_interval_secs = g;
+    }
+    if let Some(g) = args.gc_grace_secs.or(file.gc_grace_secs) {
+        cfg.gc_grace_secs = g;
     }
     if let Some(r) = args.reencrypt_on_rekey.or(file.reencrypt_on_rekey) {
         cfg.reencrypt_on_rekey = r;

@@ -52,7 +52,7 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Resu
     svc.xr.set_link(std::sync::Arc::new(
         openims_api::peer::HttpPeerLink::default(),
     ));
-    if let Some(b) = svc.db.bootstrap().await? {
+    if let Some(b) = svc.db.bootstrap_once(&svc.node_id).await? {
         let path = cfg.data_dir.join("credentials");
         let text = format!(
             "OPENIMS_ENDPOINT={endpoint}\nOPENIMS_REGION={region}\nOPENIMS_DOMAIN={dname}\nOPENIMS_DOMAIN_ID={did}\n\

@@ -9,6 +9,10 @@ pub struct ServiceConfig {
     pub data_dir: PathBuf,
     /// Metadata database URL; `None` means SQLite in `data_dir`.
     pub database_url: Option<String>,
+    /// Object store URL for chunks, manifests and bucket objects: `None` means the local
+    /// directory `<data_dir>/store`; `s3://bucket[/prefix]?endpoint=...` an external
+    /// S3-compatible store (several nodes share one).
+    pub store_url: Option<String>,
     /// Region this deployment serves.
     pub region: String,
     /// Public base URL of the API (used in token catalogs and `Location` headers).
@@ -77,6 +81,7 @@ impl ServiceConfig {
         ServiceConfig {
             data_dir: data_dir.into(),
             database_url: None,
+            store_url: None,
             region: "local-1".into(),
             public_endpoint: "http://127.0.0.1:9292".into(),
             image_quota: 50,

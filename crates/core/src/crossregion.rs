@@ -513,7 +513,7 @@ impl Service {
             .ok_or_else(|| CoreError::PeerUnavailable("preflight without project_id".into()))?
             .to_string();
         let new_id = ImageId::generate();
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let job_id = insert_job(
             &mut tx,
             NewJob {

@@ -128,8 +128,19 @@ impl DataPlane {
     pub fn open(config: &ServiceConfig) -> Result<DataPlane> {
         let staging = config.staging_dir();
         std::fs::create_dir_all(&staging)?;
-        let backend = LocalBackend::open(config.store_dir())?;
-        let store = Store::open(
+        let backend: Arc<dyn openims_store::Backend> = match config.store_url.as_deref() {
+            None | Some("") => Arc::new(LocalBackend::open(config.store_dir())?),
+            Some(url) if url.starts_with("s3://") => {
+                let b = openims_store::S3Backend::open_url(url)?;
+                tracing::info!(store = %b.url(), "object store: S3");
+                Arc::new(b)
+            }
+            Some(url) => {
+                let path = url.strip_prefix("file://").unwrap_or(url);
+                Arc::new(LocalBackend::open(path)?)
+            }
+        };
+        let store = Store::open_shared(
             backend,
             StoreConfig {
                 max_virtual_size: config.max_virtual_size,

@@ -190,7 +190,7 @@ impl Service {
             "disk_digest": digest,
             "virtual_size": size,
         });
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let job_id = insert_job(
             &mut tx,
             NewJob {

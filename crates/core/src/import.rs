@@ -415,7 +415,7 @@ impl Service {
             "image_key": key_params["image_key"],
             "work_dek": key_params["work_dek"],
         });
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let job_id = insert_job(
             &mut tx,
             NewJob {
@@ -758,7 +758,7 @@ impl Service {
             json!(format!("blake3-manifest:{}", ing.digest)),
         );
         let image_key = crate::reencrypt::job_image_key(p)?;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let now = crate::time::now_ms();
         let r = sqlx::query(
             "UPDATE images SET status = 'active', size = $1, virtual_size = $2, checksum = $3, \

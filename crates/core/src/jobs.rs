@@ -242,6 +242,28 @@ pub async fn insert_job(
     Ok(id)
 }
 
+/// Open (queued or running) jobs of a type in a project, counted inside `tx` after locking
+/// the project's row, so that a check-then-insert of a per-project limit is atomic across
+/// concurrent requests on any node until `tx` ends.
+pub async fn count_open_jobs_locked(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    project: &ProjectId,
+    job_type: JobType,
+) -> Result<u64> {
+    sqlx::query("UPDATE projects SET name = name WHERE id = $1")
+        .bind(project.as_str())
+        .execute(&mut **tx)
+        .await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM jobs WHERE project_id = $1 AND job_type = $2 AND status IN ('INIT', 'RUNNING')",
+    )
+    .bind(project.as_str())
+    .bind(job_type.as_str())
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(n as u64)
+}
+
 impl Db {
     /// A job of `project` (None when absent or another project's).
     pub async fn get_job(&self, project: &ProjectId, id: &str) -> Result<Option<Job>> {

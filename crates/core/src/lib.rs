@@ -16,6 +16,7 @@
 //! [`Caller`] and answer `ImageNotFound` for images the caller may not see.
 
 pub mod buckets;
+pub mod cluster;
 pub mod config;
 pub mod crossregion;
 pub mod data;

@@ -170,9 +170,9 @@ impl Service {
         let node_id = node_id(&config)?;
         let db = Db::connect(&config.database_url()).await?;
         let data = DataPlane::open(&config)?;
-        let kms = crate::kms::Kms::new(crate::kms::load_or_create_root_key(
-            &config.root_key_path(),
-        )?);
+        let root_key = crate::kms::load_or_create_root_key(&config.root_key_path())?;
+        db.check_root_key(&root_key).await?;
+        let kms = crate::kms::Kms::new(root_key);
         let svc = Arc::new(Service {
             db,
             data,
@@ -760,10 +760,19 @@ impl Service {
         self.check_shared_copy(caller, &src, req.cmk_id.as_deref())
             .await?;
         let plan = self.plan_copy_keys(caller, &src, &req).await?;
-        if self
-            .db
-            .count_open_jobs(&caller.project_id, JobType::CopyImageInRegion)
-            .await?
+        if self.db.count_images(&caller.project_id).await? >= self.config.image_quota {
+            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+        }
+        let new_id = ImageId::generate();
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
+        // The per-project limit holds across nodes: counting and inserting happen under the
+        // project's row lock (PostgreSQL) / the write lock (SQLite).
+        if crate::jobs::count_open_jobs_locked(
+            &mut tx,
+            &caller.project_id,
+            JobType::CopyImageInRegion,
+        )
+        .await?
             >= self.config.max_copy_jobs_per_project
         {
             return Err(CoreError::FlowControl(format!(
@@ -771,11 +780,6 @@ impl Service {
                 self.config.max_copy_jobs_per_project
             )));
         }
-        if self.db.count_images(&caller.project_id).await? >= self.config.image_quota {
-            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
-        }
-        let new_id = ImageId::generate();
-        let mut tx = crate::db::begin_write(&self.db.pool).await?;
         let job_id = insert_job(
             &mut tx,
             NewJob {
@@ -906,7 +910,7 @@ impl Service {
         n: usize,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut handles = Vec::new();
+        let mut handles = vec![self.spawn_node_heartbeat(shutdown.clone())];
         for w in 0..n.max(1) {
             let svc = self.clone();
             let mut stop = shutdown.clone();
@@ -945,6 +949,38 @@ impl Service {
             }));
         }
         handles
+    }
+
+    /// Renews this node's liveness lease (3 job leases, at least 10 s) every third of it,
+    /// requeueing uploads left in `saving` by nodes that died ([`Db::node_heartbeat`]).
+    fn spawn_node_heartbeat(
+        self: &Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let svc = self.clone();
+        let lease_ms = (svc.config.job_lease_ms * 3).max(10_000);
+        tokio::spawn(async move {
+            loop {
+                match svc.db.node_heartbeat(&svc.node_id, lease_ms).await {
+                    Ok(n) if n > 0 => {
+                        tracing::warn!(images = n, "uploads of a node that died are queued again")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "node heartbeat failed"),
+                }
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(lease_ms as u64 / 3)) => {}
+                }
+            }
+            let _ = svc
+                .db
+                .release_lease(
+                    &format!("{}{}", crate::cluster::NODE_LEASE_PREFIX, svc.node_id),
+                    &svc.node_id,
+                )
+                .await;
+        })
     }
 
     async fn run_job(&self, job: Job) {
@@ -992,12 +1028,52 @@ impl Service {
     }
 
     /// One garbage-collection pass: data no image references, older than the grace period.
-    pub async fn collect_garbage(&self, grace: Duration) -> Result<openims_store::GcReport> {
-        let live = self.db.live_manifests().await?;
-        let data = self.data.clone();
-        tokio::task::spawn_blocking(move || data.gc(&live, grace))
-            .await
-            .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?
+    ///
+    /// With several nodes on one database only one collects at a time (cluster lease
+    /// [`crate::cluster::GC_LEASE`]); `None` when another node holds it.
+    pub async fn collect_garbage(
+        &self,
+        grace: Duration,
+    ) -> Result<Option<openims_store::GcReport>> {
+        let holder = format!("{}:gc", self.node_id);
+        // Short and renewed while the pass runs, so a node that dies mid-pass blocks GC on
+        // the others for one lease at most.
+        let lease_ms = (self.config.job_lease_ms * 3).max(10_000);
+        if !self
+            .db
+            .try_lease(crate::cluster::GC_LEASE, &holder, lease_ms)
+            .await?
+        {
+            return Ok(None);
+        }
+        let renew = {
+            let db = self.db.clone();
+            let holder = holder.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(lease_ms as u64 / 3)).await;
+                    if let Err(e) = db
+                        .try_lease(crate::cluster::GC_LEASE, &holder, lease_ms)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "renewing the GC lease failed");
+                    }
+                }
+            })
+        };
+        let r = async {
+            let live = self.db.live_manifests().await?;
+            let data = self.data.clone();
+            tokio::task::spawn_blocking(move || data.gc(&live, grace))
+                .await
+                .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?
+        }
+        .await;
+        renew.abort();
+        self.db
+            .release_lease(crate::cluster::GC_LEASE, &holder)
+            .await?;
+        r.map(Some)
     }
 
     /// Collects garbage every `gc_interval_secs` until `shutdown` fires.
@@ -1020,7 +1096,8 @@ impl Service {
                     .collect_garbage(Duration::from_secs(svc.config.gc_grace_secs))
                     .await
                 {
-                    Ok(r) => tracing::info!(
+                    Ok(None) => tracing::info!("garbage collection runs on another node"),
+                    Ok(Some(r)) => tracing::info!(
                         chunks_deleted = r.chunks_deleted,
                         bytes_freed = r.chunk_bytes_freed + r.manifest_bytes_freed,
                         "garbage collected"

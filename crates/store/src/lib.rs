@@ -55,7 +55,7 @@ mod ingest;
 pub mod manifest;
 mod store;
 
-pub use backend::{Backend, LocalBackend, MemBackend, ObjectMeta, SyncMode};
+pub use backend::{Backend, LocalBackend, MemBackend, ObjectMeta, S3Backend, SyncMode};
 pub use crypto::Dek;
 pub use disk::{ManifestDisk, ManifestReader};
 pub use encrypt::{EncryptCheckpoint, EncryptProgress};

@@ -8,9 +8,11 @@
 
 mod local;
 mod mem;
+mod s3;
 
 pub use local::{LocalBackend, SyncMode};
 pub use mem::MemBackend;
+pub use s3::S3Backend;
 
 use crate::error::{Result, StoreError};
 use std::sync::Arc;
