@@ -815,11 +815,11 @@ function ImageTable(props: { images: Image[]; total: number; open: (k: DialogKin
             <td>
               <StatusBadge status={i.status} text={statusWord(i.status)} />
             </td>
-            <td>{bytes(imageSize(i))}</td>
+            <td class="nowrap">{bytes(imageSize(i))}</td>
             <td>{i.disk_format ?? "—"}</td>
             <td>{isEncrypted(i) ? <span title={String(i.__system__cmkid)}>KMS encrypted</span> : "None"}</td>
-            <td>{when(i.created_at)}</td>
-            <td>
+            <td class="nowrap">{when(i.created_at)}</td>
+            <td class="nowrap">
               <ImageActions image={i} open={props.open} />
             </td>
           </tr>

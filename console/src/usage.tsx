@@ -53,7 +53,7 @@ export function UsagePage() {
               <small>{u.images_with_data} with data</small>
             </div>
           </dl>
-          {u.cross_project_policy && <p class="hint">{String(u.cross_project_policy)}</p>}
+          {u.cross_project_policy && <p class="hint">Billing rule: {String(u.cross_project_policy)}.</p>}
         </>
       )}
       {q.length > 0 && (
