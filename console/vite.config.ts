@@ -14,6 +14,6 @@ export default defineConfig({
   },
   server: {
     // `npm run dev` against a local `openims serve` on the default port.
-    proxy: { "^/(v1|v1\\.0|v2|v2\\.1|v3)/": "http://127.0.0.1:8080" },
+    proxy: { "^/(v1|v1\\.0|v2|v2\\.1|v3)/": "http://127.0.0.1:9292" },
   },
 });

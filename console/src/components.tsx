@@ -36,13 +36,19 @@ export function Modal(props: { title: string; onClose: () => void; children: Com
   const titleId = useId();
   useEffect(() => {
     const d = ref.current!;
+    // Focus goes back to whatever opened the dialog when it goes away.
+    const opener = document.activeElement as HTMLElement | null;
     if (!d.open) d.showModal();
     const cancel = (e: Event) => {
       e.preventDefault();
       props.onClose();
     };
     d.addEventListener("cancel", cancel);
-    return () => d.removeEventListener("cancel", cancel);
+    return () => {
+      d.removeEventListener("cancel", cancel);
+      if (d.open) d.close();
+      if (opener && opener.isConnected) setTimeout(() => opener.focus(), 0);
+    };
   }, []);
   return (
     <dialog ref={ref} aria-labelledby={titleId} class={props.wide ? "wide" : ""}>

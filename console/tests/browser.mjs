@@ -230,6 +230,11 @@ groups.bad_input = async (browser) => {
   assert.deepEqual(sent, []);
   await page.keyboard.press("Escape");
   await dialog.waitFor({ state: "detached" });
+  // Keyboard users land back on the button that opened the dialog.
+  await page.waitForFunction(
+    (label) => document.activeElement?.getAttribute("aria-label") === label,
+    `Replicate ${cfg.image_name}`,
+  );
 
   // Share with an invalid project id (and with one's own project).
   await page.getByRole("button", { name: `Share ${cfg.image_name}` }).click();
