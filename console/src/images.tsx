@@ -323,15 +323,15 @@ export function ExportDialog(props: { image: Image; onClose: () => void; onStart
             <select {...a} name="format" value={format} disabled={quick} onChange={(e) => setFormat(e.currentTarget.value)}>
               <option value="qcow2">QCOW2</option>
               <option value="vhd">VHD</option>
-              <option value="zvhd">ZVHD</option>
-              <option value="vmdk">VMDK</option>
+              <option value="vmdk">VMDK (stream-optimized)</option>
             </select>
           )}
         </Field>
         <div class="field check">
           <label>
             <input type="checkbox" name="quick" checked={quick} onChange={(e) => setQuick(e.currentTarget.checked)} /> Quick
-            export (ZVHD2, any size, no format choice)
+            export: the raw disk plus its allocation bitmap (as <i>file name</i>.bitmap), for a quick import; no format
+            choice, not for encrypted images
           </label>
         </div>
         {errors.form && <Notice kind="error">{errors.form}</Notice>}
@@ -384,8 +384,6 @@ const FORMAT_BY_EXT: Record<string, string> = {
   vmdk: "vmdk",
   vdi: "vdi",
   iso: "iso",
-  zvhd: "zvhd",
-  zvhd2: "zvhd2",
 };
 
 export function ImportDialog(props: { onClose: () => void; onStarted: (s: Started) => void; onUploaded: () => void }) {

@@ -102,7 +102,7 @@ export function SharedImages() {
                 <th scope="col">Format</th>
                 <th scope="col">Encryption</th>
                 <th scope="col">Owner project</th>
-                <th scope="col">Shared</th>
+                <th scope="col">Created</th>
                 <th scope="col">
                   <span class="sr-only">Actions</span>
                 </th>
