@@ -255,10 +255,10 @@ groups.bad_input = async (browser) => {
   // Export with no bucket and a file name with a space.
   await page.getByRole("button", { name: `Export ${cfg.image_name}` }).click();
   dialog = page.getByRole("dialog", { name: `Export ${cfg.image_name}` });
-  await dialog.getByLabel("File name").fill("has space.qcow2");
+  await dialog.getByLabel("File name", { exact: true }).fill("has space.qcow2");
   await dialog.getByRole("button", { name: "Export" }).click();
   await expectText(dialog.locator(".field", { has: page.getByLabel("Bucket", { exact: true }) }).getByTestId("field-error"), "Enter the bucket name.");
-  await expectText(dialog.locator(".field", { has: page.getByLabel("File name") }).getByTestId("field-error"), "cannot contain spaces");
+  await expectText(dialog.locator(".field", { has: page.getByLabel("File name", { exact: true }) }).getByTestId("field-error"), "cannot contain spaces");
   assert.deepEqual(sent, []);
   await dialog.getByRole("button", { name: "Cancel" }).click();
 
@@ -428,7 +428,7 @@ groups.export = async (browser) => {
   await page.getByRole("button", { name: `Export ${cfg.export.image_name}` }).click();
   const dialog = page.getByRole("dialog", { name: `Export ${cfg.export.image_name}` });
   await dialog.getByLabel("Bucket", { exact: true }).fill(cfg.export.missing_bucket);
-  await dialog.getByLabel("File name").fill(cfg.export.object);
+  await dialog.getByLabel("File name", { exact: true }).fill(cfg.export.object);
   await dialog.getByLabel("Format", { exact: true }).selectOption("qcow2");
   await dialog.getByRole("button", { name: "Export" }).click();
   // The service refuses a bucket that does not exist before making a job; the message shows
