@@ -358,6 +358,24 @@ groups.keys_replicate_usage_delete = async (browser) => {
 groups.import_from_bucket = async (browser) => {
   const page = await newPage(browser);
   await signIn(page, cfg.users.a);
+  let badJob = null;
+  if (cfg.import.bad_object) {
+    // A hostile file: the job fails, and the Jobs page says why in plain words.
+    await page.getByRole("button", { name: "Register / Import image" }).click();
+    const d = page.getByRole("dialog", { name: "Register or import an image" });
+    await d.getByLabel("Image name").fill(`${cfg.import.name}-bad`);
+    await d.getByLabel("Bucket", { exact: true }).fill(cfg.import.bucket);
+    await d.getByLabel("Object (file) name").fill(cfg.import.bad_object);
+    await d.getByLabel("Minimum disk (GB)").fill("1");
+    await d.getByRole("button", { name: "Import" }).click();
+    await d.waitFor({ state: "detached" });
+    badJob = await startedJobId(page);
+    const row = await waitJob(page, badJob, "FAIL");
+    await expectText(row, "Failed");
+    await expectText(row.getByTestId("job-error"), cfg.import.bad_error_text);
+    await shot(page, "32-jobs-import-failed");
+    await goTo(page, "Private Images");
+  }
   await page.getByRole("button", { name: "Register / Import image" }).click();
   const dialog = page.getByRole("dialog", { name: "Register or import an image" });
   await dialog.getByLabel("Image name").fill(cfg.import.name);
@@ -374,7 +392,7 @@ groups.import_from_bucket = async (browser) => {
   await goTo(page, "Private Images");
   const row = await waitImageStatus(page, cfg.import.name, "Normal");
   await shot(page, "31-imported");
-  return { job_id: jobId, image_id: await row.getAttribute("data-image-id") };
+  return { job_id: jobId, image_id: await row.getAttribute("data-image-id"), bad_job_id: badJob };
 };
 
 /** Share to project B; B signs in, sees it pending, accepts it, replicates it (needs share). */

@@ -224,11 +224,20 @@ def _bucket_with_image(server, t, tmp_path) -> tuple[str, str, bytes]:
 def test_console_import_from_bucket(server, ta, tmp_path):
     needs_io_import(ta)
     bucket, obj, data = _bucket_with_image(server, ta, tmp_path)
+    # A qcow2 whose backing file is on the server's disk: refused by inspection, in the job.
+    hostile = tmp_path / "hostile.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw",
+                    str(hostile), "64M"], check=True)
+    s3_of(server, ta).put_object(Bucket=bucket, Key="images/hostile.qcow2", Body=hostile.read_bytes())
     name = helpers.unique("imported")
     out = run_group("import_from_bucket", {"endpoint": ta.endpoint, "users": {"a": user_of(ta)},
-                                           "import": {"name": name, "bucket": bucket, "object": obj}})
+                                           "import": {"name": name, "bucket": bucket, "object": obj,
+                                                      "bad_object": "images/hostile.qcow2",
+                                                      "bad_error_text": "The image file is empty, missing, in the wrong format, or not readable."}})
     r = ta.raw.get(f"/v2/images/{out['image_id']}/file")
     assert r.status_code == 200 and r.content == data
+    bad = ta.raw.get(f"/v1/{ta.project_id}/jobs/{out['bad_job_id']}").json()
+    assert bad["status"] == "FAIL" and bad["error_code"] == "IMG.0057", bad
 
 
 def test_console_share_accept_replicate(ta, tb, base_image):
