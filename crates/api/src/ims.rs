@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, patch, post, put};
 use axum::{Json, Router};
 use openims_core::image::{Image, ImageStatus, OS_VERSIONS};
+use openims_core::jobs::JobStatus;
 use openims_core::members::{Member, MemberStatus};
 use openims_core::service::CopyRequest;
 use openims_core::sharing::MemberTargets;
@@ -26,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/cloudimages/os_version", get(os_versions))
         .route("/v1/cloudimages/quota", get(quota))
         .route("/v1/cloudimages/usage", get(usage))
+        .route("/v1/{project_id}/jobs", get(list_jobs))
         .route("/v1/{project_id}/jobs/{job_id}", get(show_job))
         .route("/v1/cloudimages/job/{job_id}", get(show_job_progress))
         .route(
@@ -213,6 +215,53 @@ async fn show_job(
 ) -> ApiResult<Json<Value>> {
     own_project(&c, &pid)?;
     Ok(Json(st.svc.job(&c, &job_id).await?.view()))
+}
+
+/// Extension: the caller's project's jobs, newest first (`?status=INIT|RUNNING|SUCCESS|FAIL`,
+/// `?limit=1..1000`, default 100). Each item is a `show_job` body. Used by the web console's
+/// Jobs page; see docs/console.md.
+async fn list_jobs(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    Path(pid): Path<String>,
+    QueryPairs(pairs): QueryPairs,
+) -> ApiResult<Json<Value>> {
+    own_project(&c, &pid)?;
+    let mut status = None;
+    let mut limit = 100u32;
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "status" => {
+                status = Some(match v.as_str() {
+                    "INIT" => JobStatus::Init,
+                    "RUNNING" => JobStatus::Running,
+                    "SUCCESS" => JobStatus::Success,
+                    "FAIL" => JobStatus::Fail,
+                    _ => {
+                        return Err(bad(format!(
+                            "status must be one of INIT, RUNNING, SUCCESS, FAIL, not {v:?}"
+                        )))
+                    }
+                })
+            }
+            "limit" => {
+                limit = match v.parse::<u32>() {
+                    Ok(n) if (1..=1000).contains(&n) => n,
+                    _ => {
+                        return Err(bad(format!(
+                            "limit must be an integer from 1 to 1000, not {v:?}"
+                        )))
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let jobs = st.svc.list_jobs(&c, status, limit).await?;
+    Ok(Json(json!({
+        "jobs": jobs.iter().map(|j| j.view()).collect::<Vec<_>>(),
+        "count": jobs.len(),
+    })))
 }
 
 async fn show_job_progress(

@@ -59,7 +59,8 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))
         .merge(keystone::routes())
-        .merge(glance::public_routes());
+        .merge(glance::public_routes())
+        .merge(openims_console::routes());
     let request_id = HeaderName::from_static("x-request-id");
     Router::new()
         .merge(protected)

@@ -288,6 +288,50 @@ impl Db {
         Ok(Some(job))
     }
 
+    /// The newest jobs of `project` (newest first, at most `limit`), optionally only those in
+    /// `status`; queued jobs carry their queue position. Backs `GET /v1/{project_id}/jobs`.
+    pub async fn list_jobs(
+        &self,
+        project: &ProjectId,
+        status: Option<JobStatus>,
+        limit: u32,
+    ) -> Result<Vec<Job>> {
+        let rows = match status {
+            Some(st) => {
+                sqlx::query(&format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 AND status = $2 \
+                     ORDER BY created_at DESC, id DESC LIMIT $3"
+                ))
+                .bind(project.as_str())
+                .bind(st.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE project_id = $1 \
+                     ORDER BY created_at DESC, id DESC LIMIT $2"
+                ))
+                .bind(project.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        let mut jobs: Vec<Job> = rows.iter().map(job_from_row).collect();
+        for job in jobs.iter_mut().filter(|j| j.status == JobStatus::Init) {
+            let ahead: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'INIT' AND created_at < $1",
+            )
+            .bind(job.created_at)
+            .fetch_one(&self.pool)
+            .await?;
+            job.queue_position = Some(ahead as u64);
+        }
+        Ok(jobs)
+    }
+
     /// Running or queued jobs of a type in a project (per-project concurrency limits).
     pub async fn count_open_jobs(&self, project: &ProjectId, job_type: JobType) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(

@@ -727,6 +727,17 @@ impl Service {
             .ok_or_else(|| CoreError::JobNotFound(id.to_string()))
     }
 
+    /// The caller's project's newest jobs (extension `GET /v1/{project_id}/jobs`), newest
+    /// first; `limit` is 1..=1000 (checked by the API layer).
+    pub async fn list_jobs(
+        &self,
+        caller: &Caller,
+        status: Option<crate::jobs::JobStatus>,
+        limit: u32,
+    ) -> Result<Vec<Job>> {
+        self.db.list_jobs(&caller.project_id, status, limit).await
+    }
+
     /// In-region replication (spec C.1): a new private image of the caller sharing the source's
     /// manifests, so it costs the same whatever the size.
     pub async fn copy_image_in_region(

@@ -202,3 +202,55 @@ async fn an_interrupted_upload_is_queued_again_after_a_restart() {
         "staging is cleared"
     );
 }
+
+#[tokio::test]
+async fn the_job_list_is_newest_first_filtered_and_project_scoped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No workers run here: the jobs stay queued, with their queue positions.
+    let svc = open(dir.path(), 30_000).await;
+    let c = caller(&svc).await;
+    let src = active_image(&svc, &c).await;
+    let mut made = Vec::new();
+    for n in 0..3 {
+        let job = svc
+            .copy_image_in_region(
+                &c,
+                &src.id.to_string(),
+                CopyRequest {
+                    name: format!("copy-{n}"),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("copy");
+        made.push(job.as_str().to_string());
+        // created_at has millisecond resolution: keep the three apart.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let listed = svc.list_jobs(&c, None, 100).await.expect("list");
+    let ids: Vec<String> = listed.iter().map(|j| j.id.as_str().to_string()).collect();
+    let newest_first: Vec<String> = made.iter().rev().cloned().collect();
+    assert_eq!(ids, newest_first);
+    let positions: Vec<Option<u64>> = listed.iter().map(|j| j.queue_position).collect();
+    assert_eq!(positions, vec![Some(2), Some(1), Some(0)]);
+    assert_eq!(svc.list_jobs(&c, None, 2).await.expect("list").len(), 2);
+    assert_eq!(
+        svc.list_jobs(&c, Some(JobStatus::Init), 100)
+            .await
+            .expect("list")
+            .len(),
+        3
+    );
+    assert!(svc
+        .list_jobs(&c, Some(JobStatus::Success), 100)
+        .await
+        .expect("list")
+        .is_empty());
+    let mut other = c.clone();
+    other.project_id = openims_core::ids::ProjectId("0123456789abcdef0123456789abcdef".into());
+    assert!(svc
+        .list_jobs(&other, None, 100)
+        .await
+        .expect("list")
+        .is_empty());
+}
