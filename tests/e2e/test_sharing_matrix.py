@@ -12,13 +12,22 @@ changes and finally the owner's delete run last."""
 import json
 import uuid
 
+import boto3
 import pytest
+from botocore.config import Config
 
 from helpers import JSON_PATCH_V21, describe, error_code, make_active_image, make_tenant, unique, wait_job
 from sharing_helpers import JSON_UTF8, add_members, answer, job_ok, make_project_in, remove_members
 
 RELATIONS = ["owner", "pending", "accepted", "rejected", "removed", "unrelated", "other_domain"]
 MEMBERS = {"pending", "accepted", "rejected"}
+
+
+def s3_client(t):
+    return boto3.client(
+        "s3", endpoint_url=t.server.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
+        region_name="local-1",
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1}))
 
 
 def listed(r, iid):
@@ -63,6 +72,7 @@ class Ctx:
         self.t = tenants
         self.iid = iid
         self.third = third  # a project no relation is about: the target of re-shares
+        self.buckets = {}  # relation -> a bucket of that relation's own project
 
 
 # Each operation: (name, kind, fn(ctx, relation, tenant, image_id) -> (allowed, response|None),
@@ -120,6 +130,16 @@ def op_show_own_member(c, rel, t, iid):
 
 def op_copy(c, rel, t, iid):
     r = t.raw.post(f"/v1/cloudimages/{iid}/copy", json_body={"name": unique("mx-copy")})
+    return job_success(t, r)
+
+
+def op_export(c, rel, t, iid):
+    """Export to a bucket of the caller's own: only the owner may export (spec C.6)."""
+    if rel not in c.buckets:
+        c.buckets[rel] = f"mx-{rel.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
+        s3_client(t).create_bucket(Bucket=c.buckets[rel])
+    r = t.raw.post(f"/v1/cloudimages/{iid}/file",
+                   json_body={"bucket_url": f"{c.buckets[rel]}:{uuid.uuid4().hex}.qcow2", "file_format": "qcow2"})
     return job_success(t, r)
 
 
@@ -199,6 +219,7 @@ OPS = [
     ("IMS list members", "read", op_members_ims, READERS),
     ("show own membership", "read", op_show_own_member, MEMBERS),
     ("replicate in region", "read", op_copy, USERS),
+    ("export to own bucket", "read", op_export, OWNER),
     ("Glance PATCH", "change", op_patch_glance, OWNER),
     ("IMS PATCH", "change", op_patch_ims, OWNER),
     ("Glance add tag", "change", op_tag_glance, OWNER),
