@@ -77,7 +77,9 @@ export function JobsPage() {
                   <th scope="row">
                     {jobWord(j.job_type)}
                     <br />
-                    <code class="small">{j.job_id}</code>
+                    <code class="small" title={j.job_id}>
+                      {j.job_id.slice(0, 12)}…
+                    </code>
                   </th>
                   <td>{e.image_name ?? (e.image_id ? <code>{e.image_id}</code> : "—")}</td>
                   <td>
