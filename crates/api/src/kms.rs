@@ -180,19 +180,15 @@ async fn change_state(
     }))
 }
 
+/// What a key state change handler returns.
+type StateChange =
+    std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult<Json<Value>>> + Send>>;
+
 /// A route handler for one key state change.
 fn state_handler(
     op: KeyOp,
-) -> impl Fn(
-    State<AppState>,
-    Auth,
-    Path<String>,
-    JsonBody,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApiResult<Json<Value>>> + Send>>
-       + Clone
-       + Send
-       + Sync
-       + 'static {
+) -> impl Fn(State<AppState>, Auth, Path<String>, JsonBody) -> StateChange + Clone + Send + Sync + 'static
+{
     move |State(st), Auth(c), Path(pid), JsonBody(body)| {
         Box::pin(change_state(st, c, pid, body, op))
     }
