@@ -21,6 +21,7 @@ import boto3
 import pytest
 import requests
 from botocore.config import Config
+from huaweicloudsdkims.v2 import CreateImageRequest, CreateImageRequestBody
 
 import helpers
 from helpers import (
@@ -109,6 +110,32 @@ def admin_json(binary, *args, database=None, store=None, data_dir=None, check=Tr
 
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+def make_import_source(tmp: Path, fmt: str, seed: int) -> tuple:
+    """A 32 MiB raw disk with 16 MiB of data at a few offsets (and holes) converted by qemu-img to `fmt`
+    (qcow2 or vhd); returns (path of the converted file, SHA-256 of the raw disk)."""
+    rng = hashlib.blake2b(f"import-src-{seed}".encode()).digest()
+    raw = tmp / f"imp-{seed}.raw"
+    with open(raw, "wb") as f:
+        f.truncate(32 * MiB)
+        for k, off in enumerate((0, 7 * MiB + 4096, 17 * MiB, 28 * MiB)):
+            f.seek(off)
+            f.write(hashlib.shake_256(rng + bytes([k])).digest(4 * MiB))
+    out = raw.with_suffix("." + fmt)
+    extra = ["-o", "force_size=on"] if fmt == "vhd" else []
+    p = subprocess.run(["qemu-img", "convert", "-O", {"vhd": "vpc"}.get(fmt, fmt), *extra, str(raw), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    digest = sha(raw.read_bytes())
+    raw.unlink()
+    return out, digest
+
+
+def embedded_s3(t, node):
+    """boto3 for tenant `t` on `node`'s embedded S3 endpoint."""
+    return boto3.client("s3", endpoint_url=node.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
+                        region_name="local-1", config=Config(s3={"addressing_style": "path"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +261,35 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
         def on(t, node):
             return dataclasses.replace(t, server=node, _ims=None, _raw=None)
 
+        # Nine imports from bucket objects (qcow2 and vhd files made by qemu-img), each uploaded
+        # through one node's embedded S3 endpoint and imported through another, over the four
+        # projects (the files are made and uploaded first, the jobs queued below).
+        buckets = {}
+        for i, t in enumerate(tenants):
+            buckets[t.project_id] = f"scale-imp-{secrets.token_hex(4)}"
+            embedded_s3(t, nodes[i % 3]).create_bucket(Bucket=buckets[t.project_id])
+        imports = []
+        for k in range(9):
+            t = tenants[k % 4]
+            fmt = ("qcow2", "vhd")[k % 2]
+            path, raw_sha = make_import_source(tmp_path, fmt, k)
+            key = f"disks/src-{k}.{fmt}"
+            embedded_s3(t, nodes[(k + 1) % 3]).upload_file(str(path), buckets[t.project_id], key)
+            imports.append((t, key, raw_sha))
+
+        # An upload through node 1 that is mid-way (paused) when node 1 dies.
+        victim = nodes[1]
+        ut = on(tenants[0], victim)
+        stalled = glance_create(ut.raw, name=unique("stalled"), disk_format="raw", container_format="bare")
+        body = GeneratedBody(total=64 * MiB, pause_at=8 * MiB)
+        up_thread, up_result = start_upload(ut, stalled["id"], body)
+        assert body.reached.wait(120), f"upload did not reach 8 MiB: {up_result}"
+        assert glance_show(ut.raw, stalled["id"])["status"] == "saving"
+
+        # The imports are queued first (every node runs some when node 1 dies), then the copies.
+        for k, (t, key, raw_sha) in enumerate(imports):
+            req = CreateImageRequestBody(name=unique("imp"), image_url=f"{buckets[t.project_id]}:{key}", min_disk=1)
+            imports[k] = (t, on(t, nodes[k % 3]).ims.create_image(CreateImageRequest(body=req)).job_id, raw_sha)
         # 20 copies (every other one encrypting with the project's key), spread over nodes.
         jobs = []
         for j in range(20):
@@ -251,27 +307,44 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
         pool = cf.ThreadPoolExecutor(4)
         uploads = [pool.submit(upload, k) for k in range(6)]
 
-        # An upload through node 1 that is mid-way (paused) when node 1 dies.
-        victim = nodes[1]
-        ut = on(tenants[0], victim)
-        stalled = glance_create(ut.raw, name=unique("stalled"), disk_format="raw", container_format="bare")
-        body = GeneratedBody(total=64 * MiB, pause_at=8 * MiB)
-        up_thread, up_result = start_upload(ut, stalled["id"], body)
-        assert body.reached.wait(120), f"upload did not reach 8 MiB: {up_result}"
-        assert glance_show(ut.raw, stalled["id"])["status"] == "saving"
-
-        # Kill node 1 once it holds a running job's lease.
+        # Kill node 1 once it holds the lease of a running import job.
+        n_jobs = len(jobs) + len(imports)
+        assert n_jobs >= 20
+        running_import_on_1 = (f"SELECT COUNT(*) FROM jobs WHERE status = 'RUNNING' AND lease_owner = '{node_ids[1]}' "
+                               "AND job_type LIKE 'imsImport%'")
         deadline = time.monotonic() + 120
         while True:
-            if q(f"SELECT COUNT(*) FROM jobs WHERE status = 'RUNNING' AND lease_owner = '{node_ids[1]}'") > 0:
+            if q(running_import_on_1) > 0:
                 break
-            assert q("SELECT COUNT(*) FROM jobs WHERE status IN ('SUCCESS', 'FAIL')") < 20, "every job finished before node 1 ran one (make the images larger)"
-            assert time.monotonic() < deadline, "node 1 never ran a job"
+            assert q("SELECT COUNT(*) FROM jobs WHERE status IN ('SUCCESS', 'FAIL') AND job_type LIKE 'imsImport%'") \
+                < len(imports), "every import finished before node 1 ran one (make the files larger)"
+            assert time.monotonic() < deadline, "node 1 never ran an import job"
             time.sleep(0.05)
         victim.kill9()
         body.stop = True
         body.resume.set()
         killed_jobs = q(f"SELECT COUNT(*) FROM jobs WHERE status = 'RUNNING' AND lease_owner = '{node_ids[1]}'")
+        killed_imports = helpers.psql(
+            f"SELECT id || ' ' || image_id FROM jobs WHERE status = 'RUNNING' AND lease_owner = '{node_ids[1]}' "
+            "AND job_type LIKE 'imsImport%'", db=db_url.rsplit("/", 1)[1]).split()
+        killed_imports = dict(zip(killed_imports[::2], killed_imports[1::2]))
+        assert killed_imports, "node 1 died without a running import"
+
+        # While the dead node's imports wait for their lease to expire and run again on another
+        # node, their images stay `saving` (owned by the job): the reset of the dead node's
+        # interrupted uploads (back to `queued`) must not touch them.
+        t0 = on(tenants[0], nodes[0])
+        deadline = time.monotonic() + 300
+        pending = dict(killed_imports)
+        while pending:
+            for job_id, image_id in list(pending.items()):
+                st = helpers.psql(f"SELECT status FROM images WHERE id = '{image_id}'",
+                                  db=db_url.rsplit("/", 1)[1]).strip()
+                assert st in ("saving", "active"), f"image {image_id} of the taken-over import {job_id} is {st}"
+                if st == "active":
+                    del pending[job_id]
+            assert time.monotonic() < deadline, pending
+            time.sleep(0.2)
 
         # Every job ends SUCCESS (those of the dead node after their lease expires).
         survivor = nodes[0]
@@ -280,14 +353,22 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
             job = wait_job(on(t, survivor).ims, job_id, timeout=300)
             assert job.status == "SUCCESS", job
             results.append((t, job.entities.image_id))
-        # The jobs the dead node held were taken over (a second attempt) by another node.
+        imported = []
+        for t, job_id, raw_sha in imports:
+            job = wait_job(on(t, survivor).ims, job_id, timeout=300)
+            assert job.status == "SUCCESS", job
+            imported.append((t, job.entities.image_id, raw_sha))
+        # The jobs the dead node held were taken over (a second attempt) by another node,
+        # its imports among them.
         taken_over = q("SELECT COUNT(*) FROM jobs WHERE attempts > 1")
         assert killed_jobs >= 1 and taken_over >= killed_jobs, (killed_jobs, taken_over)
+        for job_id in killed_imports:
+            assert q(f"SELECT COUNT(*) FROM jobs WHERE id = '{job_id}' AND attempts > 1 AND status = 'SUCCESS'") == 1, \
+                job_id
 
         # The dead node's interrupted upload is queued again by a live node (liveness lease)
         # and can be uploaded through another node.
         up_thread.join(60)
-        t0 = on(tenants[0], nodes[0])
         deadline = time.monotonic() + 90
         while glance_show(t0.raw, stalled["id"])["status"] != "queued":
             assert time.monotonic() < deadline, glance_show(t0.raw, stalled["id"])
@@ -303,6 +384,13 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
             r = on(t, nodes[0 if k % 2 else 2]).raw.get(f"/v2/images/{image_id}/file")
             assert r.status_code == 200, describe(r)
             assert sha(r.content) == sha(data), f"copy {image_id} differs from its source"
+        # Every imported image is its source's virtual disk (served raw by Glance).
+        for k, (t, image_id, raw_sha) in enumerate(imported):
+            img = glance_show(on(t, nodes[0]).raw, image_id)
+            assert img["status"] == "active" and img["disk_format"] == "raw" and img["virtual_size"] == 32 * MiB, img
+            r = on(t, nodes[2 if k % 2 else 0]).raw.get(f"/v2/images/{image_id}/file")
+            assert r.status_code == 200, describe(r)
+            assert sha(r.content) == raw_sha, f"import {image_id} differs from its source"
         for f in uploads:
             t, image_id, d = f.result(timeout=300)
             r = on(t, nodes[2]).raw.get(f"/v2/images/{image_id}/file")
@@ -324,7 +412,7 @@ def test_three_nodes_share_pg_and_s3_and_survive_kill9(tmp_path, moto):
                               store=store)
         assert rc == 0 and fsck["clean"], fsck
         assert fsck["orphan_chunks"] == 0 and fsck["orphan_manifests"] == 0, (fsck, gc)
-        assert fsck["manifests_checked"] >= 4 + 6, fsck
+        assert fsck["manifests_checked"] >= 4 + 6 + 9, fsck
     finally:
         for n in nodes:
             if n.alive():

@@ -1120,13 +1120,22 @@ impl Db {
     }
 
     /// Uploads of this node that a crash interrupted go back to `queued` (re-uploadable).
+    ///
+    /// Only images whose upload token starts with exactly `node_prefix` (compared as a
+    /// string, not a `LIKE` pattern, so a `_` or `%` in a node id matches only itself) and
+    /// that no open (queued or running) job owns through its token (`import:<job id>`, see
+    /// `import.rs`): an import job holds its image `saving` across a takeover by another
+    /// node, and that image is not an interrupted upload.
     pub async fn reset_interrupted_uploads(&self, node_prefix: &str) -> Result<u64> {
         let r = sqlx::query(
             "UPDATE images SET status = 'queued', upload_token = NULL, updated_at = $1 \
-             WHERE status = 'saving' AND upload_token LIKE $2",
+             WHERE status = 'saving' AND substr(upload_token, 1, CAST($2 AS INTEGER)) = $3 \
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE 'import:' || jobs.id = images.upload_token \
+                             AND jobs.status IN ('INIT', 'RUNNING'))",
         )
         .bind(now_ms())
-        .bind(format!("{node_prefix}%"))
+        .bind(node_prefix.chars().count() as i64)
+        .bind(node_prefix)
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected())

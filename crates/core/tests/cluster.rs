@@ -3,6 +3,8 @@
 //! postgres://postgres@127.0.0.1:5432) on a fresh PostgreSQL database of its own.
 
 use openims_core::db::Db;
+use openims_core::ids::{ImageId, ProjectId};
+use openims_core::image::{Image, ImageStatus, Origin};
 use openims_store::Dek;
 
 async fn check(db: &Db) {
@@ -59,6 +61,73 @@ async fn check(db: &Db) {
     }
     assert_eq!(made, 1);
     assert_eq!(db.list_domains().await.unwrap().len(), 1);
+
+    dead_node_reset(db).await;
+}
+
+/// An image in `saving` with `token` (and, for an import, an open job owning it).
+async fn saving_image(db: &Db, token: &str, job: Option<&str>) -> ImageId {
+    let owner = ProjectId::generate();
+    let img = Image::new(owner.clone(), Some("x".into()), Origin::File);
+    db.insert_image(&img, 100).await.unwrap();
+    assert!(db
+        .transition(
+            &img.id,
+            ImageStatus::Queued,
+            ImageStatus::Saving,
+            Some(token)
+        )
+        .await
+        .unwrap());
+    if let Some(job) = job {
+        sqlx::query(
+            "INSERT INTO jobs (id, project_id, job_type, status, params, image_id, attempts, \
+             lease_owner, lease_until, created_at, updated_at) \
+             VALUES ($1, $2, 'imsImportImageJob', 'RUNNING', '{}', $3, 1, 'import', 0, 0, 0)",
+        )
+        .bind(job)
+        .bind(owner.as_str())
+        .bind(img.id.to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    img.id
+}
+
+async fn status(db: &Db, id: &ImageId) -> ImageStatus {
+    db.get_image(id).await.unwrap().unwrap().status
+}
+
+/// A live node puts back to `queued` the uploads a dead node left `saving`, and only those:
+/// not an image an import job owns (`import:<job id>`) while that job is open, even when the
+/// dead node's id is a prefix of that token, and not another node's upload whose id the dead
+/// one's matches only as a `LIKE` pattern (`_` is a wildcard there).
+async fn dead_node_reset(db: &Db) {
+    let job = format!("job{}", hex::encode(rand::random::<[u8; 6]>()));
+    let import = saving_image(db, &format!("import:{job}"), Some(&job)).await;
+    let upload_of_dead = saving_image(db, "n_1:abc", None).await;
+    let upload_of_dead_too = saving_image(db, "import:def", None).await;
+    let upload_of_live = saving_image(db, "nx1:abc", None).await;
+    // Nodes `n_1` and `import` die (their liveness leases expire); `nx1` is alive.
+    db.node_heartbeat("nx1", 60_000).await.unwrap();
+    assert!(db.try_lease("node:n_1", "n_1", 1).await.unwrap());
+    assert!(db.try_lease("node:import", "import", 1).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(db.node_heartbeat("nx1", 60_000).await.unwrap(), 2);
+    assert_eq!(status(db, &upload_of_dead).await, ImageStatus::Queued);
+    assert_eq!(status(db, &upload_of_dead_too).await, ImageStatus::Queued);
+    assert_eq!(status(db, &upload_of_live).await, ImageStatus::Saving);
+    assert_eq!(status(db, &import).await, ImageStatus::Saving);
+    // Once the import job is over, its image is no longer protected (a failed import
+    // leaves it `killed` itself; here nothing did).
+    sqlx::query("UPDATE jobs SET status = 'FAIL' WHERE id = $1")
+        .bind(&job)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(db.reset_interrupted_uploads("import:").await.unwrap(), 1);
+    assert_eq!(status(db, &import).await, ImageStatus::Queued);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -13,6 +13,29 @@
 //!
 //! So `grace` must exceed the longest ingest (a chunk written at its start must survive until
 //! its manifest exists) and the longest GC run. Hours are reasonable; tests use seconds.
+//!
+//! **Backends without an atomic conditional delete** (S3: `delete_if_older` is a HEAD, then a
+//! DELETE; [`crate::Backend::atomic_delete_if_older`] is `false`). A touch between GC's HEAD
+//! and its DELETE would be lost, and the ingest would reference a deleted chunk. Closed by a
+//! sweep marker, in the manner of Dekker's mutual exclusion (each side writes its flag, then
+//! reads the other's; with a strongly consistent store at least one sees the other):
+//! - GC writes a marker object `gc/sweep-<unique>` before its first conditional delete,
+//!   rewrites it every [`MARKER_REFRESH`] and once more when the pass ends (it is deleted by a
+//!   later pass once older than [`MARKER_STALE`]), and sends each DELETE only within
+//!   [`DELETE_WINDOW`] of the HEAD it follows (else keeps the object);
+//! - `put_manifest` touches every chunk (and the manifest if it exists), then lists `gc/`. No
+//!   marker written within `MARKER_STALE` means no conditional delete had begun before the
+//!   touches (a pass that had is still refreshing its marker, or ended less than
+//!   `MARKER_STALE` ago, which `put_manifest` rules out by treating touches that took longer
+//!   than half of it like a marker), so every HEAD GC does sees them fresh. Otherwise a HEAD
+//!   may have preceded a touch: it waits [`SETTLE`] (> `DELETE_WINDOW`: every such DELETE
+//!   has been sent) and checks that every chunk still exists (`NotFound` otherwise, nothing
+//!   written) and that the manifest does (rewritten otherwise).
+//!
+//! What remains: a GC process paused for more than `SETTLE` between its window check and the
+//! DELETE reaching S3, or for more than `MARKER_STALE` with its marker unrefreshed, and clock
+//! skew between the nodes and the store beyond those margins. `openims admin fsck` reports
+//! any loss (`missing_chunks`).
 
 use crate::backend::{chunk_key, manifest_key, CHUNK_PREFIX, MANIFEST_PREFIX};
 use crate::crypto::{check_encrypted_chunk, echunk_key, ECHUNK_PREFIX};
@@ -21,6 +44,108 @@ use crate::id::{ChunkId, ManifestId};
 use crate::store::Store;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
+
+/// Prefix of the sweep markers a GC pass writes on a backend without atomic conditional
+/// deletes (see the module docs).
+pub const SWEEP_MARKER_PREFIX: &str = "gc/";
+/// The longest time between the HEAD of a non-atomic `delete_if_older` and its DELETE.
+pub const DELETE_WINDOW: Duration = Duration::from_secs(1);
+/// How long `put_manifest` waits, when a sweep is running, before it checks its chunks.
+pub const SETTLE: Duration = Duration::from_secs(3);
+/// How often a sweeping GC rewrites its marker.
+pub const MARKER_REFRESH: Duration = Duration::from_secs(30);
+/// A marker older than this belongs to a pass that ended or died long enough ago to be
+/// ignored (and deleted).
+pub const MARKER_STALE: Duration = Duration::from_secs(300);
+
+/// The marker of one GC pass (see the module docs): written before the first conditional
+/// delete, refreshed, deleted when dropped. Does nothing on a backend with atomic deletes.
+struct SweepMarker<'a> {
+    backend: &'a dyn crate::Backend,
+    key: String,
+    written: Option<std::time::Instant>,
+}
+
+impl<'a> SweepMarker<'a> {
+    fn new(backend: &'a dyn crate::Backend) -> Self {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = format!(
+            "{SWEEP_MARKER_PREFIX}sweep-{}-{nanos}-{seq}",
+            std::process::id()
+        );
+        SweepMarker {
+            backend,
+            key,
+            written: None,
+        }
+    }
+
+    /// Called before every conditional delete.
+    fn before_delete(&mut self) -> Result<()> {
+        if self.backend.atomic_delete_if_older() {
+            return Ok(());
+        }
+        if self.written.is_none_or(|t| t.elapsed() >= MARKER_REFRESH) {
+            self.backend.put(&self.key, b"gc sweep in progress")?;
+            self.written = Some(std::time::Instant::now());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SweepMarker<'_> {
+    fn drop(&mut self) {
+        // Rewritten, not deleted: an ingest whose touch came between one of this pass's
+        // HEADs and DELETEs may look for it later; a later pass deletes it once stale.
+        if self.written.is_some() {
+            if let Err(e) = self.backend.put(&self.key, b"gc sweep ended") {
+                tracing::warn!(key = %self.key, error = %e, "gc sweep marker not rewritten");
+            }
+        }
+    }
+}
+
+/// Deletes sweep markers older than [`MARKER_STALE`] (ended or dead passes).
+fn delete_stale_markers(b: &dyn crate::Backend) -> Result<()> {
+    if b.atomic_delete_if_older() {
+        return Ok(());
+    }
+    let stale = SystemTime::now()
+        .checked_sub(MARKER_STALE)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    for meta in b.list(SWEEP_MARKER_PREFIX)? {
+        let meta = meta?;
+        if meta.modified < stale {
+            b.delete(&meta.key)?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Whether a GC pass may be deleting objects or did lately (a sweep marker younger than
+    /// [`MARKER_STALE`] exists); always `false` on a backend with atomic deletes.
+    pub(crate) fn sweep_running(&self) -> Result<bool> {
+        let b = &self.inner.backend;
+        if b.atomic_delete_if_older() {
+            return Ok(false);
+        }
+        let stale = SystemTime::now()
+            .checked_sub(MARKER_STALE)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        for meta in b.list(SWEEP_MARKER_PREFIX)? {
+            if meta?.modified >= stale {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
 
 /// What a GC run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -121,6 +246,8 @@ impl Store {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let live: HashSet<ManifestId> = live.iter().copied().collect();
         let mut report = GcReport::default();
+        delete_stale_markers(b.as_ref())?;
+        let mut marker = SweepMarker::new(b.as_ref());
 
         // 1. Manifests: delete old unlisted ones, keep the rest.
         let mut keep: Vec<ManifestId> = live.iter().copied().collect();
@@ -139,6 +266,7 @@ impl Store {
                 keep.push(id);
                 continue;
             }
+            marker.before_delete()?;
             match b.delete_if_older(&meta.key, cutoff)? {
                 Some(size) => {
                     report.manifests_deleted += 1;
@@ -182,6 +310,7 @@ impl Store {
                 } else if meta.modified >= cutoff {
                     report.chunks_young += 1;
                 } else {
+                    marker.before_delete()?;
                     match b.delete_if_older(&meta.key, cutoff)? {
                         Some(size) => {
                             report.chunks_deleted += 1;

@@ -127,11 +127,15 @@ impl Store {
         } else {
             chunk_key
         };
+        let missing = |id: &crate::ChunkId| {
+            StoreError::NotFound(format!(
+                "chunk {id} referenced by the manifest is not stored"
+            ))
+        };
+        let touching = std::time::Instant::now();
         for id in m.stored_chunks() {
             if !b.touch(&key_of(&id))? {
-                return Err(StoreError::NotFound(format!(
-                    "chunk {id} referenced by the manifest is not stored"
-                )));
+                return Err(missing(&id));
             }
         }
         b.sync()?;
@@ -139,7 +143,22 @@ impl Store {
         let id = ManifestId::hash(&bytes);
         let key = manifest_key(&id);
         // Same id = same bytes: refreshing the existing object is enough (and keeps GC off it).
-        if !b.touch(&key)? {
+        let mut present = b.touch(&key)?;
+        // Without atomic conditional deletes a sweep that began before the touches may still
+        // delete what they refreshed: wait until its deletes are sent, then check (see
+        // `crate::gc`).
+        if !b.atomic_delete_if_older()
+            && (touching.elapsed() > crate::gc::MARKER_STALE / 2 || self.sweep_running()?)
+        {
+            std::thread::sleep(crate::gc::SETTLE);
+            for id in m.stored_chunks() {
+                if !b.exists(&key_of(&id))? {
+                    return Err(missing(&id));
+                }
+            }
+            present = present && b.exists(&key)?;
+        }
+        if !present {
             b.put(&key, &bytes)?;
             b.sync()?;
         }

@@ -60,6 +60,12 @@ pub trait Backend: Send + Sync {
     fn list<'a>(&'a self, prefix: &str) -> Result<ObjectIter<'a>>;
     /// Durability barrier: everything written (put) before the call is durable on return.
     fn sync(&self) -> Result<()>;
+    /// Whether [`Backend::delete_if_older`] is really atomic with respect to `touch`. `false`
+    /// for a backend that can only check then delete (S3 has no conditional delete): GC and
+    /// `put_manifest` then follow the sweep-marker protocol of [`crate::gc`].
+    fn atomic_delete_if_older(&self) -> bool {
+        true
+    }
 }
 
 macro_rules! forward_backend {
@@ -94,6 +100,9 @@ macro_rules! forward_backend {
             }
             fn sync(&self) -> Result<()> {
                 (**self).sync()
+            }
+            fn atomic_delete_if_older(&self) -> bool {
+                (**self).atomic_delete_if_older()
             }
         }
     };

@@ -313,8 +313,14 @@ impl Backend for S3Backend {
     fn delete_if_older(&self, key: &str, cutoff: SystemTime) -> Result<Option<u64>> {
         // S3 keeps modification times in whole seconds (truncated): an object counts as
         // modified at the end of its second, so a touch in the cutoff's second keeps it.
+        // Not atomic (HEAD, then DELETE): the DELETE is only sent within
+        // `gc::DELETE_WINDOW` of the HEAD, which `put_manifest` waits out (see `crate::gc`).
+        let started = std::time::Instant::now();
         match self.head(key)? {
-            Some(m) if m.modified + std::time::Duration::from_secs(1) < cutoff => {
+            Some(m)
+                if m.modified + std::time::Duration::from_secs(1) < cutoff
+                    && started.elapsed() < crate::gc::DELETE_WINDOW =>
+            {
                 let path = self.path(key)?;
                 let s = self.store.clone();
                 match self.run(async move { s.delete(&path).await })? {
@@ -359,5 +365,9 @@ impl Backend for S3Backend {
     fn sync(&self) -> Result<()> {
         // A successful PUT is durable in S3.
         Ok(())
+    }
+
+    fn atomic_delete_if_older(&self) -> bool {
+        false
     }
 }
