@@ -29,6 +29,7 @@ from huaweicloudsdkims.v2 import (
 
 import helpers
 from helpers import glance_show, unique, wait_job
+from sharing_helpers import insert_projects
 
 REGION = "local-1"
 MiB = 1 << 20
@@ -142,6 +143,13 @@ def test_whole_image_from_qcow2_system_and_vhd_data_disk(site, tmp_path):
         image_id=w["id"], body=ExportImageRequestBody(bucket_url=f"{bucket}:w/never.qcow2", file_format="qcow2")))
     refused("IMG.0130", t.ims.copy_image_in_region, CopyImageInRegionRequest(
         image_id=w["id"], body=CopyImageInRegionRequestBody(name=unique("copy"))))
+    # At most 10 members when shared (256 for its disks).
+    projects = insert_projects(t, 11)
+    r = t.raw.post("/v1/cloudimages/members", json_body={"images": [w["id"]], "projects": projects})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "IMG.0088", (r.status_code, r.text)
+    job = wait_job(t.ims, t.raw.post("/v1/cloudimages/members", json_body={
+        "images": [sys_img["id"]], "projects": projects}).json()["job_id"], timeout=60)
+    assert job.status == "SUCCESS", job
     # A member goes only with its whole image; the whole image takes its members along.
     r = t.raw.delete(f"/v2/images/{data_img['id']}")
     assert r.status_code >= 400 and "full-ECS" in r.text, (r.status_code, r.text)
