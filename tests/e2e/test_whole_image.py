@@ -189,7 +189,7 @@ def test_hostile_second_file_fails_the_job_and_nothing_becomes_active(site, tmp_
     job = wait_job(t.ims, whole(t, f"{bucket}:h/sys.qcow2",
                                 [{"name": dname, "image_url": f"{bucket}:h/hostile.qcow2", "min_disk": 1}],
                                 name=name), timeout=180)
-    assert job.status == "FAIL" and job.fail_reason and "backing_file" in job.fail_reason, job
+    assert job.status == "FAIL" and job.fail_reason and "backing_file" in job.fail_reason and "h/hostile.qcow2" in job.fail_reason, job
     listed = t.raw.get("/v2/cloudimages").json()["images"]
     mine = [i for i in listed if i["name"] in (name, name + "-system", dname)]
     assert len(mine) == 3 and all(i["status"] != "active" for i in mine), mine

@@ -1340,6 +1340,7 @@ impl Service {
                         CoreError::InvalidImageFile(m) => {
                             CoreError::InvalidImageFile(format!("{url}: {m}"))
                         }
+                        CoreError::UnsafeImage(m) => CoreError::UnsafeImage(format!("{url}: {m}")),
                         e => e,
                     })?;
                 let vsize = disk.virtual_size();
