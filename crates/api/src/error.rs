@@ -81,6 +81,7 @@ fn classify(e: &CoreError) -> (StatusCode, &'static str) {
         ImageProtected => (bad, "IMG.0028"),
         ImageNotActive(_) => (bad, "IMG.0046"),
         ImageBeingCreated => (bad, "IMG.0090"),
+        WholeImageMember(_) => (bad, "IMG.9023"),
         NotOwner => (bad, "IMG.0047"),
         BadTransition { .. } => (StatusCode::CONFLICT, "IMG.9006"),
         ReadOnlyAttribute(_) => (StatusCode::FORBIDDEN, "IMG.9007"),

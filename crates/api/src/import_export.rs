@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::routing::{post, put};
 use axum::{Json, Router};
 use openims_core::export::ExportRequest;
-use openims_core::import::{ImportKind, ImportRequest};
+use openims_core::import::{DataDiskFile, ImportKind, ImportRequest};
 use serde_json::{json, Value};
 
 pub fn routes() -> Router<AppState> {
@@ -20,6 +20,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v2.1/cloudimages/dataimages/action",
             post(create_data_image),
+        )
+        .route(
+            "/v1/cloudimages/wholeimages/action",
+            post(create_whole_image),
         )
         .route("/v2/cloudimages/quickimport/action", post(quick_import))
         .route("/v2.1/cloudimages/quickimport/action", post(quick_import))
@@ -161,10 +165,85 @@ async fn create_image(
     let mut req = import_request(&body)?;
     req.quick = opt_bool(&body, "is_quick_import")?;
     need_url(&req)?;
+    if let Some(data) = data_disk_files(&body)? {
+        let job = st.svc.import_disk_set(&c, req, data, false).await?;
+        return Ok(Json(json!({"job_id": job})));
+    }
     let job = st
         .svc
         .import_image(&c, ImportKind::System, None, req)
         .await?;
+    Ok(Json(json!({"job_id": job})))
+}
+
+/// `data_images[]` of files (`name`, `image_url`, `min_disk`, `description`, `tags`), or
+/// `None` when absent. An entry with `volume_id` needs a block-storage service.
+fn data_disk_files(body: &Value) -> ApiResult<Option<Vec<DataDiskFile>>> {
+    let list = match body.get("data_images") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(l)) => l,
+        Some(_) => return Err(bad("data_images must be a list")),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for d in list {
+        if !d.is_object() {
+            return Err(bad("every entry of data_images must be an object"));
+        }
+        if d.get("volume_id").is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::bad_request(
+                "IMG.9002",
+                "A data disk from volume_id needs a block-storage service, which this deployment does not provide; \
+                 give image_url (bucket:object) instead.",
+            ));
+        }
+        let image_url = opt_str(d, "image_url")?.unwrap_or_default();
+        if image_url.is_empty() {
+            return Err(ApiError::bad_request(
+                "IMG.0017",
+                "The URL format is incorrect: every entry of data_images needs image_url (bucket:object).",
+            ));
+        }
+        out.push(DataDiskFile {
+            name: opt_str(d, "name")?,
+            description: opt_str(d, "description")?,
+            image_url,
+            min_disk: opt_int(d, "min_disk")?,
+            tags: parse_tags(d)?,
+        });
+    }
+    Ok(Some(out))
+}
+
+/// `create_whole_image` from files (our extension, docs/import-export.md): `image_url` and
+/// `min_disk` of the system disk plus `data_images[]` of files. `instance_id` / `backup_id`
+/// need compute and backup services this deployment does not have.
+async fn create_whole_image(
+    State(st): State<AppState>,
+    Auth(c): Auth,
+    JsonBody(body): JsonBody,
+) -> ApiResult<Json<Value>> {
+    if body.get("image_url").is_none_or(Value::is_null) {
+        let source = ["instance_id", "backup_id"]
+            .into_iter()
+            .find(|k| body.get(*k).is_some_and(|v| !v.is_null()));
+        return Err(match source {
+            Some(k) => ApiError::bad_request(
+                "IMG.9002",
+                format!(
+                    "Creating a full-ECS image from {k} needs a compute or backup service, which this deployment does not provide; \
+                     import disk files with image_url and data_images instead."
+                ),
+            ),
+            None => ApiError::bad_request(
+                "IMG.0017",
+                "The URL format is incorrect: image_url (bucket:object) of the system disk is required.",
+            ),
+        });
+    }
+    let req = import_request(&body)?;
+    need_url(&req)?;
+    let data = data_disk_files(&body)?.unwrap_or_default();
+    let job = st.svc.import_disk_set(&c, req, data, true).await?;
     Ok(Json(json!({"job_id": job})))
 }
 

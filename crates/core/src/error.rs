@@ -36,6 +36,9 @@ pub enum CoreError {
     ImageNotActive(String),
     #[error("The image being created cannot be deleted.")]
     ImageBeingCreated,
+    /// A member disk of a whole image, deleted on its own (it goes with its whole image).
+    #[error("The image is a disk of the full-ECS image {0}; delete the full-ECS image, which deletes its disks with it.")]
+    WholeImageMember(String),
     #[error("This operation can be performed only by the image owner.")]
     NotOwner,
     #[error("Image status transition from {from} to {to} is not allowed")]

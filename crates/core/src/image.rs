@@ -159,6 +159,8 @@ pub const READ_ONLY: &[&str] = &[
     "__originalimagename",
     "__data_origin",
     "__whole_image",
+    "__whole_image_disks",
+    "__whole_image_id",
     "__os_type",
     "__os_bit",
     "__platform",

@@ -477,6 +477,9 @@ impl Service {
 
     /// Runs an import job (see the module docs); on failure the image becomes `killed`.
     pub(crate) async fn run_import(&self, job: &Job) -> Result<Option<Value>> {
+        if job.params.get("disks").is_some_and(Value::is_array) {
+            return self.run_import_set(job).await;
+        }
         let token = upload_token(job.id.as_str());
         let image_id = job
             .params
@@ -818,4 +821,692 @@ struct Ingest {
 /// The upload token an import job holds on its image.
 fn upload_token(job_id: &str) -> String {
     format!("import:{job_id}")
+}
+
+/// Most data-disk files one request imports with its system disk (spec A.1: at most 3 data
+/// disks per file import).
+pub const MAX_DATA_DISK_FILES: usize = 3;
+/// Property of a whole image: its member disk images, system disk first, comma-separated.
+pub const WHOLE_DISKS_PROP: &str = "__whole_image_disks";
+/// Property of a member disk image: the whole image it belongs to.
+pub const WHOLE_OF_PROP: &str = "__whole_image_id";
+
+/// One data-disk file of a multi-disk import (`data_images[]` with `image_url`).
+#[derive(Debug, Clone, Default)]
+pub struct DataDiskFile {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// `bucket:object`.
+    pub image_url: String,
+    pub min_disk: Option<i64>,
+    pub tags: Vec<(String, String)>,
+}
+
+/// A file checked at the request: where it is and what it was then.
+struct CheckedFile {
+    bucket: String,
+    key: String,
+    info: crate::buckets::ObjectInfo,
+}
+
+/// One disk of a multi-disk import job, as the job reads it back from its params.
+#[derive(Debug, Clone)]
+struct SetDisk {
+    image_id: String,
+    bucket: String,
+    key: String,
+    version: String,
+    etag: String,
+    size: u64,
+    min_disk: i64,
+}
+
+/// What the blocking part of a multi-disk import stored for one disk.
+struct SetIngest {
+    digest: ManifestId,
+    virtual_size: u64,
+    format: DiskFormat,
+}
+
+impl Service {
+    /// Checks one file of a multi-disk import at the request (bucket, object, size, not ISO).
+    async fn check_set_file(&self, caller: &Caller, url: &str) -> Result<CheckedFile> {
+        if url.is_empty() {
+            return Err(CoreError::BadFileUrl(
+                "image_url (bucket:object) is required for every disk".into(),
+            ));
+        }
+        let (bucket, key) = parse_file_url(url)?;
+        crate::buckets::validate_bucket_name(&bucket)?;
+        let reader = self
+            .buckets()
+            .open_object_reader(&caller.project_id, &bucket, &key)
+            .await?;
+        if reader.is_empty() {
+            return Err(CoreError::InvalidImageFile(format!(
+                "the image file {bucket}:{key} is empty"
+            )));
+        }
+        if reader.len() > MAX_IMPORT_FILE {
+            return Err(CoreError::ImageTooLarge(MAX_IMPORT_FILE));
+        }
+        if looks_like_iso(&reader) {
+            return Err(CoreError::InvalidImageFile(format!(
+                "{bucket}:{key} is an ISO file; a multi-disk import takes disk image files only"
+            )));
+        }
+        Ok(CheckedFile {
+            bucket,
+            key,
+            info: reader.info().clone(),
+        })
+    }
+
+    /// Imports a system disk and up to [`MAX_DATA_DISK_FILES`] data disks from bucket objects
+    /// in ONE job: `create_image` with `image_url` and `data_images[]` of files (`whole` false:
+    /// independent system and data images) or `create_whole_image` from files (`whole` true:
+    /// additionally a full-ECS image, origin `whole`, that records its member disks).
+    ///
+    /// Every file is inspected before any is read through; if one is hostile, missing,
+    /// changed or larger than its `min_disk`, the job fails and no image of the set becomes
+    /// `active`; on success all become `active` in one transaction.
+    pub async fn import_disk_set(
+        &self,
+        caller: &Caller,
+        req: ImportRequest,
+        data: Vec<DataDiskFile>,
+        whole: bool,
+    ) -> Result<crate::ids::JobId> {
+        // ---- the request's own fields ----
+        let name = match &req.name {
+            Some(n) => {
+                validate_ims_name(n)?;
+                n.clone()
+            }
+            None => return Err(CoreError::NameMissing),
+        };
+        if let Some(d) = &req.description {
+            validate_description(d)?;
+        }
+        for (k, v) in &req.tags {
+            validate_tag(k, v)?;
+        }
+        if req.tags.len() > self.config.tag_quota {
+            return Err(CoreError::TagQuotaExceeded(self.config.tag_quota));
+        }
+        if req.quick {
+            return Err(CoreError::InvalidRequest(
+                "a multi-disk import cannot be a quick import; import the disks one by one with import_image_quick".into(),
+            ));
+        }
+        if req.cmk_id.as_deref().is_some_and(|k| !k.trim().is_empty()) {
+            return Err(CoreError::InvalidRequest(
+                "cmk_id is not supported for a multi-disk import; import the disks one by one to encrypt them".into(),
+            ));
+        }
+        match req.image_type.as_deref() {
+            None | Some("ECS") | Some("FusionCompute") => {}
+            Some(other) => {
+                return Err(CoreError::InvalidRequest(format!(
+                    "type {other:?}: a multi-disk import makes ECS images only"
+                )))
+            }
+        }
+        if let Some(f) = &req.hw_firmware_type {
+            if !matches!(f.as_str(), "bios" | "uefi") {
+                return Err(CoreError::InvalidFirmware);
+            }
+        }
+        if let Some(a) = &req.architecture {
+            if !matches!(a.to_ascii_lowercase().as_str(), "x86" | "arm") {
+                return Err(CoreError::InvalidArchitecture);
+            }
+        }
+        if let Some(v) = &req.os_version {
+            if crate::image::find_os_version(v).is_none() {
+                return Err(CoreError::InvalidOsVersion(v.clone()));
+            }
+        }
+        for (n, v) in [("min_ram", req.min_ram), ("max_ram", req.max_ram)] {
+            if v.is_some_and(|v| v < 0) {
+                return Err(CoreError::InvalidDiskOrMemory(format!(
+                    "{n} must be a non-negative integer"
+                )));
+            }
+        }
+        let sys_min = match req.min_disk {
+            None => {
+                return Err(CoreError::InvalidDiskOrMemory(
+                    "min_disk is required when importing an image file".into(),
+                ))
+            }
+            Some(m) if !(1..=1024).contains(&m) => {
+                return Err(CoreError::InvalidDiskOrMemory(format!(
+                    "min_disk {m} GB is outside 1-1024"
+                )))
+            }
+            Some(m) => m,
+        };
+        if data.len() > MAX_DATA_DISK_FILES {
+            return Err(CoreError::InvalidRequest(format!(
+                "data_images has {} entries; at most {MAX_DATA_DISK_FILES} data disks are imported with a system disk",
+                data.len()
+            )));
+        }
+        if !whole && data.is_empty() {
+            return Err(CoreError::InvalidRequest(
+                "data_images is empty; give at least one data disk file or leave it out".into(),
+            ));
+        }
+        for d in &data {
+            match &d.name {
+                Some(n) => validate_ims_name(n)?,
+                None => {
+                    return Err(CoreError::InvalidRequest(
+                        "every entry of data_images needs a name".into(),
+                    ))
+                }
+            }
+            if let Some(s) = &d.description {
+                validate_description(s)?;
+            }
+            for (k, v) in &d.tags {
+                validate_tag(k, v)?;
+            }
+            match d.min_disk {
+                None => {
+                    return Err(CoreError::InvalidDiskOrMemory(
+                        "min_disk is required for every data disk file".into(),
+                    ))
+                }
+                Some(m) if !(1..=2048).contains(&m) => {
+                    return Err(CoreError::InvalidDiskOrMemory(format!(
+                        "min_disk {m} GB of data disk is outside 1-2048"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+
+        // ---- the objects ----
+        let sys_file = self.check_set_file(caller, &req.image_url).await?;
+        let mut data_files = Vec::with_capacity(data.len());
+        for d in &data {
+            data_files.push(self.check_set_file(caller, &d.image_url).await?);
+        }
+
+        // ---- concurrency ----
+        let mut open = 0;
+        for t in [
+            JobType::ImportImage,
+            JobType::ImportDataImage,
+            JobType::NativeImport,
+        ] {
+            open += self.db.count_open_jobs(&caller.project_id, t).await?;
+        }
+        if open >= MAX_CONCURRENT_IMPORTS {
+            return Err(CoreError::TooManyImports(MAX_CONCURRENT_IMPORTS));
+        }
+
+        // ---- the image rows ----
+        let origin_props = |img: &mut Image, f: &CheckedFile| {
+            let props = &mut img.properties;
+            props.insert("__root_origin".into(), json!("file"));
+            props.insert(
+                "__data_origin".into(),
+                json!(format!("file,{}:{}", f.bucket, f.key)),
+            );
+            if let Some(e) = &req.enterprise_project_id {
+                props.insert("enterprise_project_id".into(), json!(e));
+            }
+            img.container_format = Some("bare".into());
+            img.disk_format = Some("raw".into());
+            img.min_ram = req.min_ram.unwrap_or(0);
+            img.status = ImageStatus::Saving;
+        };
+        let ecs_props = |img: &mut Image| -> Result<()> {
+            if let Some(v) = &req.os_version {
+                img.set_os_version(v)?;
+            }
+            let props = &mut img.properties;
+            props.insert("virtual_env_type".into(), json!("FusionCompute"));
+            if let Some(m) = req.max_ram {
+                props.insert("max_ram".into(), json!(m.to_string()));
+            }
+            if let Some(f) = &req.hw_firmware_type {
+                props.insert("hw_firmware_type".into(), json!(f));
+            }
+            if let Some(a) = &req.architecture {
+                let a = a.to_ascii_lowercase();
+                if a == "arm" {
+                    props.insert("hw_firmware_type".into(), json!("uefi"));
+                    props.insert("__support_arm".into(), json!("true"));
+                }
+                props.insert("architecture".into(), json!(a));
+            }
+            props.insert("__is_config_init".into(), json!(req.is_config.to_string()));
+            Ok(())
+        };
+        // The system disk: named like the request (a whole image's system disk gets `-system`).
+        let sys_name = if whole {
+            let base: String = name.chars().take(121).collect();
+            format!("{base}-system")
+        } else {
+            name.clone()
+        };
+        let mut sys = Image::new(
+            caller.project_id.clone(),
+            Some(sys_name),
+            crate::image::Origin::File,
+        );
+        origin_props(&mut sys, &sys_file);
+        ecs_props(&mut sys)?;
+        sys.min_disk = sys_min;
+        if !whole {
+            if let Some(d) = &req.description {
+                sys.properties.insert("__description".into(), json!(d));
+            }
+            sys.tags = req.tags.clone();
+        }
+        let mut disks = vec![sys];
+        for (d, f) in data.iter().zip(&data_files) {
+            let mut img = Image::new(
+                caller.project_id.clone(),
+                d.name.clone(),
+                crate::image::Origin::File,
+            );
+            origin_props(&mut img, f);
+            img.min_disk = d.min_disk.unwrap_or(1);
+            img.properties
+                .insert("virtual_env_type".into(), json!("DataImage"));
+            img.properties.insert("__os_type".into(), json!("Linux"));
+            if let Some(s) = &d.description {
+                img.properties.insert("__description".into(), json!(s));
+            }
+            img.tags = d.tags.clone();
+            disks.push(img);
+        }
+        let whole_img = if whole {
+            let mut w = Image::new(
+                caller.project_id.clone(),
+                Some(name.clone()),
+                crate::image::Origin::Whole,
+            );
+            origin_props(&mut w, &sys_file);
+            ecs_props(&mut w)?;
+            w.min_disk = sys_min;
+            let ids: Vec<String> = disks.iter().map(|d| d.id.to_string()).collect();
+            w.properties.insert("__whole_image".into(), json!("true"));
+            w.properties
+                .insert(WHOLE_DISKS_PROP.into(), json!(ids.join(",")));
+            if let Some(d) = &req.description {
+                w.properties.insert("__description".into(), json!(d));
+            }
+            w.tags = req.tags.clone();
+            for d in &mut disks {
+                d.properties
+                    .insert(WHOLE_OF_PROP.into(), json!(w.id.to_string()));
+            }
+            Some(w)
+        } else {
+            None
+        };
+        let files: Vec<&CheckedFile> = std::iter::once(&sys_file).chain(&data_files).collect();
+        let disk_params: Vec<Value> = disks
+            .iter()
+            .zip(&files)
+            .map(|(img, f)| {
+                json!({
+                    "image_id": img.id.to_string(),
+                    "bucket": f.bucket,
+                    "key": f.key,
+                    "version": f.info.version,
+                    "etag": f.info.etag,
+                    "size": f.info.size,
+                    "min_disk": img.min_disk,
+                })
+            })
+            .collect();
+        let head = whole_img.as_ref().unwrap_or(&disks[0]);
+        let params = json!({
+            "image_id": head.id.to_string(),
+            "whole_image_id": whole_img.as_ref().map(|w| w.id.to_string()),
+            "disks": disk_params,
+        });
+
+        // ---- the rows and the job, atomically ----
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
+        let job_id = insert_job(
+            &mut tx,
+            NewJob {
+                project_id: &caller.project_id,
+                job_type: JobType::ImportImage,
+                params,
+                image_id: Some(head.id.to_string()),
+                image_name: head.name.clone(),
+            },
+        )
+        .await?;
+        let token = upload_token(job_id.as_str());
+        for img in disks.iter().chain(whole_img.iter()) {
+            crate::image::insert_image_row(&mut tx, img).await?;
+            sqlx::query("UPDATE images SET upload_token = $1 WHERE id = $2")
+                .bind(&token)
+                .bind(img.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            for (k, v) in &img.tags {
+                sqlx::query(
+                    "INSERT INTO image_tags (image_id, tag_key, tag_value, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(img.id.to_string())
+                .bind(k)
+                .bind(v)
+                .bind(crate::time::now_ms())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
+            .bind(caller.project_id.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        if n as u64 > self.config.image_quota {
+            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+        }
+        tx.commit().await?;
+        self.job_ready.notify_one();
+        Ok(job_id)
+    }
+
+    /// Runs a multi-disk import job; on failure every image of the set becomes `killed`.
+    async fn run_import_set(&self, job: &Job) -> Result<Option<Value>> {
+        let token = upload_token(job.id.as_str());
+        let p = &job.params;
+        let mut disks = Vec::new();
+        for d in p
+            .get("disks")
+            .and_then(Value::as_array)
+            .ok_or_else(|| CoreError::Internal("import job without disks".into()))?
+        {
+            let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            disks.push(SetDisk {
+                image_id: s("image_id"),
+                bucket: s("bucket"),
+                key: s("key"),
+                version: s("version"),
+                etag: s("etag"),
+                size: d.get("size").and_then(Value::as_u64).unwrap_or(0),
+                min_disk: d.get("min_disk").and_then(Value::as_i64).unwrap_or(0),
+            });
+        }
+        let whole_id = p
+            .get("whole_image_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let mut ids: Vec<String> = disks.iter().map(|d| d.image_id.clone()).collect();
+        ids.extend(whole_id.clone());
+        let mut saving = 0;
+        for id in &ids {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM images WHERE id = $1 AND owner = $2 AND status = 'saving' AND upload_token = $3",
+            )
+            .bind(id)
+            .bind(job.project_id.as_str())
+            .bind(&token)
+            .fetch_one(&self.db.pool)
+            .await?;
+            saving += n;
+        }
+        if saving as usize != ids.len() {
+            // A resumed job whose images are already active is done.
+            if let Some(iid) = ids.last().and_then(|i| crate::ids::ImageId::parse(i)) {
+                if let Some(img) = self.db.get_image(&iid).await? {
+                    if img.status == ImageStatus::Active && saving == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
+            let outcome = Err(CoreError::UploadInterrupted(
+                "an image of the set was deleted or changed before its data was imported".into(),
+            ));
+            self.kill_set(&token).await;
+            return outcome;
+        }
+        let outcome = self
+            .import_set_data(job, &disks, whole_id.as_deref(), &token)
+            .await;
+        if outcome.is_err() {
+            self.kill_set(&token).await;
+        }
+        outcome
+    }
+
+    /// Marks every image a multi-disk job still holds `killed`.
+    async fn kill_set(&self, token: &str) {
+        let _ = sqlx::query(
+            "UPDATE images SET status = 'killed', upload_token = NULL, updated_at = $1 \
+             WHERE status = 'saving' AND upload_token = $2",
+        )
+        .bind(crate::time::now_ms())
+        .bind(token)
+        .execute(&self.db.pool)
+        .await;
+    }
+
+    async fn import_set_data(
+        &self,
+        job: &Job,
+        disks: &[SetDisk],
+        whole_id: Option<&str>,
+        token: &str,
+    ) -> Result<Option<Value>> {
+        let objects = self.buckets();
+        let mut readers = Vec::with_capacity(disks.len());
+        for d in disks {
+            let r = objects
+                .open_object_reader(&job.project_id, &d.bucket, &d.key)
+                .await?;
+            if r.info().version != d.version || r.info().etag != d.etag {
+                return Err(CoreError::ObjectChanged(format!(
+                    "{}:{} was replaced after the import was requested",
+                    d.bucket, d.key
+                )));
+            }
+            readers.push(Arc::new(r));
+        }
+
+        // ---- blocking: inspect and check EVERY file, then ingest each ----
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(8);
+        let abort = Arc::new(AtomicBool::new(false));
+        let store = self.data.store.clone();
+        let max_virtual = self.config.max_virtual_size;
+        let abort_w = abort.clone();
+        let meta: Vec<(String, i64)> = disks
+            .iter()
+            .map(|d| (format!("{}:{}", d.bucket, d.key), d.min_disk))
+            .collect();
+        let task = tokio::task::spawn_blocking(move || -> Result<Vec<SetIngest>> {
+            let _ = tx.try_send(Update {
+                task: "inspecting",
+                done: 0,
+                total: 0,
+            });
+            let mut opened = Vec::with_capacity(readers.len());
+            for (r, (url, min_disk)) in readers.into_iter().zip(&meta) {
+                let src: Arc<dyn ReadAt> = r;
+                let (disk, detected) =
+                    open_checked(src, None, max_virtual).map_err(|e| match e {
+                        CoreError::InvalidImageFile(m) => {
+                            CoreError::InvalidImageFile(format!("{url}: {m}"))
+                        }
+                        CoreError::UnsafeImage(m) => CoreError::UnsafeImage(format!("{url}: {m}")),
+                        e => e,
+                    })?;
+                let vsize = disk.virtual_size();
+                if vsize > (*min_disk as u64) << 30 {
+                    return Err(CoreError::InvalidDiskOrMemory(format!(
+                        "{url}: min_disk {min_disk} GB is smaller than the disk in the file ({vsize} bytes = {:.2} GiB)",
+                        vsize as f64 / (1u64 << 30) as f64
+                    )));
+                }
+                opened.push((disk, detected));
+            }
+            let total: u64 = opened.iter().map(|(d, _)| d.virtual_size()).sum();
+            let mut before = 0u64;
+            let mut out = Vec::with_capacity(opened.len());
+            for (mut disk, format) in opened {
+                let vsize = disk.virtual_size();
+                let report = store.ingest(disk.as_mut(), &mut |pr| {
+                    let _ = tx.try_send(Update {
+                        task: "importing",
+                        done: before + pr.bytes_done,
+                        total,
+                    });
+                })?;
+                if abort_w.load(Ordering::Relaxed) {
+                    return Err(CoreError::Internal("the job's lease was lost".into()));
+                }
+                before += vsize;
+                out.push(SetIngest {
+                    digest: report.manifest_id,
+                    virtual_size: vsize,
+                    format,
+                });
+            }
+            Ok(out)
+        });
+        let mut last: Option<Instant> = None;
+        while let Some(u) = rx.recv().await {
+            if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
+                continue;
+            }
+            last = Some(Instant::now());
+            let percent = if u.total == 0 {
+                0.0
+            } else {
+                (u.done as f64 * 100.0 / u.total as f64).min(99.0)
+            };
+            let alive = self
+                .db
+                .heartbeat(
+                    &job.id,
+                    &self.node_id,
+                    self.config.job_lease_ms,
+                    &Progress {
+                        current_task: u.task.into(),
+                        percent: (percent * 10.0).floor() / 10.0,
+                        bytes_done: u.done as i64,
+                        bytes_total: u.total as i64,
+                        checkpoint: None,
+                    },
+                )
+                .await?;
+            if !alive {
+                abort.store(true, Ordering::Relaxed);
+            }
+        }
+        let ings = task
+            .await
+            .map_err(|e| CoreError::Internal(format!("import task failed: {e}")))??;
+        if abort.load(Ordering::Relaxed) {
+            return Err(CoreError::Internal("the job's lease was lost".into()));
+        }
+
+        // ---- every object must still be what was read ----
+        for d in disks {
+            match objects
+                .head_object(&job.project_id, &d.bucket, &d.key)
+                .await
+            {
+                Ok(i) if i.version == d.version && i.etag == d.etag => {}
+                Ok(_) | Err(CoreError::NoSuchKey(_)) => {
+                    return Err(CoreError::ObjectChanged(format!(
+                        "{}:{} was replaced or deleted during the import",
+                        d.bucket, d.key
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+
+        // ---- activate the whole set in one transaction ----
+        let mut rows = Vec::with_capacity(disks.len() + 1);
+        for (d, ing) in disks.iter().zip(&ings) {
+            let iid = crate::ids::ImageId::parse(&d.image_id)
+                .ok_or_else(|| CoreError::Internal("bad image id".into()))?;
+            let mut img = self
+                .db
+                .get_image(&iid)
+                .await?
+                .ok_or_else(|| CoreError::ImageNotFound(d.image_id.clone()))?;
+            img.size = Some(d.size as i64);
+            img.virtual_size = Some(ing.virtual_size as i64);
+            img.checksum = (!d.etag.contains('-') && d.etag.len() == 32).then(|| d.etag.clone());
+            img.disk_manifest = Some(ing.digest.to_string());
+            let props = &mut img.properties;
+            props.insert("__image_size".into(), json!(d.size.to_string()));
+            props.insert("__source_format".into(), json!(ing.format.as_str()));
+            props.insert(
+                "__disk_digest".into(),
+                json!(format!("blake3-manifest:{}", ing.digest)),
+            );
+            rows.push(img);
+        }
+        if let Some(w) = whole_id {
+            let iid = crate::ids::ImageId::parse(w)
+                .ok_or_else(|| CoreError::Internal("bad image id".into()))?;
+            let mut img = self
+                .db
+                .get_image(&iid)
+                .await?
+                .ok_or_else(|| CoreError::ImageNotFound(w.to_string()))?;
+            // The whole image serves its system disk's data (the same stored manifest).
+            let sys = &rows[0];
+            img.size = Some(disks.iter().map(|d| d.size as i64).sum());
+            img.virtual_size = sys.virtual_size;
+            img.checksum = None;
+            img.disk_manifest = sys.disk_manifest.clone();
+            img.properties.insert(
+                "__disk_digest".into(),
+                sys.properties
+                    .get("__disk_digest")
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            );
+            rows.push(img);
+        }
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
+        let now = crate::time::now_ms();
+        for img in &rows {
+            let r = sqlx::query(
+                "UPDATE images SET status = 'active', size = $1, virtual_size = $2, checksum = $3, \
+                 disk_manifest = $4, file_manifest = NULL, properties = $5, updated_at = $6, \
+                 active_at = $6, upload_token = NULL \
+                 WHERE id = $7 AND status = 'saving' AND upload_token = $8",
+            )
+            .bind(img.size)
+            .bind(img.virtual_size)
+            .bind(&img.checksum)
+            .bind(&img.disk_manifest)
+            .bind(Value::Object(img.properties.clone()).to_string())
+            .bind(now)
+            .bind(img.id.to_string())
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() != 1 {
+                return Err(CoreError::UploadInterrupted(
+                    "an image of the set was deleted or changed during the import".into(),
+                ));
+            }
+        }
+        tx.commit().await?;
+        tracing::info!(
+            images = rows.len(),
+            whole = whole_id.is_some(),
+            "disk set imported"
+        );
+        Ok(None)
+    }
 }

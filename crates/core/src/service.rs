@@ -640,8 +640,47 @@ impl Service {
         if img.status == ImageStatus::Saving {
             return Err(CoreError::ImageBeingCreated);
         }
+        // A disk of a whole image goes only with its whole image (docs/import-export.md).
+        if let Some(w) = img
+            .prop(crate::import::WHOLE_OF_PROP)
+            .and_then(crate::ids::ImageId::parse)
+        {
+            if self.db.get_image(&w).await?.is_some() {
+                return Err(CoreError::WholeImageMember(w.to_string()));
+            }
+        }
+        // A whole image takes its member disks with it; each must be deletable too.
+        let mut members = Vec::new();
+        if img.is_whole() {
+            for m in img
+                .prop(crate::import::WHOLE_DISKS_PROP)
+                .unwrap_or("")
+                .split(',')
+                .filter_map(crate::ids::ImageId::parse)
+            {
+                let Some(disk) = self.db.get_image(&m).await? else {
+                    continue;
+                };
+                if disk.owner != img.owner {
+                    continue;
+                }
+                if self.db.domain_member_count(&disk.id).await? > 0 {
+                    return Err(CoreError::SharedWithDomain);
+                }
+                if disk.protected {
+                    return Err(CoreError::ImageProtected);
+                }
+                if disk.status == ImageStatus::Saving {
+                    return Err(CoreError::ImageBeingCreated);
+                }
+                members.push(disk.id);
+            }
+        }
         if !self.db.delete_image_row(&img.id).await? {
             return Err(CoreError::ImageNotFound(id.to_string()));
+        }
+        for m in members {
+            self.db.delete_image_row(&m).await?;
         }
         Ok(())
     }
