@@ -667,36 +667,7 @@ impl Service {
                 format: detected,
             })
         });
-        let mut last: Option<Instant> = None;
-        while let Some(u) = rx.recv().await {
-            if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
-                continue;
-            }
-            last = Some(Instant::now());
-            let percent = if u.total == 0 {
-                0.0
-            } else {
-                (u.done as f64 * 100.0 / u.total as f64).min(99.0)
-            };
-            let alive = self
-                .db
-                .heartbeat(
-                    &job.id,
-                    &self.node_id,
-                    self.config.job_lease_ms,
-                    &Progress {
-                        current_task: u.task.into(),
-                        percent: (percent * 10.0).floor() / 10.0,
-                        bytes_done: u.done as i64,
-                        bytes_total: u.total as i64,
-                        checkpoint: None,
-                    },
-                )
-                .await?;
-            if !alive {
-                abort.store(true, Ordering::Relaxed);
-            }
-        }
+        self.pump_progress(job, &mut rx, &abort).await?;
         let ing = task
             .await
             .map_err(|e| CoreError::Internal(format!("import task failed: {e}")))??;
@@ -1376,36 +1347,7 @@ impl Service {
             }
             Ok(out)
         });
-        let mut last: Option<Instant> = None;
-        while let Some(u) = rx.recv().await {
-            if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
-                continue;
-            }
-            last = Some(Instant::now());
-            let percent = if u.total == 0 {
-                0.0
-            } else {
-                (u.done as f64 * 100.0 / u.total as f64).min(99.0)
-            };
-            let alive = self
-                .db
-                .heartbeat(
-                    &job.id,
-                    &self.node_id,
-                    self.config.job_lease_ms,
-                    &Progress {
-                        current_task: u.task.into(),
-                        percent: (percent * 10.0).floor() / 10.0,
-                        bytes_done: u.done as i64,
-                        bytes_total: u.total as i64,
-                        checkpoint: None,
-                    },
-                )
-                .await?;
-            if !alive {
-                abort.store(true, Ordering::Relaxed);
-            }
-        }
+        self.pump_progress(job, &mut rx, &abort).await?;
         let ings = task
             .await
             .map_err(|e| CoreError::Internal(format!("import task failed: {e}")))??;
@@ -1508,5 +1450,49 @@ impl Service {
             "disk set imported"
         );
         Ok(None)
+    }
+}
+
+impl Service {
+    /// Relays an import task's progress to the job row (at most every [`HEARTBEAT_EVERY`]),
+    /// which also renews the job's lease; when the lease is lost, sets `abort` so the task
+    /// stops at its next check. Returns when the task drops its sender.
+    async fn pump_progress(
+        &self,
+        job: &Job,
+        rx: &mut tokio::sync::mpsc::Receiver<Update>,
+        abort: &AtomicBool,
+    ) -> Result<()> {
+        let mut last: Option<Instant> = None;
+        while let Some(u) = rx.recv().await {
+            if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
+                continue;
+            }
+            last = Some(Instant::now());
+            let percent = if u.total == 0 {
+                0.0
+            } else {
+                (u.done as f64 * 100.0 / u.total as f64).min(99.0)
+            };
+            let alive = self
+                .db
+                .heartbeat(
+                    &job.id,
+                    &self.node_id,
+                    self.config.job_lease_ms,
+                    &Progress {
+                        current_task: u.task.into(),
+                        percent: (percent * 10.0).floor() / 10.0,
+                        bytes_done: u.done as i64,
+                        bytes_total: u.total as i64,
+                        checkpoint: None,
+                    },
+                )
+                .await?;
+            if !alive {
+                abort.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 }
