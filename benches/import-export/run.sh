@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/oims-bench-import-export}
 PROFILE=${PROFILE:-dev}          # dev = deps, store and format at opt-level 2 (see Cargo.toml)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/openims-target}
 PY=${PY:-$HOME/.cache/openims-venv/bin/python}
 rm -rf "$WORK" && mkdir -p "$WORK"
 if [ "$PROFILE" = release ]; then
