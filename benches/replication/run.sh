@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/oims-bench-replication}
 PROFILE=${PROFILE:-dev}          # dev = deps and the store at opt-level 2 (see Cargo.toml)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/openims-target}
 rm -rf "$WORK" && mkdir -p "$WORK"
 
 if [ "$PROFILE" = release ]; then
