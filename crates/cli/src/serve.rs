@@ -32,6 +32,9 @@ fn init_tracing(format: &str) {
 }
 
 async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Result<()> {
+    // Signal handlers first: from the moment the port accepts connections, SIGTERM means a
+    // graceful stop.
+    let shutdown = shutdown_signal()?;
     let api_addr = listen.api.clone();
     let listener = tokio::net::TcpListener::bind(&api_addr)
         .await
@@ -124,7 +127,7 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Resu
         }
     };
     let signal = async {
-        shutdown_signal().await;
+        shutdown.await;
         let _ = shut_tx.send(true);
         Ok::<(), std::io::Error>(())
     };
@@ -139,20 +142,17 @@ async fn serve(cfg: openims_core::ServiceConfig, listen: Listen) -> anyhow::Resu
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGINT and SIGTERM handlers, registered when this is called (before the listener answers
+/// anything, so a signal sent as soon as `/healthz` says ready is never lost to the default
+/// action); the future completes on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
+    })
 }
