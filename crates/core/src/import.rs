@@ -365,20 +365,12 @@ impl Service {
                 if let Some(d) = &req.description {
                     props.insert("__description".into(), json!(d));
                 }
-                if let Some(m) = req.max_ram {
-                    props.insert("max_ram".into(), json!(m.to_string()));
-                }
-                if let Some(f) = &req.hw_firmware_type {
-                    props.insert("hw_firmware_type".into(), json!(f));
-                }
-                if let Some(a) = &req.architecture {
-                    let a = a.to_ascii_lowercase();
-                    if a == "arm" {
-                        props.insert("hw_firmware_type".into(), json!("uefi"));
-                        props.insert("__support_arm".into(), json!("true"));
-                    }
-                    props.insert("architecture".into(), json!(a));
-                }
+                hardware_properties(
+                    props,
+                    req.max_ram,
+                    req.hw_firmware_type.as_deref(),
+                    req.architecture.as_deref(),
+                );
                 if let Some(l) = &req.license_type {
                     props.insert("__license_type".into(), json!(l));
                 }
@@ -1041,20 +1033,12 @@ impl Service {
             }
             let props = &mut img.properties;
             props.insert("virtual_env_type".into(), json!("FusionCompute"));
-            if let Some(m) = req.max_ram {
-                props.insert("max_ram".into(), json!(m.to_string()));
-            }
-            if let Some(f) = &req.hw_firmware_type {
-                props.insert("hw_firmware_type".into(), json!(f));
-            }
-            if let Some(a) = &req.architecture {
-                let a = a.to_ascii_lowercase();
-                if a == "arm" {
-                    props.insert("hw_firmware_type".into(), json!("uefi"));
-                    props.insert("__support_arm".into(), json!("true"));
-                }
-                props.insert("architecture".into(), json!(a));
-            }
+            hardware_properties(
+                props,
+                req.max_ram,
+                req.hw_firmware_type.as_deref(),
+                req.architecture.as_deref(),
+            );
             props.insert("__is_config_init".into(), json!(req.is_config.to_string()));
             Ok(())
         };
@@ -1494,5 +1478,29 @@ impl Service {
             }
         }
         Ok(())
+    }
+}
+
+/// The hardware attributes a system-disk import records: `max_ram`, `hw_firmware_type`, and
+/// `architecture` (lower-cased; `arm` also means UEFI firmware and `__support_arm`).
+fn hardware_properties(
+    props: &mut serde_json::Map<String, Value>,
+    max_ram: Option<i64>,
+    hw_firmware_type: Option<&str>,
+    architecture: Option<&str>,
+) {
+    if let Some(m) = max_ram {
+        props.insert("max_ram".into(), json!(m.to_string()));
+    }
+    if let Some(f) = hw_firmware_type {
+        props.insert("hw_firmware_type".into(), json!(f));
+    }
+    if let Some(a) = architecture {
+        let a = a.to_ascii_lowercase();
+        if a == "arm" {
+            props.insert("hw_firmware_type".into(), json!("uefi"));
+            props.insert("__support_arm".into(), json!("true"));
+        }
+        props.insert("architecture".into(), json!(a));
     }
 }
