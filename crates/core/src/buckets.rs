@@ -440,12 +440,15 @@ pub struct StoredPart {
     /// Manifest id (hex).
     pub manifest: String,
     pub size: u64,
-    /// MD5 of the bytes.
+    /// The part's 128-bit tag: the MD5 of the bytes for parts clients upload (S3 clients
+    /// compare it with their own), or, for parts the service writes itself (exports), the
+    /// first half of the part's manifest id (a BLAKE3 content hash; see
+    /// [`crate::objects::PartTag`]).
     pub md5: [u8; 16],
 }
 
 impl StoredPart {
-    /// Hex MD5 (the part's ETag).
+    /// Hex tag (the part's ETag).
     pub fn md5_hex(&self) -> String {
         hex::encode(self.md5)
     }

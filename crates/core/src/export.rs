@@ -18,7 +18,7 @@ use crate::identity::Caller;
 use crate::image::ImageStatus;
 use crate::import::{parse_file_url, BITMAP_SUFFIX};
 use crate::jobs::{insert_job, Job, JobType, NewJob, Progress};
-use crate::objects::PartWriter;
+use crate::objects::{PartTag, PartWriter};
 use crate::Service;
 use openims_format::write::{write_image, OutputFormat, WriteOptions};
 use openims_format::ImageSink;
@@ -417,9 +417,9 @@ impl UploadSink {
     fn append_body(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
             let store = Arc::clone(self.objects.store());
-            let w = self
-                .body
-                .get_or_insert_with(|| PartWriter::new(store, EXPORT_PART_SIZE));
+            let w = self.body.get_or_insert_with(|| {
+                PartWriter::tagged(store, EXPORT_PART_SIZE, PartTag::ContentId)
+            });
             let room = (EXPORT_PART_SIZE - w.size()) as usize;
             let n = room.min(data.len());
             w.append(&data[..n])?;
@@ -434,7 +434,11 @@ impl UploadSink {
     /// Stores the last body part and the header part.
     fn close(&mut self) -> Result<()> {
         self.close_body_part()?;
-        let mut w = PartWriter::new(Arc::clone(self.objects.store()), HEADER_WINDOW);
+        let mut w = PartWriter::tagged(
+            Arc::clone(self.objects.store()),
+            HEADER_WINDOW,
+            PartTag::ContentId,
+        );
         w.append(&self.head)?;
         let part = w.finish()?;
         self.record(1, part)?;

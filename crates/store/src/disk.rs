@@ -8,8 +8,31 @@ use crate::manifest::Manifest;
 use crate::store::Store;
 use openims_format::io::{Extent, ExtentKind};
 use openims_format::{FormatError, VirtualDisk};
+use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+
+/// Stored chunks a sequential reader has fetched and verified ahead of the one it reads.
+const READ_AHEAD_CHUNKS: usize = 2;
+
+/// The read-ahead of a [`ManifestDisk`]: one thread, started at the first sequential read,
+/// that fetches and verifies the next stored chunks (I/O, BLAKE3 or AES-GCM) while the
+/// reader's thread consumes the current one. Results come back in request order.
+struct ReadAhead {
+    requests: Sender<usize>,
+    results: Receiver<(usize, Result<Vec<u8>>)>,
+    /// Requested chunk indexes whose results have not been taken yet, in order.
+    pending: VecDeque<usize>,
+}
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
 
 /// A stored image as a [`VirtualDisk`]. Every chunk read is verified against its id; the last
 /// chunk read is cached so sequential reads of any size fetch each chunk once.
@@ -24,6 +47,7 @@ pub struct ManifestDisk {
     manifest: Arc<Manifest>,
     dek: Option<Dek>,
     cache: Option<(usize, Vec<u8>)>,
+    ahead: Option<ReadAhead>,
 }
 
 impl ManifestDisk {
@@ -47,6 +71,7 @@ impl ManifestDisk {
             manifest,
             dek,
             cache: None,
+            ahead: None,
         }
     }
 
@@ -60,28 +85,138 @@ impl ManifestDisk {
         &self.manifest
     }
 
-    /// Loads chunk `index` into the cache (verified, length-checked).
+    /// Fetches and verifies chunk `index` (length-checked).
+    fn fetch(
+        store: &Store,
+        id: &ManifestId,
+        manifest: &Manifest,
+        dek: Option<&Dek>,
+        index: usize,
+    ) -> Result<Vec<u8>> {
+        let chunk = manifest.chunks()[index]
+            .ok_or_else(|| StoreError::Invalid(format!("chunk {index} is a zero chunk")))?;
+        let data = store.read_manifest_chunk(manifest.is_encrypted(), dek, &chunk)?;
+        let want = manifest.chunk_len(index);
+        if data.len() as u64 != want {
+            return Err(StoreError::corrupt(
+                crate::backend::chunk_key(&chunk),
+                format!(
+                    "chunk {index} of manifest {id} is {} bytes, expected {want}",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// The next stored (non-zero) chunk after `index`.
+    fn next_stored(&self, index: usize) -> Option<usize> {
+        let chunks = self.manifest.chunks();
+        (index + 1..chunks.len()).find(|&i| chunks[i].is_some())
+    }
+
+    /// Takes chunk `index` from the read-ahead if it was requested (results requested before
+    /// it are dropped). `None` when it was not: the read-ahead is then stopped (its thread
+    /// ends after the chunk it is fetching) rather than waited for.
+    fn take_ahead(&mut self, index: usize) -> Option<Result<Vec<u8>>> {
+        let ahead = self.ahead.as_mut()?;
+        let mut found = None;
+        if ahead.pending.contains(&index) {
+            while let Some(front) = ahead.pending.pop_front() {
+                match ahead.results.recv() {
+                    Ok((i, r)) if i == front => {
+                        if front == index {
+                            found = Some(r);
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if found.is_none() {
+            self.ahead = None;
+        }
+        found
+    }
+
+    /// Asks the read-ahead for the stored chunks after `index` (starting its thread).
+    fn request_ahead(&mut self, index: usize) {
+        if self.ahead.is_none() {
+            let (req_tx, req_rx) = channel::<usize>();
+            let (res_tx, res_rx) = channel();
+            let (store, id, manifest, dek) = (
+                self.store.clone(),
+                self.id,
+                Arc::clone(&self.manifest),
+                self.dek.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name("chunk-read-ahead".into())
+                .spawn(move || {
+                    for i in req_rx.iter() {
+                        let r = Self::fetch(&store, &id, &manifest, dek.as_ref(), i);
+                        if res_tx.send((i, r)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if spawned.is_err() {
+                return; // No thread: read synchronously.
+            }
+            self.ahead = Some(ReadAhead {
+                requests: req_tx,
+                results: res_rx,
+                pending: VecDeque::new(),
+            });
+        }
+        let mut from = index;
+        loop {
+            let (len, last) = match &self.ahead {
+                Some(a) => (a.pending.len(), a.pending.back().copied()),
+                None => return,
+            };
+            if len >= READ_AHEAD_CHUNKS {
+                return;
+            }
+            if let Some(l) = last {
+                from = from.max(l);
+            }
+            let Some(next) = self.next_stored(from) else {
+                return;
+            };
+            let Some(a) = self.ahead.as_mut() else { return };
+            if a.requests.send(next).is_err() {
+                self.ahead = None;
+                return;
+            }
+            a.pending.push_back(next);
+            from = next;
+        }
+    }
+
+    /// Loads chunk `index` into the cache (verified, length-checked). Reads that follow each
+    /// other chunk by chunk start a read-ahead of the next stored chunks.
     fn load(&mut self, index: usize) -> Result<&[u8]> {
         if self.cache.as_ref().map(|c| c.0) != Some(index) {
-            let id = self.manifest.chunks()[index]
-                .ok_or_else(|| StoreError::Invalid(format!("chunk {index} is a zero chunk")))?;
-            let data = self.store.read_manifest_chunk(
-                self.manifest.is_encrypted(),
-                self.dek.as_ref(),
-                &id,
-            )?;
-            let want = self.manifest.chunk_len(index);
-            if data.len() as u64 != want {
-                return Err(StoreError::corrupt(
-                    crate::backend::chunk_key(&id),
-                    format!(
-                        "chunk {index} of manifest {} is {} bytes, expected {want}",
-                        self.id,
-                        data.len()
-                    ),
-                ));
-            }
+            let sequential = self
+                .cache
+                .as_ref()
+                .is_some_and(|c| self.next_stored(c.0) == Some(index));
+            let data = match self.take_ahead(index) {
+                Some(r) => r?,
+                None => Self::fetch(
+                    &self.store,
+                    &self.id,
+                    &self.manifest,
+                    self.dek.as_ref(),
+                    index,
+                )?,
+            };
             self.cache = Some((index, data));
+            if sequential || self.ahead.is_some() {
+                self.request_ahead(index);
+            }
         }
         match &self.cache {
             Some((_, d)) => Ok(d),

@@ -366,7 +366,13 @@ mod tests {
             .expect_err("interrupted");
         assert!(e.to_string().contains("simulated crash"));
         let cp = saved.expect("checkpoint");
-        assert_eq!(cp.next_index, 2);
+        // Chunks finish on worker threads: the run stops at the first in-order progress
+        // past 2, which may have advanced over several chunks at once.
+        assert!(
+            (2..=5).contains(&cp.next_index),
+            "stopped at {}",
+            cp.next_index
+        );
         let rekeyed = s
             .reencrypt(&enc, Some(&dek), &dek2, Some(cp), 1, &mut |_| Ok(()))
             .expect("resume");

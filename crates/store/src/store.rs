@@ -253,7 +253,7 @@ impl Store {
         if b.touch(&key)? {
             return Ok((id, false));
         }
-        let (id, obj) = crypto::encrypt_chunk(dek, plaintext)?;
+        let obj = crypto::encrypt_chunk_as(dek, &id, plaintext)?;
         b.put(&key, &obj)?;
         Ok((id, true))
     }

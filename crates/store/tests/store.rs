@@ -617,3 +617,61 @@ impl VirtualDisk for HugeEmptyDisk {
         Ok(())
     }
 }
+
+#[test]
+fn read_ahead_gives_the_same_bytes_for_any_access_pattern_and_reports_corruption_in_place() {
+    let (_dir, b, s) = local_store();
+    // 40 chunks: data, holes and repeats, so the read-ahead skips holes and refetches repeats.
+    let mut disk = MemDisk::new(40 * CS);
+    for i in 0..40u64 {
+        if i % 5 != 2 {
+            // Repeats below chunk 20, unique content above.
+            let seed = if i < 20 { 100 + i % 7 } else { 1000 + i };
+            disk.write(i * CS, &random_bytes(seed, CS as usize));
+        }
+    }
+    let r = s.ingest(&mut disk, &mut |_| {}).expect("ingest");
+    assert_eq!(read_all(&s, &r.manifest_id), disk.data);
+
+    // Sequential in odd-sized pieces, then backwards, then strided: always the disk's bytes.
+    let mut md = s.open_disk(&r.manifest_id).expect("open");
+    let mut got = vec![0u8; disk.data.len()];
+    for (n, piece) in got.chunks_mut(1531).enumerate() {
+        md.read_at(n as u64 * 1531, piece).expect("read");
+    }
+    assert_eq!(got, disk.data);
+    let mut buf = vec![0u8; 777];
+    for i in (0..40u64).rev().chain((0..40).step_by(3)).chain(0..40) {
+        let off = i * CS + 100;
+        md.read_at(off, &mut buf).expect("read");
+        assert_eq!(
+            buf[..],
+            disk.data[off as usize..off as usize + 777],
+            "chunk {i}"
+        );
+    }
+
+    // A corrupt chunk far ahead: reads before it succeed (its read-ahead failure is not
+    // reported early), the read of it fails, and reads after it succeed again.
+    let bad = 30usize;
+    let id = ChunkId::hash(&disk.data[bad * CS as usize..(bad + 1) * CS as usize]);
+    let path = b.path_of(&chunk_key(&id)).expect("path");
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[9] ^= 0x40;
+    std::fs::write(&path, &bytes).expect("write");
+    let mut md = s.open_disk(&r.manifest_id).expect("open");
+    let mut one = vec![0u8; CS as usize];
+    for i in 0..40u64 {
+        let res = md.read_at(i * CS, &mut one);
+        if i as usize == bad {
+            let e = res.expect_err("corrupt chunk");
+            assert!(StoreError::from_format_error(&e).is_some_and(StoreError::is_corrupt));
+        } else {
+            res.unwrap_or_else(|e| panic!("chunk {i}: {e}"));
+            assert_eq!(
+                one[..],
+                disk.data[(i * CS) as usize..((i + 1) * CS) as usize]
+            );
+        }
+    }
+}

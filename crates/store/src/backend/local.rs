@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -59,6 +59,9 @@ pub struct LocalBackend {
     tmp: PathBuf,
     root_dir: File,
     mode: SyncMode,
+    /// Large objects are written with `O_DIRECT` (see [`super::direct`]); false on file
+    /// systems that refuse it, or after a direct write failed with `EINVAL`.
+    direct: AtomicBool,
     pending: Mutex<Pending>,
     sync_lock: Mutex<()>,
     counter: AtomicU64,
@@ -100,11 +103,13 @@ impl LocalBackend {
         let tmp = root.join(TMP_DIR);
         fs::create_dir_all(&tmp)?;
         let root_dir = File::open(&root)?;
+        let direct = AtomicBool::new(super::direct::supported(&tmp));
         let b = LocalBackend {
             root,
             tmp,
             root_dir,
             mode,
+            direct,
             pending: Mutex::default(),
             sync_lock: Mutex::new(()),
             counter: AtomicU64::new(0),
@@ -124,6 +129,11 @@ impl LocalBackend {
     /// The durability mode.
     pub fn sync_mode(&self) -> SyncMode {
         self.mode
+    }
+
+    /// Whether large objects are written with `O_DIRECT` (see [`super::direct`]).
+    pub fn direct_io(&self) -> bool {
+        self.direct.load(Ordering::Relaxed)
     }
 
     /// Filesystem path of a key (validated).
@@ -184,6 +194,17 @@ impl LocalBackend {
     }
 
     fn write_file(&self, tmp: &Path, data: &[u8]) -> std::io::Result<()> {
+        if data.len() >= super::direct::MIN_DIRECT && self.direct.load(Ordering::Relaxed) {
+            let sync = self.mode == SyncMode::FsyncEach;
+            match super::direct::write_file(tmp, data, sync) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The file system refused the aligned direct write after all.
+                    tracing::warn!(error = %e, "O_DIRECT write refused; writing buffered from now on");
+                    self.direct.store(false, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
         let mut f = File::create(tmp)?;
         f.write_all(data)?;
         if self.mode == SyncMode::FsyncEach {

@@ -6,6 +6,7 @@
 //! [`Backend::touch`] (refresh an object's modification time, used when an ingest reuses an
 //! existing chunk) and [`Backend::delete_if_older`] (delete only if not refreshed since a cutoff).
 
+pub mod direct;
 mod local;
 mod mem;
 mod s3;
