@@ -537,6 +537,9 @@ impl Service {
             },
         )
         .await?;
+        if !crate::jobs::pin_job_source(&mut tx, &job_id, &src.id).await? {
+            return Err(CoreError::ImageNotFound(src.id.to_string()));
+        }
         tx.commit().await?;
         self.notify_jobs();
         Ok(job_id)
@@ -554,12 +557,18 @@ impl Service {
         let bucket = self.xr.bucket(&region, peer.bandwidth_bytes_per_sec);
         let src_iid =
             ImageId::parse(&src_id).ok_or_else(|| CoreError::Internal("bad source id".into()))?;
+        // A source deleted since the request was accepted is read from the job's snapshot
+        // (its manifests stay pinned until the job ends): deleting it never breaks the copy.
         let src = match self.db.get_image(&src_iid).await? {
             Some(s) if s.owner == job.project_id && s.status == ImageStatus::Active => s,
             Some(s) if s.owner == job.project_id => {
                 return Err(CoreError::ImageNotActive(s.status.as_str().into()))
             }
-            _ => return Err(CoreError::ImageNotFound(src_id)),
+            Some(_) => return Err(CoreError::ImageNotFound(src_id)),
+            None => match self.db.job_source(&job.id).await? {
+                Some(s) => s,
+                None => return Err(CoreError::ImageNotFound(src_id)),
+            },
         };
         let mode = match get("mode").as_deref() {
             Some("encrypted") => SendMode::Encrypted,

@@ -202,6 +202,9 @@ impl Service {
             },
         )
         .await?;
+        if !crate::jobs::pin_job_source(&mut tx, &job_id, &img.id).await? {
+            return Err(CoreError::ImageNotFound(img.id.to_string()));
+        }
         tx.commit().await?;
         self.job_ready.notify_one();
         Ok(job_id)

@@ -1165,14 +1165,18 @@ impl Db {
     }
 
     /// Every manifest something references (the GC's live set): images (disk and file
-    /// manifests), bucket objects (their parts) and unfinished multipart uploads (their
-    /// uploaded parts).
+    /// manifests), bucket objects (their parts), unfinished multipart uploads (their
+    /// uploaded parts) and the sources of jobs not yet ended (`job_sources`).
     pub async fn live_manifests(&self) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "SELECT disk_manifest AS m FROM images WHERE disk_manifest IS NOT NULL \
              UNION SELECT file_manifest AS m FROM images WHERE file_manifest IS NOT NULL \
              UNION SELECT manifest AS m FROM object_parts \
-             UNION SELECT manifest AS m FROM upload_parts",
+             UNION SELECT manifest AS m FROM upload_parts \
+             UNION SELECT s.disk_manifest AS m FROM job_sources s JOIN jobs j ON j.id = s.job_id \
+               WHERE s.disk_manifest IS NOT NULL AND j.status IN ('INIT', 'RUNNING') \
+             UNION SELECT s.file_manifest AS m FROM job_sources s JOIN jobs j ON j.id = s.job_id \
+               WHERE s.file_manifest IS NOT NULL AND j.status IN ('INIT', 'RUNNING')",
         )
         .fetch_all(&self.pool)
         .await?;

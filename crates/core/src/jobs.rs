@@ -242,6 +242,26 @@ pub async fn insert_job(
     Ok(id)
 }
 
+/// Records, inside the transaction that inserts `job`, the source image as it is now
+/// (`job_sources`): the job reads from this snapshot when the source is gone by the time it
+/// runs, and the GC keeps the snapshot's manifests until the job ends. `false` when the source
+/// no longer exists (deleted since the request was checked).
+pub async fn pin_job_source(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job: &JobId,
+    source: &crate::ids::ImageId,
+) -> Result<bool> {
+    let cols = crate::image::IMAGE_COLUMNS;
+    let r = sqlx::query(&format!(
+        "INSERT INTO job_sources (job_id, {cols}) SELECT $1, {cols} FROM images WHERE id = $2"
+    ))
+    .bind(job.as_str())
+    .bind(source.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 /// Open (queued or running) jobs of a type in a project, counted inside `tx` after locking
 /// the project's row, so that a check-then-insert of a per-project limit is atomic across
 /// concurrent requests on any node until `tx` ends.
@@ -286,6 +306,27 @@ impl Db {
             job.queue_position = Some(ahead as u64);
         }
         Ok(Some(job))
+    }
+
+    /// The source image recorded when `job` was accepted ([`pin_job_source`]).
+    pub async fn job_source(&self, job: &JobId) -> Result<Option<crate::image::Image>> {
+        let cols = crate::image::IMAGE_COLUMNS;
+        let row = sqlx::query(&format!("SELECT {cols} FROM job_sources WHERE job_id = $1"))
+            .bind(job.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(crate::image::image_from_row).transpose()
+    }
+
+    /// Drops the source snapshots of ended jobs (their manifests are no longer pinned).
+    pub async fn release_job_sources(&self) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM job_sources WHERE job_id IN \
+             (SELECT id FROM jobs WHERE status IN ('SUCCESS', 'FAIL'))",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     /// The newest jobs of `project` (newest first, at most `limit`), optionally only those in
@@ -442,6 +483,13 @@ impl Db {
             .execute(&self.pool)
             .await?,
         };
+        if r.rows_affected() == 1 {
+            // Its result (if any) references the data now; the source snapshot may go.
+            sqlx::query("DELETE FROM job_sources WHERE job_id = $1")
+                .bind(job.as_str())
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(r.rows_affected() == 1)
     }
 
@@ -466,6 +514,7 @@ impl Db {
         .bind(now)
         .execute(&self.pool)
         .await?;
+        self.release_job_sources().await?;
         Ok(r.rows_affected())
     }
 

@@ -850,6 +850,9 @@ impl Service {
             },
         )
         .await?;
+        if !crate::jobs::pin_job_source(&mut tx, &job_id, &src.id).await? {
+            return Err(CoreError::ImageNotFound(src.id.to_string()));
+        }
         tx.commit().await?;
         self.job_ready.notify_one();
         Ok(job_id)
@@ -872,9 +875,15 @@ impl Service {
         }
         let src_iid =
             ImageId::parse(&src_id).ok_or_else(|| CoreError::Internal("bad source id".into()))?;
+        // A source deleted since the request was accepted is read from the job's snapshot
+        // (its manifests stay pinned until the job ends): deleting it never breaks the copy.
         let src = match self.db.get_image(&src_iid).await? {
             Some(s) if self.may_use_at_run(&s, &job.project_id).await? => s,
-            _ => return Err(CoreError::ImageNotFound(src_id)),
+            Some(_) => return Err(CoreError::ImageNotFound(src_id)),
+            None => match self.db.job_source(&job.id).await? {
+                Some(s) => s,
+                None => return Err(CoreError::ImageNotFound(src_id)),
+            },
         };
         if src.status != ImageStatus::Active {
             return Err(CoreError::ImageNotActive(src.status.as_str().into()));

@@ -254,3 +254,88 @@ async fn the_job_list_is_newest_first_filtered_and_project_scoped() {
         .expect("list")
         .is_empty());
 }
+
+/// The whole virtual disk behind `manifest`.
+fn disk_bytes(svc: &Service, manifest: &str) -> Vec<u8> {
+    let id = manifest.parse().expect("manifest id");
+    let mut disk = svc.data.store.open_disk_with(&id, None).expect("open");
+    let mut buf = vec![0u8; openims_format::VirtualDisk::virtual_size(&disk) as usize];
+    openims_format::VirtualDisk::read_at(&mut disk, 0, &mut buf).expect("read");
+    buf
+}
+
+#[tokio::test]
+async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path(), 5_000).await;
+    let c = caller(&svc).await;
+    let src = active_image(&svc, &c).await;
+    let manifest = src.disk_manifest.clone().expect("source data");
+    let want = disk_bytes(&svc, &manifest);
+    let job = svc
+        .copy_image_in_region(
+            &c,
+            &src.id.to_string(),
+            CopyRequest {
+                name: "copy".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("copy accepted");
+    // The source goes, and a garbage collection with no grace runs before the job does: the
+    // job's snapshot keeps the source's data alive.
+    svc.delete_image(&c, &src.id.to_string())
+        .await
+        .expect("source deleted");
+    let gc = svc
+        .collect_garbage(Duration::ZERO)
+        .await
+        .expect("gc")
+        .expect("this node collects");
+    assert_eq!(gc.manifests_deleted, 0, "the queued copy pins the source");
+    assert_eq!(gc.chunks_deleted, 0, "the queued copy pins the source");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = svc.spawn_workers(1, stop_rx);
+    wait_status(&svc, &c, job.as_str(), JobStatus::Success).await;
+    let copy_id = svc.job(&c, job.as_str()).await.expect("job").image_id;
+    let copy = svc
+        .image(&c, &copy_id.expect("copy id"))
+        .await
+        .expect("copy exists");
+    assert_eq!(copy.status, ImageStatus::Active);
+    assert_eq!(copy.disk_manifest.as_deref(), Some(manifest.as_str()));
+    assert_eq!(
+        copy.properties.get("__originalimagename"),
+        Some(&serde_json::json!(src.id.to_string()))
+    );
+    let _ = stop_tx.send(true);
+    for w in workers {
+        w.await.expect("worker stops");
+    }
+    // The job ended: its pin is gone, the copy alone keeps the data, which GC leaves intact.
+    let gc = svc
+        .collect_garbage(Duration::ZERO)
+        .await
+        .expect("gc")
+        .expect("this node collects");
+    assert_eq!(gc.chunks_deleted, 0);
+    assert_eq!(
+        disk_bytes(&svc, &manifest),
+        want,
+        "the copy reads the source's bytes"
+    );
+    // Once the copy goes too, nothing holds the data and it is collected: no leak.
+    svc.delete_image(&c, &copy.id.to_string())
+        .await
+        .expect("copy deleted");
+    let gc = svc
+        .collect_garbage(Duration::ZERO)
+        .await
+        .expect("gc")
+        .expect("this node collects");
+    assert!(
+        gc.manifests_deleted >= 1 && gc.chunks_deleted >= 1,
+        "{gc:?}"
+    );
+}

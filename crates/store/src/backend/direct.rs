@@ -26,7 +26,7 @@ pub const ALIGN: usize = 4096;
 /// and the padding would dominate).
 pub const MIN_DIRECT: usize = 256 << 10;
 /// Aligned buffers kept for reuse (one per concurrent writer; more are freed after use).
-const POOL_MAX: usize = 8;
+const POOL_MAX: usize = 4;
 
 /// A heap buffer aligned to [`ALIGN`] whose pages stay mapped across reuses.
 struct AlignedBuf {
