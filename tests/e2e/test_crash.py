@@ -106,3 +106,76 @@ def test_kill9_idle_restart_data_intact(fresh_server):
         "scope": {"project": {"name": creds_before["OPENIMS_PROJECT"],
                               "domain": {"name": creds_before["OPENIMS_DOMAIN"]}}}}})
     assert tok.status_code == 201, describe(tok)
+
+
+def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
+    """An import from a bucket object is killed (kill -9) after a checkpoint; on restart the
+    job continues from the checkpoint (bytes before it are not read again) and the image
+    equals the file."""
+    import hashlib
+    import os
+    import time
+
+    from conftest import _start, _stop_checked
+    from helpers import admin, wait_job
+    from test_import_export import bucket_for, create_image, s3
+
+    # A checkpoint every 16 MiB of virtual disk, so one exists long before the end.
+    srv = _start(tmp_path, "imp", extra=("--import-checkpoint-mib", "16"))
+    try:
+        t = make_tenant(srv, "ir")
+        bucket = bucket_for(t)
+        # 768 MiB raw, a random 64 KiB block at the start of every 4 MiB chunk: every chunk
+        # is data, the file stays sparse on the local disk.
+        total = 768 * MiB
+        path = tmp_path / "disk.raw"
+        want = hashlib.sha256()
+        with open(path, "wb") as f:
+            f.truncate(total)
+            for off in range(0, total, 4 * MiB):
+                blk = os.urandom(64 * 1024)
+                f.seek(off)
+                f.write(blk)
+        with open(path, "rb") as f:
+            for piece in iter(lambda: f.read(8 * MiB), b""):
+                want.update(piece)
+        s3(t).upload_file(str(path), bucket, "disk.raw")
+        job_id = create_image(t, f"{bucket}:disk.raw")
+
+        seen = []
+        killed = False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
+            seen.append((v["status"], v["entities"].get("bytes_done")))
+            if v["status"] in ("SUCCESS", "FAIL"):
+                break
+            done = v["entities"].get("bytes_done") or 0
+            # Past 128 MiB the 16 MiB checkpoints are well behind the reader: kill.
+            if v["status"] == "RUNNING" and 128 * MiB <= done < total - 128 * MiB:
+                srv.kill9()
+                killed = True
+                break
+        assert killed, f"the import was not caught mid-way: {seen[-5:]}"
+        srv.start(port=srv.port)
+        job = wait_job(t.ims, job_id, timeout=240)
+        assert job.status == "SUCCESS", job
+        v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
+        resumed = v["entities"].get("resumed_from_bytes")
+        assert resumed and 16 * MiB <= resumed < total, v
+        assert "import resumed from its checkpoint" in srv.log_tail(400)
+        image_id = job.entities.image_id
+        shown = glance_show(t.raw, image_id)
+        assert shown["status"] == "active" and shown["virtual_size"] == total, shown
+        r = t.raw.get(f"/v2/images/{image_id}/file", stream=True)
+        assert r.status_code == 200, describe(r)
+        got = hashlib.sha256()
+        n = 0
+        for piece in r.iter_content(8 * MiB):
+            got.update(piece)
+            n += len(piece)
+        assert n == total and got.hexdigest() == want.hexdigest()
+        fsck = admin(srv.data_dir, "fsck", binary=srv.binary)
+        assert fsck["clean"], fsck
+    finally:
+        _stop_checked(srv)

@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// Unreferenced data younger than this many seconds is kept by GC (default 21600).
     #[arg(long, env = "OPENIMS_GC_GRACE_SECS")]
     pub gc_grace_secs: Option<u64>,
+    /// An import records a resume checkpoint every this many MiB of virtual disk (default 1024).
+    #[arg(long, env = "OPENIMS_IMPORT_CHECKPOINT_MIB")]
+    pub import_checkpoint_mib: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "OPENIMS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -87,6 +90,7 @@ pub struct FileConfig {
     pub job_lease_secs: Option<f64>,
     pub gc_interval_secs: Option<u64>,
     pub gc_grace_secs: Option<u64>,
+    pub import_checkpoint_mib: Option<u64>,
     pub listen: Option<String>,
     pub s3_listen: Option<String>,
     pub region: Option<String>,
@@ -203,6 +207,12 @@ pub fn resolve_serve(args: &ServeArgs) -> anyhow::Result<(ServiceConfig, Listen)
     }
     if let Some(g) = args.gc_grace_secs.or(file.gc_grace_secs) {
         cfg.gc_grace_secs = g;
+    }
+    if let Some(m) = args.import_checkpoint_mib.or(file.import_checkpoint_mib) {
+        if m == 0 {
+            anyhow::bail!("import checkpoint interval must be at least 1 MiB");
+        }
+        cfg.import_checkpoint_bytes = m << 20;
     }
     if let Some(r) = args.reencrypt_on_rekey.or(file.reencrypt_on_rekey) {
         cfg.reencrypt_on_rekey = r;

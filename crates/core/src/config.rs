@@ -39,6 +39,9 @@ pub struct ServiceConfig {
     pub gc_interval_secs: u64,
     /// Unreferenced data younger than this is kept (it may belong to a running ingest).
     pub gc_grace_secs: u64,
+    /// An import records a resume checkpoint every this many bytes of virtual disk (rounded
+    /// to whole chunks; default 1 GiB): a job taken over after a crash continues from there.
+    pub import_checkpoint_bytes: u64,
     /// File of the KMS root key (32 bytes) that wraps master keys and service-held data
     /// keys; `None` means `<data_dir>/root.key`, created on first start (mode 0600).
     pub root_key_file: Option<PathBuf>,
@@ -95,6 +98,7 @@ impl ServiceConfig {
             job_lease_ms: 30_000,
             gc_interval_secs: 3600,
             gc_grace_secs: 6 * 3600,
+            import_checkpoint_bytes: 1 << 30,
             root_key_file: None,
             reencrypt_on_rekey: false,
             peers: Default::default(),

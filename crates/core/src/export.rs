@@ -238,9 +238,45 @@ impl Service {
         if objects.find_object(&bucket, &key).await?.is_some() {
             return Err(CoreError::ObjectExists(format!("{bucket}:{key}")));
         }
+        // A run of this job on a node that died left its multipart upload behind: abort it,
+        // so its parts do not linger (the export starts over in a new upload).
+        if let Some(old) = job
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.get("export_upload"))
+            .and_then(Value::as_str)
+        {
+            if let Err(e) = objects
+                .abort_upload(&job.project_id, &bucket, &key, old)
+                .await
+            {
+                tracing::debug!(error = %e, upload_id = old, "previous export upload already gone");
+            }
+        }
         let upload = objects
             .create_upload(&job.project_id, &bucket, &key, &attrs)
             .await?;
+        if !self
+            .db
+            .heartbeat(
+                &job.id,
+                &self.node_id,
+                self.config.job_lease_ms,
+                &Progress {
+                    current_task: "exporting".into(),
+                    percent: 0.0,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    checkpoint: Some(json!({ "export_upload": upload.upload_id })),
+                },
+            )
+            .await?
+        {
+            let _ = objects
+                .abort_upload(&job.project_id, &bucket, &key, &upload.upload_id)
+                .await;
+            return Err(CoreError::Internal("the job's lease was lost".into()));
+        }
         let mut sink = UploadSink {
             objects: objects.clone(),
             upload_id: upload.upload_id.clone(),

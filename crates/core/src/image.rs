@@ -1166,7 +1166,8 @@ impl Db {
 
     /// Every manifest something references (the GC's live set): images (disk and file
     /// manifests), bucket objects (their parts), unfinished multipart uploads (their
-    /// uploaded parts) and the sources of jobs not yet ended (`job_sources`).
+    /// uploaded parts), the sources of jobs not yet ended (`job_sources`) and the manifests
+    /// their checkpoints pin (`pinned_manifests`).
     pub async fn live_manifests(&self) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "SELECT disk_manifest AS m FROM images WHERE disk_manifest IS NOT NULL \
@@ -1180,7 +1181,22 @@ impl Db {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(|r| r.s("m")).collect())
+        let mut live: Vec<String> = rows.iter().map(|r| r.s("m")).collect();
+        // Manifests an open job's checkpoint holds (e.g. an import's partial manifest).
+        let checkpoints = sqlx::query(
+            "SELECT checkpoint FROM jobs WHERE status IN ('INIT', 'RUNNING') AND checkpoint IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &checkpoints {
+            let Ok(cp) = serde_json::from_str::<Value>(&r.s("checkpoint")) else {
+                continue;
+            };
+            if let Some(pins) = cp.get("pinned_manifests").and_then(Value::as_array) {
+                live.extend(pins.iter().filter_map(Value::as_str).map(str::to_string));
+            }
+        }
+        Ok(live)
     }
 }
 

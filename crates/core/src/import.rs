@@ -143,6 +143,8 @@ struct Update {
     task: &'static str,
     done: u64,
     total: u64,
+    /// A checkpoint to persist (never dropped, unlike progress-only updates).
+    checkpoint: Option<Value>,
 }
 
 impl Service {
@@ -586,11 +588,24 @@ impl Service {
             None => None,
         };
 
+        let resume = job
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.get("ingest"))
+            .and_then(|c| {
+                Some(openims_store::IngestCheckpoint {
+                    partial: c.get("partial")?.as_str()?.parse().ok()?,
+                    next_index: c.get("next_index")?.as_u64()?,
+                })
+            });
+
         // ---- blocking: inspect, open, check, ingest, encrypt ----
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(8);
         let abort = Arc::new(AtomicBool::new(false));
         let store = self.data.store.clone();
         let max_virtual = self.config.max_virtual_size;
+        let checkpoint_every =
+            (self.config.import_checkpoint_bytes / u64::from(store.config().chunk_size)).max(1);
         let abort_w = abort.clone();
         let dek = work_dek.clone();
         let task = tokio::task::spawn_blocking(move || -> Result<Ingest> {
@@ -605,6 +620,7 @@ impl Service {
                 task: "inspecting",
                 done: 0,
                 total: 0,
+                checkpoint: None,
             });
             let (mut disk, detected) = open_checked(src, declared, max_virtual)?;
             if quick && detected != DiskFormat::Raw {
@@ -631,13 +647,55 @@ impl Service {
                     Ok(())
                 }
             };
-            let report = store.ingest(disk.as_mut(), &mut |pr| {
-                let _ = tx.try_send(Update {
+            // Checkpoints: a partial manifest of the finished prefix every
+            // `import_checkpoint_bytes`, persisted in the job (which pins it against GC);
+            // a job taken over after a crash resumes from there instead of reading it all again.
+            let cp_tx = tx.clone();
+            let mut save = |cp: openims_store::IngestCheckpoint| {
+                cp_tx
+                    .blocking_send(Update {
+                        task: "importing",
+                        done: cp.next_index * u64::from(store.config().chunk_size),
+                        total: vsize,
+                        checkpoint: Some(ingest_checkpoint_json(&cp)),
+                    })
+                    .map_err(|_| openims_store::StoreError::Invalid("job loop stopped".into()))?;
+                check_abort(&abort_w)
+            };
+            let report = store.ingest_resumable(
+                disk.as_mut(),
+                resume,
+                Some(openims_store::Checkpointing {
+                    every: checkpoint_every,
+                    save: &mut save,
+                }),
+                &mut |pr| {
+                    let _ = tx.try_send(Update {
+                        task: "importing",
+                        done: pr.bytes_done,
+                        total: pr.virtual_size,
+                        checkpoint: None,
+                    });
+                },
+            )?;
+            if report.resumed_chunks > 0 {
+                let bytes = report.resumed_chunks * u64::from(store.config().chunk_size);
+                tracing::info!(
+                    resumed_from_bytes = bytes,
+                    "import resumed from its checkpoint"
+                );
+                // Shown by the job (`entities.resumed_from_bytes`); the finished manifest
+                // stays pinned until the image references it.
+                let _ = tx.blocking_send(Update {
                     task: "importing",
-                    done: pr.bytes_done,
-                    total: pr.virtual_size,
+                    done: vsize,
+                    total: vsize,
+                    checkpoint: Some(json!({
+                        "ingest": { "resumed_from_bytes": bytes },
+                        "pinned_manifests": [report.manifest_id.to_string()],
+                    })),
                 });
-            })?;
+            }
             check_abort(&abort_w)?;
             let plain = report.manifest_id;
             let stored = match &dek {
@@ -647,6 +705,7 @@ impl Service {
                         task: "encrypting",
                         done: pr.bytes_done,
                         total: vsize,
+                        checkpoint: None,
                     });
                     Ok(())
                 })?,
@@ -769,6 +828,18 @@ impl Service {
         tracing::info!(image_id, bucket, key, virtual_size = ing.virtual_size, format = %ing.format, "image imported");
         Ok(None)
     }
+}
+
+/// The job checkpoint of an import: where to resume, and the partial manifest the GC must
+/// keep (`pinned_manifests`, see `Db::live_manifests`).
+fn ingest_checkpoint_json(cp: &openims_store::IngestCheckpoint) -> Value {
+    json!({
+        "ingest": {
+            "partial": cp.partial.to_string(),
+            "next_index": cp.next_index,
+        },
+        "pinned_manifests": [cp.partial.to_string()],
+    })
 }
 
 /// What the blocking part of an import stored.
@@ -1286,6 +1357,7 @@ impl Service {
                 task: "inspecting",
                 done: 0,
                 total: 0,
+                checkpoint: None,
             });
             let mut opened = Vec::with_capacity(readers.len());
             for (r, (url, min_disk)) in readers.into_iter().zip(&meta) {
@@ -1317,6 +1389,7 @@ impl Service {
                         task: "importing",
                         done: before + pr.bytes_done,
                         total,
+                        checkpoint: None,
                     });
                 })?;
                 if abort_w.load(Ordering::Relaxed) {
@@ -1449,7 +1522,7 @@ impl Service {
     ) -> Result<()> {
         let mut last: Option<Instant> = None;
         while let Some(u) = rx.recv().await {
-            if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
+            if u.checkpoint.is_none() && last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
                 continue;
             }
             last = Some(Instant::now());
@@ -1469,7 +1542,7 @@ impl Service {
                         percent: (percent * 10.0).floor() / 10.0,
                         bytes_done: u.done as i64,
                         bytes_total: u.total as i64,
-                        checkpoint: None,
+                        checkpoint: u.checkpoint,
                     },
                 )
                 .await?;

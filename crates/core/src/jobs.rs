@@ -162,6 +162,14 @@ impl Job {
                 entities[k] = xr.get(k).cloned().unwrap_or(Value::Null);
             }
         }
+        // Imports taken over after a crash: bytes not read again.
+        if let Some(b) = self
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.pointer("/ingest/resumed_from_bytes"))
+        {
+            entities["resumed_from_bytes"] = b.clone();
+        }
         if self.status == JobStatus::Fail {
             entities["error_code"] = json!(self.error_code);
             entities["error"] = json!(self.fail_reason);

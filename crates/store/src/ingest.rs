@@ -55,6 +55,24 @@ pub struct IngestReport {
     pub new_bytes: u64,
     /// All-zero chunks (holes or zero data), not stored.
     pub zero_chunks: u64,
+    /// Chunks taken over from a resume checkpoint (not read by this run).
+    pub resumed_chunks: u64,
+}
+
+/// A resumable ingest's progress: chunks `[0, next_index)` are durably stored and listed by
+/// `partial`, a manifest of exactly those chunks (virtual size `next_index * chunk_size`).
+/// Whoever persists a checkpoint must keep `partial` alive (GC) until the ingest ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestCheckpoint {
+    pub partial: ManifestId,
+    pub next_index: u64,
+}
+
+/// Checkpointing of [`Store::ingest_resumable`]: every `every` chunks of finished prefix, a
+/// partial manifest is written and `save` is called; an error from `save` stops the ingest.
+pub struct Checkpointing<'a> {
+    pub every: u64,
+    pub save: &'a mut dyn FnMut(IngestCheckpoint) -> Result<()>,
 }
 
 /// True if every byte of `buf` is zero. Word-wise with early exit; vectorizes.
@@ -110,6 +128,10 @@ struct Done {
 
 struct Tally {
     chunks: Vec<Option<ChunkId>>,
+    /// Which chunks are finished (the caller's checkpoints need the finished prefix).
+    finished: Vec<bool>,
+    /// Every chunk before this index is finished.
+    prefix: usize,
     progress: IngestProgress,
     zero_chunks: u64,
     zeros_unreported: u64,
@@ -117,6 +139,12 @@ struct Tally {
 
 impl Tally {
     fn record(&mut self, d: Done, progress: &mut dyn FnMut(IngestProgress)) {
+        if let Some(f) = self.finished.get_mut(d.index) {
+            *f = true;
+        }
+        while self.finished.get(self.prefix).copied().unwrap_or(false) {
+            self.prefix += 1;
+        }
         let p = &mut self.progress;
         p.chunks_done += 1;
         p.bytes_done += d.len;
@@ -153,6 +181,21 @@ impl Store {
         disk: &mut dyn VirtualDisk,
         progress: &mut dyn FnMut(IngestProgress),
     ) -> Result<IngestReport> {
+        self.ingest_resumable(disk, None, None, progress)
+    }
+
+    /// [`Store::ingest`] that checkpoints (`checkpointing`) and resumes from a checkpoint of
+    /// an earlier run over the same disk (`resume`): chunks before its `next_index` are taken
+    /// from its partial manifest and not read again. A checkpoint that does not fit the disk
+    /// (another chunk size or length, partial manifest gone) is ignored: the ingest starts
+    /// over. `IngestReport::resumed_chunks` says how many chunks were taken over.
+    pub fn ingest_resumable(
+        &self,
+        disk: &mut dyn VirtualDisk,
+        resume: Option<IngestCheckpoint>,
+        mut checkpointing: Option<Checkpointing<'_>>,
+        progress: &mut dyn FnMut(IngestProgress),
+    ) -> Result<IngestReport> {
         let cfg = &self.inner.config;
         let virtual_size = disk.virtual_size();
         if virtual_size > cfg.max_virtual_size {
@@ -172,6 +215,8 @@ impl Store {
             usize::try_from(total).map_err(|_| StoreError::Invalid("too many chunks".into()))?;
         let mut tally = Tally {
             chunks: vec![None; total_usize],
+            finished: vec![false; total_usize],
+            prefix: 0,
             progress: IngestProgress {
                 bytes_done: 0,
                 virtual_size,
@@ -183,7 +228,11 @@ impl Store {
             zero_chunks: 0,
             zeros_unreported: 0,
         };
-        if total == 0 {
+        let resumed = match resume {
+            Some(r) => self.take_over(r, virtual_size, total, &mut tally),
+            None => 0,
+        };
+        if total == 0 || resumed > 0 {
             progress(tally.progress);
         }
 
@@ -211,7 +260,8 @@ impl Store {
                 disk,
                 cs,
                 virtual_size,
-                total,
+                (resumed, total),
+                checkpointing.as_mut(),
                 max_buffers,
                 &pool_rx,
                 &job_tx,
@@ -260,7 +310,77 @@ impl Store {
             new_chunks: tally.progress.new_chunks,
             new_bytes: tally.progress.new_bytes,
             zero_chunks: tally.zero_chunks,
+            resumed_chunks: resumed,
         })
+    }
+
+    /// Applies a resume checkpoint to `tally` if it fits this disk; returns the chunks taken.
+    fn take_over(
+        &self,
+        r: IngestCheckpoint,
+        virtual_size: u64,
+        total: u64,
+        tally: &mut Tally,
+    ) -> u64 {
+        let cfg = &self.inner.config;
+        let cs = u64::from(cfg.chunk_size);
+        let n = r.next_index;
+        let fits = |m: &Manifest| {
+            n < total
+                && m.chunk_size() == cfg.chunk_size
+                && m.chunks().len() as u64 == n
+                && m.virtual_size() == n * cs
+                && !m.is_encrypted()
+        };
+        let m = match self.manifest(&r.partial) {
+            Ok(m) if fits(&m) => m,
+            Ok(_) => {
+                tracing::warn!(partial = %r.partial, "ingest checkpoint does not fit the disk; starting over");
+                return 0;
+            }
+            Err(e) => {
+                tracing::warn!(partial = %r.partial, error = %e, "ingest checkpoint unreadable; starting over");
+                return 0;
+            }
+        };
+        let n_usize = n as usize;
+        tally.chunks[..n_usize].copy_from_slice(m.chunks());
+        tally.finished[..n_usize].fill(true);
+        tally.prefix = n_usize;
+        tally.zero_chunks = m.chunks().iter().filter(|c| c.is_none()).count() as u64;
+        let p = &mut tally.progress;
+        p.chunks_done = n;
+        p.bytes_done = (n * cs).min(virtual_size);
+        n
+    }
+
+    /// Writes a partial manifest of the finished prefix and hands it to `cp.save` when the
+    /// prefix grew by `cp.every` chunks since the last checkpoint (`last`).
+    fn maybe_checkpoint(
+        &self,
+        cp: &mut Checkpointing<'_>,
+        tally: &Tally,
+        total: u64,
+        last: &mut u64,
+    ) -> Result<()> {
+        let n = tally.prefix as u64;
+        if n >= total || n < last.saturating_add(cp.every.max(1)) {
+            return Ok(());
+        }
+        let cfg = &self.inner.config;
+        let m = Manifest::new(
+            n * u64::from(cfg.chunk_size),
+            cfg.chunk_size,
+            tally.chunks[..tally.prefix].to_vec(),
+        )?;
+        // Durable with every chunk it lists before the caller may persist it.
+        let partial = self.put_manifest(&m)?;
+        (cp.save)(IngestCheckpoint {
+            partial,
+            next_index: n,
+        })?;
+        *last = n;
+        Ok(())
     }
 
     /// The reading side of `ingest` (caller's thread). Stops at the first error, its own or a
@@ -271,7 +391,8 @@ impl Store {
         disk: &mut dyn VirtualDisk,
         cs: u64,
         virtual_size: u64,
-        total: u64,
+        (first, total): (u64, u64),
+        mut checkpointing: Option<&mut Checkpointing<'_>>,
         max_buffers: usize,
         pool_rx: &Receiver<Vec<u8>>,
         job_tx: &std::sync::mpsc::SyncSender<Job>,
@@ -282,10 +403,14 @@ impl Store {
         let mut allocated = 0usize;
         let mut window: Vec<Extent> = Vec::new();
         let mut window_end = 0u64;
-        for index in 0..total {
+        let mut last_checkpoint = first;
+        for index in first..total {
             // Handle finished chunks; stop early on a worker error.
             while let Ok(r) = done_rx.try_recv() {
                 tally.record(r?, progress);
+            }
+            if let Some(cp) = checkpointing.as_deref_mut() {
+                self.maybe_checkpoint(cp, tally, total, &mut last_checkpoint)?;
             }
             let start = index * cs;
             let len = (virtual_size - start).min(cs);

@@ -62,6 +62,6 @@ pub use encrypt::{EncryptCheckpoint, EncryptProgress};
 pub use error::{Result, StoreError};
 pub use gc::{FsckReport, GcReport};
 pub use id::{ChunkId, ManifestId};
-pub use ingest::{is_all_zero, IngestProgress, IngestReport};
+pub use ingest::{is_all_zero, Checkpointing, IngestCheckpoint, IngestProgress, IngestReport};
 pub use manifest::Manifest;
 pub use store::{Store, StoreConfig, Usage, CHUNK_SIZE};

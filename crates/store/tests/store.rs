@@ -675,3 +675,69 @@ fn read_ahead_gives_the_same_bytes_for_any_access_pattern_and_reports_corruption
         }
     }
 }
+
+#[test]
+fn an_interrupted_ingest_resumes_from_its_checkpoint_without_reading_again() {
+    let (_dir, _b, s) = local_store();
+    // 40 data chunks, each different, so every chunk read is counted.
+    let mut disk = MemDisk::new(40 * CS);
+    for i in 0..40u64 {
+        disk.write(i * CS, &random_bytes(100 + i, CS as usize));
+    }
+    let whole = {
+        let (_d2, _b2, s2) = local_store();
+        s2.ingest(&mut disk.clone(), &mut |_| {})
+            .expect("plain ingest")
+            .manifest_id
+    };
+    // First run: checkpoints every 8 chunks, "dies" (save fails) at the second checkpoint.
+    let mut saved = Vec::new();
+    let mut save = |cp: openims_store::IngestCheckpoint| {
+        saved.push(cp);
+        if saved.len() == 2 {
+            Err(StoreError::Invalid("node died".into()))
+        } else {
+            Ok(())
+        }
+    };
+    let err = s
+        .ingest_resumable(
+            &mut disk.clone(),
+            None,
+            Some(openims_store::Checkpointing {
+                every: 8,
+                save: &mut save,
+            }),
+            &mut |_| {},
+        )
+        .expect_err("interrupted");
+    assert!(err.to_string().contains("node died"), "{err}");
+    let cp = saved[1];
+    assert!(cp.next_index >= 16 && cp.next_index < 40, "{cp:?}");
+    // Its partial manifest lists exactly the finished prefix.
+    let partial = s.manifest(&cp.partial).expect("partial manifest");
+    assert_eq!(partial.chunks().len() as u64, cp.next_index);
+
+    // Second run resumes: chunks before the checkpoint are not read again.
+    let mut again = disk.clone();
+    again.reads = 0;
+    let r = s
+        .ingest_resumable(&mut again, Some(cp), None, &mut |_| {})
+        .expect("resumed");
+    assert_eq!(r.resumed_chunks, cp.next_index);
+    assert_eq!(again.reads, 40 - cp.next_index);
+    assert_eq!(
+        r.manifest_id, whole,
+        "same manifest as an uninterrupted ingest"
+    );
+    assert_eq!(read_all(&s, &r.manifest_id), disk.data);
+
+    // A checkpoint that does not fit the disk (another length) is ignored: full ingest.
+    let mut other = MemDisk::new(10 * CS);
+    other.write(0, &random_bytes(7, CS as usize));
+    let r = s
+        .ingest_resumable(&mut other, Some(cp), None, &mut |_| {})
+        .expect("fresh");
+    assert_eq!(r.resumed_chunks, 0);
+    assert_eq!(read_all(&s, &r.manifest_id), other.data);
+}
