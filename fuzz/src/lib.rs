@@ -13,7 +13,10 @@ use std::sync::Arc;
 /// Runs `inspect` (deep and shallow) on an in-memory file; it must never panic nor fail.
 pub fn check(file: Vec<u8>) {
     for deep in [true, false] {
-        let opts = InspectOptions { deep, ..Default::default() };
+        let opts = InspectOptions {
+            deep,
+            ..Default::default()
+        };
         let ins = inspect(&file, &opts).expect("in-memory inspect never returns Err");
         for v in &ins.violations {
             let _ = (v.name(), v.to_string());
@@ -32,7 +35,8 @@ pub fn force(data: &[u8], at: usize, magic: &[u8]) -> Vec<u8> {
 }
 
 fn be64(b: &[u8], o: usize) -> u64 {
-    b.get(o..o + 8).map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
+    b.get(o..o + 8)
+        .map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
 }
 
 /// Recomputes a VHD-style checksum (one's complement byte sum) stored big-endian at `ck`.
@@ -41,7 +45,9 @@ pub fn vhd_sum(b: &mut [u8], off: usize, len: usize, ck: usize) {
         return;
     }
     b[off + ck..off + ck + 4].fill(0);
-    let s = b[off..off + len].iter().fold(0u32, |a, &c| a.wrapping_add(u32::from(c)));
+    let s = b[off..off + len]
+        .iter()
+        .fold(0u32, |a, &c| a.wrapping_add(u32::from(c)));
     b[off + ck..off + ck + 4].copy_from_slice(&(!s).to_be_bytes());
 }
 
@@ -93,7 +99,11 @@ pub fn vhd(data: &[u8]) -> Vec<u8> {
         v
     } else {
         let mut v = data.to_vec();
-        let mut footer = force(data.get(..512.min(data.len())).unwrap_or(&[]), 0, b"conectix");
+        let mut footer = force(
+            data.get(..512.min(data.len())).unwrap_or(&[]),
+            0,
+            b"conectix",
+        );
         footer.resize(512, 0);
         vhd_sum(&mut footer, 0, 512, 64);
         v.extend_from_slice(&footer);
@@ -223,7 +233,10 @@ pub fn walk(src: Arc<dyn ReadAt>, format: DiskFormat) -> ReadOutcome {
     out.opened = true;
     let vsize = disk.virtual_size();
     out.virtual_size = Some(vsize);
-    assert!(vsize <= read::MAX_VIRTUAL_SIZE, "virtual size {vsize} over the reader limit");
+    assert!(
+        vsize <= read::MAX_VIRTUAL_SIZE,
+        "virtual size {vsize} over the reader limit"
+    );
     let mut budget = READ_BUDGET;
     let mut windows = Vec::new();
     let mut pos = 0;
@@ -259,6 +272,19 @@ pub fn walk(src: Arc<dyn ReadAt>, format: DiskFormat) -> ReadOutcome {
             }
         }
     }
+    // Ranges reaching past u64::MAX are clipped, not overflowed; empty reads are no-ops.
+    match disk.extents(vsize / 2, u64::MAX) {
+        Ok(ext) => check_extents(&ext, vsize / 2, u64::MAX, vsize),
+        Err(e) => note(&mut out, "extents", e),
+    }
+    let mut far = [0xa5u8; 16];
+    match disk.read_at(u64::MAX - 8, &mut far) {
+        Ok(()) => assert!(far.iter().all(|&b| b == 0), "bytes past u64::MAX not zero"),
+        Err(e) => note(&mut out, "read", e),
+    }
+    if let Err(e) = disk.read_at(vsize / 2, &mut []) {
+        note(&mut out, "read", e);
+    }
     // A read straddling the end of the disk zero-fills what lies past it.
     let at = vsize.saturating_sub(4096);
     let mut tail = vec![0xa5u8; 8192];
@@ -280,10 +306,16 @@ fn check_extents(ext: &[Extent], off: u64, len: u64, vsize: u64) {
     let end = off.saturating_add(len).min(vsize).max(start);
     let mut pos = start;
     for (i, x) in ext.iter().enumerate() {
-        assert_eq!(x.offset, pos, "extents not adjacent: {ext:?} for [{off}, +{len}) of {vsize}");
+        assert_eq!(
+            x.offset, pos,
+            "extents not adjacent: {ext:?} for [{off}, +{len}) of {vsize}"
+        );
         assert!(x.len > 0, "empty extent: {x:?}");
         if i > 0 {
-            assert!(ext[i - 1].kind != x.kind, "adjacent extents of one kind not merged: {ext:?}");
+            assert!(
+                ext[i - 1].kind != x.kind,
+                "adjacent extents of one kind not merged: {ext:?}"
+            );
         }
         pos = x.offset.checked_add(x.len).expect("extent end overflows");
     }
@@ -321,7 +353,10 @@ fn read_extent(
             disk.read_at(pos, &mut again[..cut])?;
             disk.read_at(pos + cut as u64, &mut again[cut..])?;
             *budget -= n as u64;
-            assert!(again == buf, "read of [{pos}, +{n}) differs when split at {cut}");
+            assert!(
+                again == buf,
+                "read of [{pos}, +{n}) differs when split at {cut}"
+            );
         }
         pos += n as u64;
     }
