@@ -43,6 +43,36 @@ b[0x8000 + 128:0x8000 + 132] = struct.pack("<H", 2048) + struct.pack(">H", 2048)
 b[0x8800] = 255; b[0x8801:0x8807] = b"CD001\x01"
 open(sys.argv[1], "wb").write(b)
 PY
+# Reader targets: the same kinds of files, plus what only a reader exercises (compressed
+# clusters with both algorithms and several cluster sizes, streamOptimized grains, VDI static).
+mk read_qcow2 v3.qcow2 qcow2 cluster_size=4k
+mk read_qcow2 v2.qcow2 qcow2 compat=0.10,cluster_size=4k
+mk read_qcow2 c512.qcow2 qcow2 cluster_size=512
+for c in zlib zstd; do
+  for cs in 512 4k 64k; do
+    q convert -c -f raw -O qcow2 -o cluster_size=$cs,compression_type=$c "$tmp/src.raw" \
+      "$out/read_qcow2/$c-$cs.qcow2"
+  done
+done
+q convert -c -f raw -O qcow2 -o compat=0.10,cluster_size=4k "$tmp/src.raw" "$out/read_qcow2/v2-zlib.qcow2"
+mk read_vhd dynamic.vhd vpc subformat=dynamic
+cp "$tmp/fixed.vhd" "$out/read_vhd/fixed.vhd"
+mk read_vhdx small.vhdx vhdx block_size=1M,log_size=1M
+mk read_vmdk sparse.vmdk vmdk subformat=monolithicSparse
+mk read_vmdk stream.vmdk vmdk subformat=streamOptimized
+cp "$tmp/flat.vmdk" "$out/read_vmdk/descriptor.vmdk"
+mk read_vdi dynamic.vdi vdi
+truncate -s 1M "$tmp/small.raw"
+printf 'hello' | dd of="$tmp/small.raw" conv=notrunc bs=1 seek=4096 status=none
+q convert -f raw -O vdi -o static=on "$tmp/small.raw" "$out/read_vdi/static.vdi"
+mkdir -p "$out/read_any"
+for d in read_qcow2 read_vmdk read_vhd read_vdi inspect_iso; do
+  for f in "$out/$d"/*; do
+    [ "$(stat -c %s "$f")" -le 1048576 ] && cp "$f" "$out/read_any/"
+  done
+done
+cp "$tmp/small.raw" "$out/read_any/small.raw"
+
 mkdir -p "$out/inspect_any"
 for d in inspect_qcow2 inspect_vmdk inspect_vhd inspect_qed_vdi inspect_iso; do
   for f in "$out/$d"/*; do

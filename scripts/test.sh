@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Full test run: Rust unit/integration tests (nextest) + the end-to-end suite against the real
+# Full test run: Rust unit/integration tests (nextest), a short fuzzing pass over every
+# disk-format inspector and reader (scripts/fuzz.sh), then the end-to-end suite against the real
 # `openims` binary driven by the official clients (tests/e2e). Exits non-zero on any failure.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +16,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 cargo nextest run --workspace
+
+# Fuzzing: every target of fuzz/ for OPENIMS_FUZZ_SECS seconds (0 skips), two at a time, on the
+# stable toolchain, built in its own target dir. 45 s x 13 targets / 2 cores is ~5 min of
+# fuzzing plus the build; a crash fails the run (reproducer under fuzz/artifacts/).
+"$here/scripts/fuzz.sh" "${OPENIMS_FUZZ_SECS:-45}"
 
 export OPENIMS_BIN=${OPENIMS_BIN:-$CARGO_TARGET_DIR/debug/openims}
 # Each xdist worker starts its own session server (own data dir and port), so -n is safe.

@@ -1,13 +1,22 @@
 //! Harness helpers shared by the fuzz targets: each target forces its format's magic and
 //! repairs checksums (VHD sums, VHDX CRC-32C) so the fuzzer explores the parser behind them
 //! instead of bouncing off the signature or checksum check.
+//!
+//! `inspect_*` targets call [`check`]; `read_*` targets call [`check_read`], which inspects the
+//! file and then drives the streaming reader over it whatever the verdict (see there).
 
 use openims_format::inspect::{inspect, InspectOptions};
+use openims_format::io::{Extent, ExtentKind, VirtualDisk};
+use openims_format::{read, DiskFormat, FormatError, ReadAt};
+use std::sync::Arc;
 
 /// Runs `inspect` (deep and shallow) on an in-memory file; it must never panic nor fail.
 pub fn check(file: Vec<u8>) {
     for deep in [true, false] {
-        let opts = InspectOptions { deep, ..Default::default() };
+        let opts = InspectOptions {
+            deep,
+            ..Default::default()
+        };
         let ins = inspect(&file, &opts).expect("in-memory inspect never returns Err");
         for v in &ins.violations {
             let _ = (v.name(), v.to_string());
@@ -26,7 +35,8 @@ pub fn force(data: &[u8], at: usize, magic: &[u8]) -> Vec<u8> {
 }
 
 fn be64(b: &[u8], o: usize) -> u64 {
-    b.get(o..o + 8).map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
+    b.get(o..o + 8)
+        .map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap_or([0; 8])))
 }
 
 /// Recomputes a VHD-style checksum (one's complement byte sum) stored big-endian at `ck`.
@@ -35,7 +45,9 @@ pub fn vhd_sum(b: &mut [u8], off: usize, len: usize, ck: usize) {
         return;
     }
     b[off + ck..off + ck + 4].fill(0);
-    let s = b[off..off + len].iter().fold(0u32, |a, &c| a.wrapping_add(u32::from(c)));
+    let s = b[off..off + len]
+        .iter()
+        .fold(0u32, |a, &c| a.wrapping_add(u32::from(c)));
     b[off + ck..off + ck + 4].copy_from_slice(&(!s).to_be_bytes());
 }
 
@@ -87,7 +99,11 @@ pub fn vhd(data: &[u8]) -> Vec<u8> {
         v
     } else {
         let mut v = data.to_vec();
-        let mut footer = force(data.get(..512.min(data.len())).unwrap_or(&[]), 0, b"conectix");
+        let mut footer = force(
+            data.get(..512.min(data.len())).unwrap_or(&[]),
+            0,
+            b"conectix",
+        );
         footer.resize(512, 0);
         vhd_sum(&mut footer, 0, 512, 64);
         v.extend_from_slice(&footer);
@@ -109,4 +125,243 @@ pub fn vhdx(data: &[u8]) -> Vec<u8> {
         }
     }
     v
+}
+
+/// Most bytes of virtual disk one input may make the harness read (data extents, zero-extent
+/// samples and consistency re-reads together), so a huge virtual size stays fast.
+pub const READ_BUDGET: u64 = 64 << 20;
+/// How much of the virtual disk `extents()` is walked from the start (plus one window at the
+/// end of the disk when it is larger).
+pub const WALK_LIMIT: u64 = 256 << 20;
+/// `extents()` is asked for windows of this size.
+const WINDOW: u64 = 64 << 20;
+/// Reads are issued in pieces of at most this size.
+const PIECE: usize = 1 << 20;
+/// Of each zero extent, only this much is read back to check that it reads as zeros.
+const ZERO_SAMPLE: u64 = 64 << 10;
+
+/// What the reader did with one input (for the targets' own assertions).
+#[derive(Debug, Default)]
+pub struct ReadOutcome {
+    /// `read::open` succeeded.
+    pub opened: bool,
+    /// First error from `read::open`, `extents()` or `read_at()`.
+    pub error: Option<String>,
+    /// That error is `FormatError::Unsupported` (a refusal, not a failure).
+    pub unsupported: bool,
+    /// Bytes of virtual disk read.
+    pub bytes_read: u64,
+    /// The reader's virtual size, when it opened.
+    pub virtual_size: Option<u64>,
+}
+
+/// Inspects `file` (deep) and then, **whatever the verdict**, opens it with the streaming
+/// reader for `format` and walks it: `extents()` over the first [`WALK_LIMIT`] bytes of the
+/// virtual disk (and the last window), reading every data extent in pieces of at most 1 MiB,
+/// within [`READ_BUDGET`] bytes. Readers are opened only after `inspect` passed in the service,
+/// but must be safe on their own: no panic, no hang, bounded memory.
+///
+/// Checked on every input (these hold for any file, hostile or not):
+/// - `extents()` returns ordered, adjacent, non-empty, merged extents exactly covering the
+///   requested range clipped to the disk;
+/// - a zero extent reads as zeros; bytes past the end of the disk read as zeros;
+/// - reading a piece in one call or in two halves gives the same bytes.
+///
+/// When `inspect` found the file safe **and** detected `format`, both must agree on the virtual
+/// size, the reader must open it (`Unsupported` is allowed: the reader refuses a few things
+/// inspect accepts, e.g. qcow2 extended L2, QED) and `extents()` and `read_at()` must succeed:
+/// inspect's deep mode checked every table pointer the reader follows. The one exception is
+/// the content of compressed data (a qcow2 cluster that does not decompress, a streamOptimized
+/// grain whose marker or deflate stream is bad): inspect never reads guest data, so only the
+/// read finds it.
+pub fn check_read(file: Vec<u8>, format: DiskFormat) -> ReadOutcome {
+    let opts = InspectOptions::default();
+    let ins = inspect(&file, &opts).expect("in-memory inspect never returns Err");
+    let safe = ins.is_safe() && ins.format == format;
+    let src: Arc<dyn ReadAt> = Arc::new(file);
+    let out = walk(src, format);
+    if std::env::var_os("OPENIMS_FUZZ_DEBUG").is_some() {
+        eprintln!(
+            "inspect: {} safe={} violations={:?} vsize={}; reader: {out:?}",
+            ins.format,
+            ins.is_safe(),
+            ins.violation_names(),
+            ins.virtual_size
+        );
+    }
+    if safe {
+        if let Some(v) = out.virtual_size {
+            assert_eq!(
+                v, ins.virtual_size,
+                "inspect and the {format} reader disagree on the virtual size"
+            );
+        }
+        if let Some(e) = &out.error {
+            if !out.opened {
+                assert!(
+                    out.unsupported,
+                    "inspect passed this {format} file but the reader refused it: {e}"
+                );
+            } else {
+                let compressed_content = e.contains("does not decompress")
+                    || e.contains("does not inflate")
+                    || e.contains("compressed grain size");
+                assert!(
+                    compressed_content,
+                    "inspect passed this {format} file but the reader failed on it: {e}"
+                );
+            }
+        }
+    }
+    out
+}
+
+fn note(out: &mut ReadOutcome, what: &str, e: FormatError) {
+    if out.error.is_none() {
+        out.unsupported = matches!(e, FormatError::Unsupported { .. });
+        out.error = Some(format!("{what}: {e}"));
+    }
+}
+
+/// Opens `src` as `format` and walks it (see [`check_read`]); never asserts on errors.
+pub fn walk(src: Arc<dyn ReadAt>, format: DiskFormat) -> ReadOutcome {
+    let mut out = ReadOutcome::default();
+    let mut disk = match read::open(src, format) {
+        Ok(d) => d,
+        Err(e) => {
+            note(&mut out, "open", e);
+            return out;
+        }
+    };
+    out.opened = true;
+    let vsize = disk.virtual_size();
+    out.virtual_size = Some(vsize);
+    assert!(
+        vsize <= read::MAX_VIRTUAL_SIZE,
+        "virtual size {vsize} over the reader limit"
+    );
+    let mut budget = READ_BUDGET;
+    let mut windows = Vec::new();
+    let mut pos = 0;
+    while pos < vsize.min(WALK_LIMIT) {
+        windows.push((pos, WINDOW));
+        pos += WINDOW;
+    }
+    if vsize > WALK_LIMIT {
+        windows.push((vsize - WINDOW, WINDOW));
+    }
+    // Past the end: no extents.
+    windows.push((vsize, WINDOW));
+    for (off, len) in windows {
+        let ext = match disk.extents(off, len) {
+            Ok(x) => x,
+            Err(e) => {
+                note(&mut out, "extents", e);
+                return out;
+            }
+        };
+        check_extents(&ext, off, len, vsize);
+        for x in ext {
+            if budget == 0 {
+                break;
+            }
+            let span = match x.kind {
+                ExtentKind::Data => x.len,
+                ExtentKind::Zero => x.len.min(ZERO_SAMPLE),
+            };
+            if let Err(e) = read_extent(&mut *disk, x, span, &mut budget, &mut out) {
+                note(&mut out, "read", e);
+                return out;
+            }
+        }
+    }
+    // Ranges reaching past u64::MAX are clipped, not overflowed; empty reads are no-ops.
+    match disk.extents(vsize / 2, u64::MAX) {
+        Ok(ext) => check_extents(&ext, vsize / 2, u64::MAX, vsize),
+        Err(e) => note(&mut out, "extents", e),
+    }
+    let mut far = [0xa5u8; 16];
+    match disk.read_at(u64::MAX - 8, &mut far) {
+        Ok(()) => assert!(far.iter().all(|&b| b == 0), "bytes past u64::MAX not zero"),
+        Err(e) => note(&mut out, "read", e),
+    }
+    if let Err(e) = disk.read_at(vsize / 2, &mut []) {
+        note(&mut out, "read", e);
+    }
+    // A read straddling the end of the disk zero-fills what lies past it.
+    let at = vsize.saturating_sub(4096);
+    let mut tail = vec![0xa5u8; 8192];
+    match disk.read_at(at, &mut tail) {
+        Ok(()) => {
+            let past = (vsize - at) as usize;
+            assert!(
+                tail[past..].iter().all(|&b| b == 0),
+                "bytes past the end of the disk are not zero"
+            );
+        }
+        Err(e) => note(&mut out, "read", e),
+    }
+    out
+}
+
+fn check_extents(ext: &[Extent], off: u64, len: u64, vsize: u64) {
+    let start = off.min(vsize);
+    let end = off.saturating_add(len).min(vsize).max(start);
+    let mut pos = start;
+    for (i, x) in ext.iter().enumerate() {
+        assert_eq!(
+            x.offset, pos,
+            "extents not adjacent: {ext:?} for [{off}, +{len}) of {vsize}"
+        );
+        assert!(x.len > 0, "empty extent: {x:?}");
+        if i > 0 {
+            assert!(
+                ext[i - 1].kind != x.kind,
+                "adjacent extents of one kind not merged: {ext:?}"
+            );
+        }
+        pos = x.offset.checked_add(x.len).expect("extent end overflows");
+    }
+    assert_eq!(pos, end, "extents {ext:?} do not cover [{start}, {end})");
+}
+
+fn read_extent(
+    disk: &mut dyn VirtualDisk,
+    x: Extent,
+    span: u64,
+    budget: &mut u64,
+    out: &mut ReadOutcome,
+) -> Result<(), FormatError> {
+    let mut pos = x.offset;
+    let end = x.offset + span;
+    let mut buf = Vec::new();
+    let mut first = true;
+    while pos < end && *budget > 0 {
+        let n = (end - pos).min(PIECE as u64).min(*budget) as usize;
+        buf.resize(n, 0xa5);
+        disk.read_at(pos, &mut buf)?;
+        *budget -= n as u64;
+        out.bytes_read += n as u64;
+        if x.kind == ExtentKind::Zero {
+            assert!(
+                buf.iter().all(|&b| b == 0),
+                "zero extent {x:?} reads non-zero bytes near {pos}"
+            );
+        }
+        // Once per extent: the same bytes read in two unaligned halves.
+        if first && n > 1 && *budget >= n as u64 {
+            first = false;
+            let cut = n / 2 + 1;
+            let mut again = vec![0x5au8; n];
+            disk.read_at(pos, &mut again[..cut])?;
+            disk.read_at(pos + cut as u64, &mut again[cut..])?;
+            *budget -= n as u64;
+            assert!(
+                again == buf,
+                "read of [{pos}, +{n}) differs when split at {cut}"
+            );
+        }
+        pos += n as u64;
+    }
+    Ok(())
 }

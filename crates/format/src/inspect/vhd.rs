@@ -93,19 +93,39 @@ impl VhdFooter {
         }
     }
 
-    /// The virtual size qemu uses: CHS-derived for `vpc `/`qemu` creators unless the geometry is
-    /// the maximum one, `current_size` otherwise.
+    /// The virtual size qemu uses (see [`qemu_virtual_size`]).
     pub fn virtual_size(&self) -> u64 {
-        let chs_max = self.cylinders == 65535 && self.heads == 16 && self.sectors_per_track == 255;
-        let chs_creator = &self.creator_app == b"vpc " || &self.creator_app == b"qemu";
-        if chs_creator && !chs_max {
-            u64::from(self.cylinders)
-                * u64::from(self.heads)
-                * u64::from(self.sectors_per_track)
-                * 512
-        } else {
-            self.current_size
-        }
+        qemu_virtual_size(
+            &self.creator_app,
+            self.current_size,
+            self.cylinders,
+            self.heads,
+            self.sectors_per_track,
+        )
+    }
+}
+
+/// CHS geometry (in sectors) at which qemu switches to `current_size` whatever the creator.
+pub const MAX_GEOMETRY_SECTORS: u64 = 65535 * 16 * 255;
+
+/// The virtual size of a VHD as qemu computes it, shared by `inspect` and the reader so both
+/// always agree: the CHS geometry (cylinders × heads × sectors × 512) for images made by
+/// Virtual PC (`vpc `) and old qemu (`qemu`), unless that geometry has the maximum sector count
+/// (any triple whose product is 65535 × 16 × 255); `current_size` rounded down to whole
+/// sectors otherwise (Hyper-V, newer qemu, disk2vhd, XenServer, Azure, unknown creators).
+pub fn qemu_virtual_size(
+    creator_app: &[u8; 4],
+    current_size: u64,
+    cylinders: u16,
+    heads: u8,
+    sectors_per_track: u8,
+) -> u64 {
+    let chs = u64::from(cylinders) * u64::from(heads) * u64::from(sectors_per_track);
+    let chs_creator = creator_app == b"vpc " || creator_app == b"qemu";
+    if chs_creator && chs != MAX_GEOMETRY_SECTORS {
+        chs * 512
+    } else {
+        current_size / 512 * 512
     }
 }
 

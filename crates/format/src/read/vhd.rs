@@ -12,9 +12,6 @@ use crate::Result;
 use std::sync::Arc;
 
 const F: &str = "vhd";
-/// CHS geometry at which qemu (and Hyper-V) switch to `current_size`.
-const MAX_GEOMETRY_SECTORS: u64 = 65535 * 16 * 255;
-
 /// What the reader needs from the 512-byte footer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhdFooter {
@@ -28,19 +25,16 @@ pub struct VhdFooter {
 }
 
 impl VhdFooter {
-    /// The virtual size, chosen as qemu does: CHS geometry for images made by Virtual PC and
-    /// old qemu, `current_size` for Hyper-V, disk2vhd, XenServer, newer qemu, or maximal CHS.
+    /// The virtual size, chosen as qemu does and exactly as `inspect` does
+    /// ([`crate::inspect::vhd::qemu_virtual_size`]).
     pub fn virtual_size(&self) -> u64 {
-        let chs = self.cylinders as u64 * self.heads as u64 * self.sectors_per_track as u64;
-        let use_size = matches!(
+        crate::inspect::vhd::qemu_virtual_size(
             &self.creator_app,
-            b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0"
-        );
-        if use_size || chs == MAX_GEOMETRY_SECTORS {
-            self.current_size / 512 * 512
-        } else {
-            chs * 512
-        }
+            self.current_size,
+            self.cylinders,
+            self.heads,
+            self.sectors_per_track,
+        )
     }
 }
 
