@@ -167,3 +167,33 @@ def test_sigterm_idle_exits_cleanly(fresh_server):
     assert rc == 0
     with pytest.raises(requests.ConnectionError):
         requests.get(fresh_server.endpoint + "/healthz", timeout=2)
+
+
+def test_metrics_show_the_job_queue(server, tenant):
+    """`/metrics` carries the job queue, read from the database at each scrape: jobs by type and
+    status, running jobs on an expired lease, and the age of the oldest queued job."""
+    from huaweicloudsdkims.v2 import CopyImageInRegionRequest, CopyImageInRegionRequestBody
+
+    from helpers import make_active_image, unique, wait_job
+
+    def jobs_gauge(text, job_type, status):
+        _, samples = parse_prom(text)
+        return sum(v for n, l, v in samples
+                   if n == "openims_jobs" and l.get("job_type") == job_type and l.get("status") == status)
+
+    def scrape():
+        r = requests.get(server.endpoint + "/metrics", timeout=10)
+        assert r.status_code == 200, describe(r)
+        return r.text
+
+    before = jobs_gauge(scrape(), "imsCopyImageInRegionJob", "SUCCESS")
+    img = make_active_image(tenant.raw)
+    job_id = tenant.ims.copy_image_in_region(CopyImageInRegionRequest(
+        image_id=img["id"], body=CopyImageInRegionRequestBody(name=unique("m")))).job_id
+    assert wait_job(tenant.ims, job_id, timeout=60).status == "SUCCESS"
+    text = scrape()
+    assert jobs_gauge(text, "imsCopyImageInRegionJob", "SUCCESS") >= before + 1, text[-3000:]
+    types, samples = parse_prom(text)
+    names = {n for n, _, _ in samples}
+    assert "openims_jobs_running_on_expired_lease" in names, sorted(names)
+    assert "openims_job_queue_oldest_age_seconds" in names, sorted(names)

@@ -1,4 +1,5 @@
-//! Prometheus metrics: request counts and latencies by method, route and status.
+//! Prometheus metrics: request counts and latencies by method, route and status, and the job
+//! queue (read from the shared database at each scrape, so every node reports the cluster's).
 
 use crate::AppState;
 use axum::extract::{MatchedPath, Request, State};
@@ -9,6 +10,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::time::Instant;
@@ -20,11 +22,20 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub job_type: String,
+    pub status: String,
+}
+
 /// The service's metric registry.
 pub struct Metrics {
     registry: Registry,
     requests: Family<HttpLabels, Counter>,
     latency: Family<HttpLabels, Histogram>,
+    jobs: Family<JobLabels, Gauge>,
+    jobs_expired: Gauge,
+    queue_age: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -49,11 +60,47 @@ impl Metrics {
             "Time to answer HTTP requests",
             latency.clone(),
         );
+        let jobs = Family::<JobLabels, Gauge>::default();
+        registry.register(
+            "jobs",
+            "Jobs in the shared database by type and status (cluster-wide)",
+            jobs.clone(),
+        );
+        let jobs_expired = Gauge::default();
+        registry.register(
+            "jobs_running_on_expired_lease",
+            "Running jobs whose node stopped heartbeating (taken over shortly; cluster-wide)",
+            jobs_expired.clone(),
+        );
+        let queue_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "job_queue_oldest_age_seconds",
+            "Age of the oldest queued job (0 when none is queued; cluster-wide)",
+            queue_age.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
+            jobs,
+            jobs_expired,
+            queue_age,
         }
+    }
+
+    /// Sets the job-queue gauges from a fresh reading.
+    pub fn set_jobs(&self, stats: &openims_core::jobs::JobStats) {
+        self.jobs.clear();
+        for (job_type, status, n) in &stats.by_type_status {
+            self.jobs
+                .get_or_create(&JobLabels {
+                    job_type: job_type.clone(),
+                    status: status.clone(),
+                })
+                .set(*n);
+        }
+        self.jobs_expired.set(stats.running_on_expired_lease);
+        self.queue_age.set(stats.oldest_queued_age_secs);
     }
 
     pub fn observe(&self, labels: HttpLabels, seconds: f64) {
@@ -93,6 +140,11 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
 
 /// `GET /metrics`.
 pub async fn render(State(state): State<AppState>) -> Response {
+    match state.svc.db.job_stats().await {
+        Ok(stats) => state.metrics.set_jobs(&stats),
+        // The request metrics are still worth serving; the job gauges keep their last values.
+        Err(e) => tracing::warn!(error = %e, "reading job counts for /metrics failed"),
+    }
     (
         [(
             CONTENT_TYPE,

@@ -292,6 +292,15 @@ pub async fn count_open_jobs_locked(
     Ok(n as u64)
 }
 
+/// Job counts for monitoring ([`Db::job_stats`]).
+#[derive(Debug, Clone, Default)]
+pub struct JobStats {
+    /// (job type, status, count).
+    pub by_type_status: Vec<(String, String, i64)>,
+    pub running_on_expired_lease: i64,
+    pub oldest_queued_age_secs: f64,
+}
+
 impl Db {
     /// A job of `project` (None when absent or another project's).
     pub async fn get_job(&self, project: &ProjectId, id: &str) -> Result<Option<Job>> {
@@ -335,6 +344,37 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected())
+    }
+
+    /// Cluster-wide job counts for `/metrics`: jobs by (type, status), jobs running on an
+    /// expired lease (their node died; they are taken over shortly), and the age in seconds
+    /// of the oldest queued job.
+    pub async fn job_stats(&self) -> Result<JobStats> {
+        let rows = sqlx::query(
+            "SELECT job_type, status, COUNT(*) AS n FROM jobs GROUP BY job_type, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let by_type_status = rows
+            .iter()
+            .map(|r| (r.s("job_type"), r.s("status"), r.i("n")))
+            .collect();
+        let now = now_ms();
+        let expired: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'RUNNING' AND lease_until < $1",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(created_at) FROM jobs WHERE status = 'INIT'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(JobStats {
+            by_type_status,
+            running_on_expired_lease: expired,
+            oldest_queued_age_secs: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+        })
     }
 
     /// The newest jobs of `project` (newest first, at most `limit`), optionally only those in
