@@ -235,6 +235,59 @@ def test_encrypt_rekey_decrypt_chain_keeps_the_disk(tenant, src):
         assert_same_disk(tenant, i, data)
 
 
+def _sha256_of_image(t, image_id):
+    import hashlib
+    r = t.raw.get(f"/v2/images/{image_id}/file", stream=True)
+    assert r.status_code == 200, describe(r)
+    h, n = hashlib.sha256(), 0
+    for piece in r.iter_content(4 * MiB):
+        h.update(piece)
+        n += len(piece)
+    return h.hexdigest(), n
+
+
+def test_deleting_the_source_and_disabling_its_key_during_copies_breaks_neither(tenant):
+    """Copies accepted before their source is deleted (and, for an encrypted source, its key
+    disabled) still succeed with the source's disk, even with a GC pass (no grace) in between:
+    the job's snapshot of the source keeps the data."""
+    t = tenant
+    total = 128 * MiB
+    img = glance_create(t.raw, name=unique("big"), disk_format="raw", container_format="bare")
+    r = t.raw.put(f"/v2/images/{img['id']}/file", stream_body=GeneratedBody(total=total, random_every=4 * MiB),
+                  content_type=OCTET, timeout=300)
+    assert r.status_code == 204, describe(r)
+    want = _sha256_of_image(t, img["id"])
+    k1, k2 = create_key(t), create_key(t)
+    # An encrypted source (k1) to re-key from, made first.
+    enc_job = wait_job(t.ims, copy(t, img["id"], k1), timeout=240)
+    assert enc_job.status == "SUCCESS", enc_job
+    enc_id = enc_job.entities.image_id
+
+    # Encrypting copy (plaintext source -> k2, every chunk re-encrypted) and full re-encryption
+    # of the encrypted source (k1 -> k2): both stream the source's chunks.
+    jobs = [copy(t, img["id"], k2)]
+    r = t.raw.post(f"/v1/cloudimages/{enc_id}/copy",
+                   json_body={"name": unique("reenc"), "cmk_id": k2, "__reencrypt_data": True})
+    assert r.status_code == 200, describe(r)
+    jobs.append(r.json()["job_id"])
+    # The sources go, the old key is disabled, and GC runs with no grace, while the jobs run.
+    disable(t, k1)
+    for i in (img["id"], enc_id):
+        assert t.raw.delete(f"/v2/images/{i}").status_code == 204
+    states = [t.raw.get(f"/v1/{t.project_id}/jobs/{j}").json()["status"] for j in jobs]
+    admin(t.server.data_dir, "gc", "--grace-secs", "0", binary=t.server.binary)
+    print(f"job states when the sources were deleted: {states}")
+    for j in jobs:
+        job = wait_job(t.ims, j, timeout=240)
+        assert job.status == "SUCCESS", job
+        shown = glance_show(t.raw, job.entities.image_id)
+        assert shown["status"] == "active" and shown["__system__cmkid"] == k2, shown
+        assert _sha256_of_image(t, job.entities.image_id) == want
+    enable(t, k1)
+    fsck = admin(t.server.data_dir, "fsck", binary=t.server.binary)
+    assert fsck["clean"], fsck
+
+
 def test_disabling_a_key_makes_exactly_its_images_unusable(tenant, src):
     data = src["_data"]
     k1, k2 = create_key(tenant), create_key(tenant)

@@ -239,10 +239,17 @@ async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value>
                     }
                 })
             };
-            let live = db.live_manifests().await;
+            // Cutoff first, then the live set (see Db::gc_cutoff).
+            let live = match db.gc_cutoff(Duration::from_secs(grace_secs)).await {
+                Ok(cutoff) => db.live_manifests().await.map(|l| (cutoff, l)),
+                Err(e) => Err(e),
+            };
             let r = match live {
-                Ok(live) => tokio::task::spawn_blocking(move || {
-                    data.gc(&live, Duration::from_secs(grace_secs))
+                Ok((cutoff, live)) => tokio::task::spawn_blocking(move || {
+                    let grace = std::time::SystemTime::now()
+                        .duration_since(cutoff)
+                        .unwrap_or_default();
+                    data.gc(&live, grace)
                 })
                 .await
                 .map_err(anyhow::Error::from)

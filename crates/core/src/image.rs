@@ -1164,6 +1164,33 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
+    /// The GC's cutoff: unreferenced data written after it is kept. It is `grace` before
+    /// now at the latest, and earlier when a job or an upload is still open: what they write
+    /// is referenced only once they end, so nothing written since the oldest of them started
+    /// may go (less a minute for clock differences between nodes and the store). Read it
+    /// *before* the live set ([`Db::live_manifests`]): work that ends in between is then
+    /// covered by one or the other.
+    pub async fn gc_cutoff(&self, grace: std::time::Duration) -> Result<std::time::SystemTime> {
+        let now = std::time::SystemTime::now();
+        let mut cutoff = now.checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
+        let oldest_job: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(created_at) FROM jobs WHERE status IN ('INIT', 'RUNNING')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest_upload: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(created_at) FROM images WHERE status = 'saving'")
+                .fetch_one(&self.pool)
+                .await?;
+        if let Some(ms) = [oldest_job, oldest_upload].into_iter().flatten().min() {
+            let open = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(ms.max(0) as u64)
+                    .saturating_sub(std::time::Duration::from_secs(60));
+            cutoff = cutoff.min(open);
+        }
+        Ok(cutoff)
+    }
+
     /// Every manifest something references (the GC's live set): images (disk and file
     /// manifests), bucket objects (their parts), unfinished multipart uploads (their
     /// uploaded parts), the sources of jobs not yet ended (`job_sources`) and the manifests

@@ -1086,7 +1086,8 @@ impl Service {
         }
     }
 
-    /// One garbage-collection pass: data no image references, older than the grace period.
+    /// One garbage-collection pass: data nothing references, older than the grace period and
+    /// than every open job and upload ([`Db::gc_cutoff`](crate::db::Db)).
     ///
     /// With several nodes on one database only one collects at a time (cluster lease
     /// [`crate::cluster::GC_LEASE`]); `None` when another node holds it.
@@ -1121,8 +1122,12 @@ impl Service {
             })
         };
         let r = async {
+            let cutoff = self.db.gc_cutoff(grace).await?;
             let live = self.db.live_manifests().await?;
             let data = self.data.clone();
+            let grace = std::time::SystemTime::now()
+                .duration_since(cutoff)
+                .unwrap_or_default();
             tokio::task::spawn_blocking(move || data.gc(&live, grace))
                 .await
                 .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?

@@ -255,6 +255,20 @@ async fn the_job_list_is_newest_first_filtered_and_project_scoped() {
         .is_empty());
 }
 
+/// Sets the modification time of every file under `dir` to `age` ago.
+fn age_files(dir: &std::path::Path, age: Duration) {
+    let when = std::time::SystemTime::now() - age;
+    for e in std::fs::read_dir(dir).expect("read dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            age_files(&p, age);
+        } else {
+            let f = std::fs::File::options().write(true).open(&p).expect("open");
+            f.set_modified(when).expect("set mtime");
+        }
+    }
+}
+
 /// The whole virtual disk behind `manifest`.
 fn disk_bytes(svc: &Service, manifest: &str) -> Vec<u8> {
     let id = manifest.parse().expect("manifest id");
@@ -272,6 +286,8 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
     let src = active_image(&svc, &c).await;
     let manifest = src.disk_manifest.clone().expect("source data");
     let want = disk_bytes(&svc, &manifest);
+    // The source's data is old: only the job's pin, not its age, can keep it from GC.
+    age_files(dir.path(), Duration::from_secs(3600));
     let job = svc
         .copy_image_in_region(
             &c,
@@ -284,7 +300,8 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
         .await
         .expect("copy accepted");
     // The source goes, and a garbage collection with no grace runs before the job does: the
-    // job's snapshot keeps the source's data alive.
+    // job's snapshot keeps the source's data alive (the data is older than the job, so the
+    // GC's open-work cutoff does not cover it).
     svc.delete_image(&c, &src.id.to_string())
         .await
         .expect("source deleted");
@@ -338,4 +355,41 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
         gc.manifests_deleted >= 1 && gc.chunks_deleted >= 1,
         "{gc:?}"
     );
+}
+
+#[tokio::test]
+async fn gc_keeps_what_open_jobs_wrote_even_with_no_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path(), 5_000).await;
+    let c = caller(&svc).await;
+    let src = active_image(&svc, &c).await;
+    // A queued job (never run here): its outputs are unreferenced until it ends.
+    svc.copy_image_in_region(
+        &c,
+        &src.id.to_string(),
+        CopyRequest {
+            name: "copy".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("copy accepted");
+    // Something the job "wrote": a chunk and a manifest nobody references yet.
+    let bytes: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 13) as u8).collect();
+    let mut disk =
+        openims_format::read::open(Arc::new(bytes), openims_format::DiskFormat::Raw).expect("raw");
+    let written = svc
+        .data
+        .store
+        .ingest(disk.as_mut(), &mut |_| {})
+        .expect("ingest")
+        .manifest_id;
+    let gc = svc
+        .collect_garbage(Duration::ZERO)
+        .await
+        .expect("gc")
+        .expect("this node collects");
+    assert_eq!(gc.manifests_deleted, 0, "{gc:?}");
+    assert_eq!(gc.chunks_deleted, 0, "{gc:?}");
+    assert!(svc.data.store.manifest(&written).is_ok());
 }
