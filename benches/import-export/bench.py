@@ -1,7 +1,7 @@
 """Import and export through the embedded bucket, driven like a user: boto3 uploads a qcow2 file,
 the IMS SDK imports it (create_image with image_url) and exports it back (qcow2), and the job
 times are compared with `dd` sequential write speed measured in the same run. Peak RSS is the
-server's VmHWM. Usage: bench.py WORKDIR OPENIMS_BIN VIRTUAL_GIB DATA_GIB"""
+server's VmHWM, per phase (upload, import, export; reset between phases). Usage: bench.py WORKDIR OPENIMS_BIN VIRTUAL_GIB DATA_GIB"""
 
 import json
 import os
@@ -50,6 +50,16 @@ try:
                    Config=TransferConfig(multipart_chunksize=64 * MiB, max_concurrency=2))
     upload_s = time.monotonic() - t0
 
+    def hwm_mib(reset=False):
+        """The server's peak RSS since the last reset (VmHWM; clear_refs 5 resets it)."""
+        v = int(next(l for l in open(f"/proc/{srv.pid}/status") if l.startswith("VmHWM")).split()[1]) / 1024
+        if reset:
+            with open(f"/proc/{srv.pid}/clear_refs", "w") as f:
+                f.write("5")
+        return round(v, 1)
+
+    upload_rss = hwm_mib(reset=True)
+
     def run_job(job_id):
         t0 = time.monotonic()
         while True:
@@ -62,9 +72,10 @@ try:
     job, import_s = run_job(t.ims.create_image(CreateImageRequest(body=CreateImageRequestBody(
         name="bench", image_url="bench:src.qcow2", min_disk=max(1, vgib)))).job_id)
     image_id = job.entities.image_id
+    import_rss = hwm_mib(reset=True)
     job, export_s = run_job(t.ims.export_image(ExportImageRequest(image_id=image_id, body=ExportImageRequestBody(
         bucket_url="bench:out.qcow2", file_format="qcow2"))).job_id)
-    hwm = int(next(l for l in open(f"/proc/{srv.pid}/status") if l.startswith("VmHWM")).split()[1]) * 1024
+    export_rss = hwm_mib()
     out_size = s3.head_object(Bucket="bench", Key="out.qcow2")["ContentLength"]
 finally:
     srv.terminate()
@@ -72,6 +83,7 @@ print(json.dumps({
     "virtual_gib": vgib, "data_bytes": data_bytes, "file_bytes": src.stat().st_size, "export_bytes": out_size,
     "upload_s": round(upload_s, 2), "import_s": round(import_s, 2), "export_s": round(export_s, 2),
     "import_mb_s": round(data_bytes / import_s / 1e6, 1), "export_mb_s": round(data_bytes / export_s / 1e6, 1),
-    "peak_rss_mib": round(hwm / MiB, 1),
+    "peak_rss_mib": max(upload_rss, import_rss, export_rss),
+    "upload_rss_mib": upload_rss, "import_rss_mib": import_rss, "export_rss_mib": export_rss,
 }))
 src.unlink()

@@ -35,5 +35,6 @@ for l in open(sys.argv[1]):
     r = json.loads(l)
     print(f"{r['virtual_gib']:>3} GiB image, {r['data_bytes']>>20} MiB data: import {r['import_s']} s = "
           f"{r['import_mb_s']} MB/s ({r['import_mb_s']/dd:.2f} x dd), export {r['export_s']} s = "
-          f"{r['export_mb_s']} MB/s ({r['export_mb_s']/dd:.2f} x dd), peak RSS {r['peak_rss_mib']} MiB")
+          f"{r['export_mb_s']} MB/s ({r['export_mb_s']/dd:.2f} x dd), peak RSS {r['peak_rss_mib']} MiB "
+          f"(upload {r['upload_rss_mib']}, import {r['import_rss_mib']}, export {r['export_rss_mib']})")
 PY

@@ -4,9 +4,9 @@
 //!
 //! The request is checked at once (what may be exported, the format, the size limit, the
 //! object name, bucket access, an existing object, one export per image at a time) and an
-//! async job streams chunk store -> format writer -> multipart upload: the first
-//! [`HEADER_WINDOW`] bytes of the output (headers and allocation tables, which the writers
-//! patch at the end) are held in memory and become part 1; the body is cut into parts as it
+//! async job streams chunk store -> format writer -> multipart upload: the leading bytes of
+//! the output the writer patches at the end (headers and allocation tables; at least
+//! [`MIN_HEADER_WINDOW`]) are held in memory and become part 1; the body is cut into parts as it
 //! is written. The object appears atomically when the upload completes, only if the key is
 //! still free (IMG.0070); a failed job aborts the upload and leaves nothing behind.
 
@@ -28,8 +28,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Leading bytes of an export held in memory so the writer can patch them (part 1).
-pub const HEADER_WINDOW: u64 = 32 << 20;
+/// Smallest leading part of an export held in memory so the writer can patch it (part 1);
+/// the writer's headers and allocation tables make it larger for large disks. S3 parts other
+/// than the last must be at least 5 MiB.
+pub const MIN_HEADER_WINDOW: u64 = 8 << 20;
 /// Size of the body parts of an export.
 pub const EXPORT_PART_SIZE: u64 = 64 << 20;
 /// Largest image a quick export takes (spec C.4: < 1 TB).
@@ -282,7 +284,7 @@ impl Service {
             upload_id: upload.upload_id.clone(),
             head: Vec::new(),
             body: None,
-            body_start: HEADER_WINDOW,
+            body_start: MIN_HEADER_WINDOW,
             position: 0,
             parts: Vec::new(),
             handle: tokio::runtime::Handle::current(),
@@ -299,6 +301,9 @@ impl Service {
                 vmdk_extent_name: "disk.vmdk".into(),
                 ..WriteOptions::default()
             };
+            // Held in memory: only what the writer patches (at least the S3 part minimum).
+            let header = openims_format::write::header_bytes(&mut disk, format, &opts)?;
+            sink.body_start = header.max(MIN_HEADER_WINDOW).next_multiple_of(1 << 20);
             let mut lost = false;
             let report = write_image(&mut disk, format, &opts, &mut sink, &mut |done| {
                 if abort_w.load(Ordering::Relaxed) {
@@ -475,7 +480,7 @@ impl UploadSink {
         self.close_body_part()?;
         let mut w = PartWriter::tagged(
             Arc::clone(self.objects.store()),
-            HEADER_WINDOW,
+            self.body_start,
             PartTag::ContentId,
         );
         w.append(&self.head)?;

@@ -115,16 +115,13 @@ pub struct WriteReport {
     pub bitmap: Option<Vec<u8>>,
 }
 
-/// Writes `disk` as `fmt` into `sink`, calling `progress` with the virtual bytes done.
-pub fn write_image(
+fn make_writer(
     disk: &mut dyn VirtualDisk,
     fmt: OutputFormat,
     opts: &WriteOptions,
-    sink: &mut dyn ImageSink,
-    progress: &mut dyn FnMut(u64),
-) -> Result<WriteReport> {
+) -> Result<Box<dyn FormatWriter>> {
     let vsize = disk.virtual_size();
-    let mut w: Box<dyn FormatWriter> = match fmt {
+    Ok(match fmt {
         OutputFormat::Raw => Box::new(raw::RawWriter::new(vsize, None, false)?),
         OutputFormat::RawWithBitmap => Box::new(raw::RawWriter::new(
             vsize,
@@ -135,7 +132,30 @@ pub fn write_image(
         OutputFormat::Qcow2 => Box::new(qcow2::Qcow2Writer::new(disk, opts)?),
         OutputFormat::Vhd => Box::new(vhd::VhdDynWriter::new(vsize)?),
         OutputFormat::VmdkStream => Box::new(vmdk::VmdkStreamWriter::new(vsize, opts)?),
-    };
+    })
+}
+
+/// How many leading bytes of the output [`write_image`] patches at the end (headers and
+/// allocation tables): the smallest [`ImageSink::header_window`] it accepts for this disk.
+/// Reads only the disk's allocation map.
+pub fn header_bytes(
+    disk: &mut dyn VirtualDisk,
+    fmt: OutputFormat,
+    opts: &WriteOptions,
+) -> Result<u64> {
+    Ok(make_writer(disk, fmt, opts)?.header_bytes())
+}
+
+/// Writes `disk` as `fmt` into `sink`, calling `progress` with the virtual bytes done.
+pub fn write_image(
+    disk: &mut dyn VirtualDisk,
+    fmt: OutputFormat,
+    opts: &WriteOptions,
+    sink: &mut dyn ImageSink,
+    progress: &mut dyn FnMut(u64),
+) -> Result<WriteReport> {
+    let vsize = disk.virtual_size();
+    let mut w = make_writer(disk, fmt, opts)?;
     // Uncompressed outputs: 1 = the reader thread also does zero detection, this thread
     // writes (read and write overlap). Compression uses all cores.
     let threads = match (opts.threads, w.codec()) {
@@ -313,6 +333,10 @@ pub(crate) trait FormatWriter {
     fn codec(&self) -> Codec;
     fn virtual_size(&self) -> u64;
     fn begin(&mut self, sink: &mut dyn ImageSink) -> Result<()>;
+    /// Leading bytes of the output patched by `finish` (the header window `begin` needs).
+    fn header_bytes(&self) -> u64 {
+        0
+    }
     fn batch(&mut self, b: &Batch, sink: &mut dyn ImageSink) -> Result<()>;
     /// Writes the tail and patches the header window; may return a side output (bitmap).
     fn finish(&mut self, sink: &mut dyn ImageSink) -> Result<Option<Vec<u8>>>;

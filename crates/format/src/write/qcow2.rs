@@ -205,6 +205,10 @@ impl FormatWriter for Qcow2Writer {
         self.vsize
     }
 
+    fn header_bytes(&self) -> u64 {
+        self.data_start
+    }
+
     fn begin(&mut self, sink: &mut dyn ImageSink) -> Result<()> {
         if sink.header_window() < self.data_start || sink.position() != 0 {
             return Err(werr(

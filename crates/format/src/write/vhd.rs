@@ -131,6 +131,10 @@ impl FormatWriter for VhdDynWriter {
     fn virtual_size(&self) -> u64 {
         self.vsize
     }
+    fn header_bytes(&self) -> u64 {
+        self.data_start
+    }
+
     fn begin(&mut self, sink: &mut dyn ImageSink) -> Result<()> {
         if sink.header_window() < self.data_start || sink.position() != 0 {
             return Err(werr(
