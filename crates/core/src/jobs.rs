@@ -338,8 +338,8 @@ impl Db {
     /// Drops the source snapshots of ended jobs (their manifests are no longer pinned).
     pub async fn release_job_sources(&self) -> Result<u64> {
         let r = sqlx::query(
-            "DELETE FROM job_sources WHERE job_id IN \
-             (SELECT id FROM jobs WHERE status IN ('SUCCESS', 'FAIL'))",
+            "DELETE FROM job_sources WHERE EXISTS (SELECT 1 FROM jobs j \
+             WHERE j.id = job_sources.job_id AND j.status IN ('SUCCESS', 'FAIL'))",
         )
         .execute(&self.pool)
         .await?;

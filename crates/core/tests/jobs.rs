@@ -355,6 +355,46 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
         gc.manifests_deleted >= 1 && gc.chunks_deleted >= 1,
         "{gc:?}"
     );
+    assert_eq!(job_sources(&svc).await, 0, "an ended job keeps no snapshot");
+}
+
+async fn job_sources(svc: &Service) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM job_sources")
+        .fetch_one(&svc.db.pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn a_job_that_fails_on_recovery_drops_its_source_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path(), 5_000).await;
+    let c = caller(&svc).await;
+    let src = active_image(&svc, &c).await;
+    svc.copy_image_in_region(
+        &c,
+        &src.id.to_string(),
+        CopyRequest {
+            name: "copy".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("copy accepted");
+    assert_eq!(job_sources(&svc).await, 1);
+    // A node claims it with a lease that is over at once, and the job has no attempts left.
+    svc.db
+        .claim_job("node-dead", 1)
+        .await
+        .expect("claim")
+        .expect("a job");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    svc.db.recover_expired_jobs(1).await.expect("recover");
+    assert_eq!(
+        job_sources(&svc).await,
+        0,
+        "the failed job's snapshot is gone"
+    );
 }
 
 #[tokio::test]
