@@ -239,21 +239,11 @@ async fn exec(db: &Db, cfg: &ServiceConfig, what: What) -> anyhow::Result<Value>
                     }
                 })
             };
-            // Cutoff first, then the live set (see Db::gc_cutoff).
-            let live = match db.gc_cutoff(Duration::from_secs(grace_secs)).await {
-                Ok(cutoff) => db.live_manifests().await.map(|l| (cutoff, l)),
-                Err(e) => Err(e),
-            };
-            let r = match live {
-                Ok((cutoff, live)) => tokio::task::spawn_blocking(move || {
-                    let grace = std::time::SystemTime::now()
-                        .duration_since(cutoff)
-                        .unwrap_or_default();
-                    data.gc(&live, grace)
-                })
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r.map_err(anyhow::Error::from)),
+            let r = match db.gc_inputs(Duration::from_secs(grace_secs)).await {
+                Ok((live, grace)) => tokio::task::spawn_blocking(move || data.gc(&live, grace))
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r.map_err(anyhow::Error::from)),
                 Err(e) => Err(e.into()),
             };
             renew.abort();

@@ -1086,16 +1086,7 @@ impl SendCtx<'_> {
             // was offered), so every heartbeat may record them.
             checkpoint: Some(json!({"xr": self.cp})),
         };
-        let alive = self
-            .svc
-            .db
-            .heartbeat(
-                &self.job.id,
-                &self.svc.node_id,
-                self.svc.config.job_lease_ms,
-                &progress,
-            )
-            .await?;
+        let alive = self.svc.beat(&self.job.id, &progress).await?;
         if !alive {
             return Err(CoreError::Internal("the job's lease was lost".into()));
         }

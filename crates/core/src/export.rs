@@ -259,11 +259,8 @@ impl Service {
             .create_upload(&job.project_id, &bucket, &key, &attrs)
             .await?;
         if !self
-            .db
-            .heartbeat(
+            .beat(
                 &job.id,
-                &self.node_id,
-                self.config.job_lease_ms,
                 &Progress {
                     current_task: "exporting".into(),
                     percent: 0.0,
@@ -333,11 +330,8 @@ impl Service {
                 (done as f64 * 100.0 / total as f64).min(99.0)
             };
             let alive = self
-                .db
-                .heartbeat(
+                .beat(
                     &job.id,
-                    &self.node_id,
-                    self.config.job_lease_ms,
                     &Progress {
                         current_task: "exporting".into(),
                         percent: (percent * 10.0).floor() / 10.0,

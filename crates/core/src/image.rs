@@ -1164,13 +1164,26 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
+    /// What a GC pass needs: the live set ([`Db::live_manifests`]) and the grace to pass
+    /// to the store's GC, measured from the pass's cutoff ([`Db::gc_cutoff`]). The cutoff is
+    /// read first, so work that ends in between is covered by one or the other.
+    pub async fn gc_inputs(
+        &self,
+        grace: std::time::Duration,
+    ) -> Result<(Vec<String>, std::time::Duration)> {
+        let cutoff = self.gc_cutoff(grace).await?;
+        let live = self.live_manifests().await?;
+        let grace = std::time::SystemTime::now()
+            .duration_since(cutoff)
+            .unwrap_or_default();
+        Ok((live, grace))
+    }
+
     /// The GC's cutoff: unreferenced data written after it is kept. It is `grace` before
     /// now at the latest, and earlier when a job or an upload is still open: what they write
     /// is referenced only once they end, so nothing written since the oldest of them started
-    /// may go (less a minute for clock differences between nodes and the store). Read it
-    /// *before* the live set ([`Db::live_manifests`]): work that ends in between is then
-    /// covered by one or the other.
-    pub async fn gc_cutoff(&self, grace: std::time::Duration) -> Result<std::time::SystemTime> {
+    /// may go (less a minute for clock differences between nodes and the store).
+    async fn gc_cutoff(&self, grace: std::time::Duration) -> Result<std::time::SystemTime> {
         let now = std::time::SystemTime::now();
         let mut cutoff = now.checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
         let oldest_job: Option<i64> = sqlx::query_scalar(

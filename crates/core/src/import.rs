@@ -1532,11 +1532,8 @@ impl Service {
                 (u.done as f64 * 100.0 / u.total as f64).min(99.0)
             };
             let alive = self
-                .db
-                .heartbeat(
+                .beat(
                     &job.id,
-                    &self.node_id,
-                    self.config.job_lease_ms,
                     &Progress {
                         current_task: u.task.into(),
                         percent: (percent * 10.0).floor() / 10.0,

@@ -335,7 +335,8 @@ impl Db {
         row.as_ref().map(crate::image::image_from_row).transpose()
     }
 
-    /// Drops the source snapshots of ended jobs (their manifests are no longer pinned).
+    /// Drops the source snapshots of ended jobs (their manifests are no longer pinned):
+    /// those of jobs failed by [`Db::recover_expired_jobs`]; `finish_job` drops its own.
     pub async fn release_job_sources(&self) -> Result<u64> {
         let r = sqlx::query(
             "DELETE FROM job_sources WHERE EXISTS (SELECT 1 FROM jobs j \
@@ -506,6 +507,8 @@ impl Db {
         outcome: std::result::Result<Option<Value>, (String, String)>,
     ) -> Result<bool> {
         let now = now_ms();
+        // The end and the release of the source snapshot commit together.
+        let mut tx = crate::db::begin_write(&self.pool).await?;
         let r = match outcome {
             Ok(results) => sqlx::query(
                 "UPDATE jobs SET status = 'SUCCESS', process_percent = 100, current_task = 'done', \
@@ -516,7 +519,7 @@ impl Db {
             .bind(now)
             .bind(job.as_str())
             .bind(node)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?,
             Err((code, reason)) => sqlx::query(
                 "UPDATE jobs SET status = 'FAIL', current_task = 'failed', error_code = $1, fail_reason = $2, \
@@ -528,16 +531,17 @@ impl Db {
             .bind(now)
             .bind(job.as_str())
             .bind(node)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?,
         };
         if r.rows_affected() == 1 {
             // Its result (if any) references the data now; the source snapshot may go.
             sqlx::query("DELETE FROM job_sources WHERE job_id = $1")
                 .bind(job.as_str())
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
         }
+        tx.commit().await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -545,7 +549,7 @@ impl Db {
     /// `max_attempts`. Returns how many were requeued.
     pub async fn recover_expired_jobs(&self, max_attempts: i64) -> Result<u64> {
         let now = now_ms();
-        sqlx::query(
+        let failed = sqlx::query(
             "UPDATE jobs SET status = 'FAIL', error_code = 'IMG.0000', \
              fail_reason = 'The job was interrupted too many times.', end_time = $1, updated_at = $1, \
              lease_owner = NULL, lease_until = NULL \
@@ -562,7 +566,9 @@ impl Db {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        self.release_job_sources().await?;
+        if failed.rows_affected() > 0 {
+            self.release_job_sources().await?;
+        }
         Ok(r.rows_affected())
     }
 

@@ -268,10 +268,7 @@ impl Service {
                     bytes_total: bytes_total as i64,
                     checkpoint: u.checkpoint.map(|c| json!({"encrypt": c})),
                 };
-                let alive = self
-                    .db
-                    .heartbeat(&job.id, &self.node_id, self.config.job_lease_ms, &progress)
-                    .await?;
+                let alive = self.beat(&job.id, &progress).await?;
                 if !alive {
                     abort.store(true, Ordering::Relaxed);
                 }
@@ -291,9 +288,7 @@ impl Service {
                 bytes_total: bytes_total as i64,
                 checkpoint: Some(json!({"encrypt": cp})),
             };
-            self.db
-                .heartbeat(&job.id, &self.node_id, self.config.job_lease_ms, &progress)
-                .await?;
+            self.beat(&job.id, &progress).await?;
         }
         let mut it = cp.done.into_iter();
         let disk = it

@@ -958,6 +958,18 @@ impl Service {
         ))
     }
 
+    /// Renews a job's lease held by this node and records its progress (and checkpoint, if
+    /// any); `false` when the lease was lost to another node.
+    pub(crate) async fn beat(
+        &self,
+        job: &crate::ids::JobId,
+        progress: &crate::jobs::Progress,
+    ) -> Result<bool> {
+        self.db
+            .heartbeat(job, &self.node_id, self.config.job_lease_ms, progress)
+            .await
+    }
+
     /// Wakes a worker for a newly queued job.
     pub(crate) fn notify_jobs(&self) {
         self.job_ready.notify_one();
@@ -1045,11 +1057,8 @@ impl Service {
     async fn run_job(&self, job: Job) {
         tracing::info!(job_id = %job.id, job_type = %job.job_type, attempt = job.attempts, "job started");
         let _ = self
-            .db
-            .heartbeat(
+            .beat(
                 &job.id,
-                &self.node_id,
-                self.config.job_lease_ms,
                 &Progress {
                     current_task: "running".into(),
                     percent: 0.0,
@@ -1087,7 +1096,7 @@ impl Service {
     }
 
     /// One garbage-collection pass: data nothing references, older than the grace period and
-    /// than every open job and upload ([`Db::gc_cutoff`](crate::db::Db)).
+    /// than every open job and upload ([`Db::gc_inputs`](crate::db::Db)).
     ///
     /// With several nodes on one database only one collects at a time (cluster lease
     /// [`crate::cluster::GC_LEASE`]); `None` when another node holds it.
@@ -1122,12 +1131,8 @@ impl Service {
             })
         };
         let r = async {
-            let cutoff = self.db.gc_cutoff(grace).await?;
-            let live = self.db.live_manifests().await?;
+            let (live, grace) = self.db.gc_inputs(grace).await?;
             let data = self.data.clone();
-            let grace = std::time::SystemTime::now()
-                .duration_since(cutoff)
-                .unwrap_or_default();
             tokio::task::spawn_blocking(move || data.gc(&live, grace))
                 .await
                 .map_err(|e| CoreError::Internal(format!("gc task failed: {e}")))?

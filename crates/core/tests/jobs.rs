@@ -58,6 +58,20 @@ async fn active_image(svc: &Service, c: &Caller) -> Image {
         .expect("exists")
 }
 
+/// Requests an in-region copy of `src` named "copy".
+async fn request_copy(svc: &Service, c: &Caller, src: &Image) -> openims_core::ids::JobId {
+    svc.copy_image_in_region(
+        c,
+        &src.id.to_string(),
+        CopyRequest {
+            name: "copy".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("copy accepted")
+}
+
 async fn wait_status(svc: &Service, c: &Caller, job: &str, want: JobStatus) {
     for _ in 0..200 {
         let j = svc.job(c, job).await.expect("job");
@@ -75,17 +89,7 @@ async fn a_job_of_a_dead_node_is_taken_over_and_finishes_once() {
     let svc = open(dir.path(), 200).await;
     let c = caller(&svc).await;
     let src = active_image(&svc, &c).await;
-    let job = svc
-        .copy_image_in_region(
-            &c,
-            &src.id.to_string(),
-            CopyRequest {
-                name: "copy".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("copy accepted");
+    let job = request_copy(&svc, &c, &src).await;
     // Another node claims the job and dies without a heartbeat.
     let claimed = svc
         .db
@@ -134,17 +138,7 @@ async fn restarting_the_same_node_releases_its_jobs_at_once() {
         let svc = open(dir.path(), 3_600_000).await;
         let c = caller(&svc).await;
         let src = active_image(&svc, &c).await;
-        let job = svc
-            .copy_image_in_region(
-                &c,
-                &src.id.to_string(),
-                CopyRequest {
-                    name: "copy".into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("copy accepted");
+        let job = request_copy(&svc, &c, &src).await;
         let node = svc.node_id.clone();
         svc.db
             .claim_job(&node, 3_600_000)
@@ -288,17 +282,7 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
     let want = disk_bytes(&svc, &manifest);
     // The source's data is old: only the job's pin, not its age, can keep it from GC.
     age_files(dir.path(), Duration::from_secs(3600));
-    let job = svc
-        .copy_image_in_region(
-            &c,
-            &src.id.to_string(),
-            CopyRequest {
-                name: "copy".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("copy accepted");
+    let job = request_copy(&svc, &c, &src).await;
     // The source goes, and a garbage collection with no grace runs before the job does: the
     // job's snapshot keeps the source's data alive (the data is older than the job, so the
     // GC's open-work cutoff does not cover it).
@@ -371,16 +355,7 @@ async fn a_job_that_fails_on_recovery_drops_its_source_snapshot() {
     let svc = open(dir.path(), 5_000).await;
     let c = caller(&svc).await;
     let src = active_image(&svc, &c).await;
-    svc.copy_image_in_region(
-        &c,
-        &src.id.to_string(),
-        CopyRequest {
-            name: "copy".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("copy accepted");
+    request_copy(&svc, &c, &src).await;
     assert_eq!(job_sources(&svc).await, 1);
     // A node claims it with a lease that is over at once, and the job has no attempts left.
     svc.db
@@ -404,16 +379,7 @@ async fn gc_keeps_what_open_jobs_wrote_even_with_no_grace() {
     let c = caller(&svc).await;
     let src = active_image(&svc, &c).await;
     // A queued job (never run here): its outputs are unreferenced until it ends.
-    svc.copy_image_in_region(
-        &c,
-        &src.id.to_string(),
-        CopyRequest {
-            name: "copy".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("copy accepted");
+    request_copy(&svc, &c, &src).await;
     // Something the job "wrote": a chunk and a manifest nobody references yet.
     let bytes: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 13) as u8).collect();
     let mut disk =
