@@ -108,12 +108,97 @@ def test_kill9_idle_restart_data_intact(fresh_server):
     assert tok.status_code == 201, describe(tok)
 
 
+def sparse_disk(path, total):
+    """A raw disk of `total` bytes with a random 64 KiB block at the start of every 4 MiB chunk
+    (every chunk is data; the file stays sparse on the local disk); returns its SHA-256."""
+    import hashlib
+    import os
+
+    with open(path, "wb") as f:
+        f.truncate(total)
+        for off in range(0, total, 4 * MiB):
+            f.seek(off)
+            f.write(os.urandom(64 * 1024))
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(8 * MiB), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def download_sha256(t, image_id, size):
+    import hashlib
+
+    r = t.raw.get(f"/v2/images/{image_id}/file", stream=True)
+    assert r.status_code == 200, describe(r)
+    got = hashlib.sha256()
+    n = 0
+    for piece in r.iter_content(8 * MiB):
+        got.update(piece)
+        n += len(piece)
+    assert n == size, (n, size)
+    return got.hexdigest()
+
+
+def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
+    """A whole image imported from two files is killed (kill -9) while the second disk is being
+    read; on restart the job skips the finished system disk, resumes the data disk from its
+    checkpoint, and both member images equal their files."""
+    import time
+
+    from conftest import _start, _stop_checked
+    from helpers import admin, wait_job
+    from test_import_export import bucket_for, s3
+    from test_whole_image import whole
+
+    srv = _start(tmp_path, "whole", extra=("--import-checkpoint-mib", "16"))
+    try:
+        t = make_tenant(srv, "wr")
+        bucket = bucket_for(t)
+        sizes = {"system.raw": 256 * MiB, "data.raw": 512 * MiB}
+        want = {}
+        for name, size in sizes.items():
+            want[name] = sparse_disk(tmp_path / name, size)
+            s3(t).upload_file(str(tmp_path / name), bucket, name)
+        job_id = whole(t, f"{bucket}:system.raw", [{"name": unique("data"), "image_url": f"{bucket}:data.raw",
+                                                    "min_disk": 1}])
+        total = sum(sizes.values())
+        seen = []
+        killed = False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
+            seen.append((v["status"], v["entities"].get("bytes_done")))
+            if v["status"] in ("SUCCESS", "FAIL"):
+                break
+            done = v["entities"].get("bytes_done") or 0
+            # The system disk is done and the data disk has checkpoints behind the reader.
+            if v["status"] == "RUNNING" and sizes["system.raw"] + 96 * MiB <= done < total - 96 * MiB:
+                srv.kill9()
+                killed = True
+                break
+        assert killed, f"the import was not caught mid-way through the second disk: {seen[-5:]}"
+        srv.start(port=srv.port)
+        job = wait_job(t.ims, job_id, timeout=240)
+        assert job.status == "SUCCESS", job
+        v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
+        resumed = v["entities"].get("resumed_from_bytes")
+        assert resumed and sizes["system.raw"] + 16 * MiB <= resumed < total, v
+        assert "disk set import resumed from its checkpoint" in srv.log_tail(400)
+        w = glance_show(t.raw, job.entities.image_id)
+        sys_id, data_id = w["__whole_image_disks"].split(",")
+        assert download_sha256(t, sys_id, sizes["system.raw"]) == want["system.raw"]
+        assert download_sha256(t, data_id, sizes["data.raw"]) == want["data.raw"]
+        fsck = admin(srv.data_dir, "fsck", binary=srv.binary)
+        assert fsck["clean"], fsck
+    finally:
+        _stop_checked(srv)
+
+
 def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
     """An import from a bucket object is killed (kill -9) after a checkpoint; on restart the
     job continues from the checkpoint (bytes before it are not read again) and the image
     equals the file."""
-    import hashlib
-    import os
     import time
 
     from conftest import _start, _stop_checked
@@ -125,20 +210,10 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
     try:
         t = make_tenant(srv, "ir")
         bucket = bucket_for(t)
-        # 768 MiB raw, a random 64 KiB block at the start of every 4 MiB chunk: every chunk
-        # is data, the file stays sparse on the local disk.
+        # 768 MiB raw, a random 64 KiB block at the start of every 4 MiB chunk.
         total = 768 * MiB
         path = tmp_path / "disk.raw"
-        want = hashlib.sha256()
-        with open(path, "wb") as f:
-            f.truncate(total)
-            for off in range(0, total, 4 * MiB):
-                blk = os.urandom(64 * 1024)
-                f.seek(off)
-                f.write(blk)
-        with open(path, "rb") as f:
-            for piece in iter(lambda: f.read(8 * MiB), b""):
-                want.update(piece)
+        want = sparse_disk(path, total)
         s3(t).upload_file(str(path), bucket, "disk.raw")
         job_id = create_image(t, f"{bucket}:disk.raw")
 
@@ -167,14 +242,7 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
         image_id = job.entities.image_id
         shown = glance_show(t.raw, image_id)
         assert shown["status"] == "active" and shown["virtual_size"] == total, shown
-        r = t.raw.get(f"/v2/images/{image_id}/file", stream=True)
-        assert r.status_code == 200, describe(r)
-        got = hashlib.sha256()
-        n = 0
-        for piece in r.iter_content(8 * MiB):
-            got.update(piece)
-            n += len(piece)
-        assert n == total and got.hexdigest() == want.hexdigest()
+        assert download_sha256(t, image_id, total) == want
         fsck = admin(srv.data_dir, "fsck", binary=srv.binary)
         assert fsck["clean"], fsck
     finally:

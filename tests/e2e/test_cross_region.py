@@ -316,19 +316,28 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
         # Nothing half-written is visible in region B while the source is down.
         rb = acct.b.raw.get(f"/v2/images/{new_id}")
         assert rb.status_code == 404, describe(rb)
+        # Region B loses every chunk it received so far (say, restored from an older backup).
+        # The resumed job skips the batch it already offered, so only the commit can notice:
+        # B must report the lost chunks and A must send them again.
+        lost = [f for f in (tmp_path / "b-data").rglob("*") if f.is_file() and "chunks" in f.parts
+                and f.stat().st_size == CHUNK]
+        assert len(lost) >= 16, f"region B should hold the first batch: {len(lost)} chunks"
+        for f in lost:
+            f.unlink()
         r.a.start(port=r.a.port)
         job = wait_job(acct.a.ims, job_id, timeout=300)
         assert job.status == "SUCCESS", job
         log = re.sub(r"\x1b\[[0-9;]*m", "", r.a.log_tail(400))
         assert "cross-region copy resumes from its checkpoint" in log, "the job did not resume"
         assert "stage=0 chunk=16" in log, "the resumed job did not skip the batch already offered"
+        assert "the target lacks chunks at commit; sending them again" in log, "no re-send at commit"
         final = job_view(acct.a, job_id)
         sent = final["entities"]["bytes_sent"]
         present = final["entities"].get("chunks_present") or 0
-        # Chunks the target already had were not sent again (at most the ones in flight at the
-        # kill), and every chunk reached the target: sent by this job, or found already there
-        # (a chunk that arrived just before the kill, after the last recorded count).
-        assert sent <= size + 2 * CHUNK, final["entities"]
+        # Only the lost chunks were sent twice (plus at most the ones in flight at the kill),
+        # and every chunk reached the target: sent by this job, or found already there (a chunk
+        # that arrived just before the kill, after the last recorded count).
+        assert sent <= size + (len(lost) + 2) * CHUNK, final["entities"]
         assert sent + present * CHUNK >= size, final["entities"]
         assert_same_disk(acct.b, new_id, data)
         fsck = r.b.admin("fsck")

@@ -842,6 +842,54 @@ fn ingest_checkpoint_json(cp: &openims_store::IngestCheckpoint) -> Value {
     })
 }
 
+/// Where a multi-disk import stands: the plaintext manifests of the disks finished (in
+/// order) and the ingest checkpoint of the disk in progress. Persisted as the job checkpoint
+/// `{"set": {"done": [..], "ingest": {..}, "resumed_from_bytes": n}, "pinned_manifests": [..]}`;
+/// the pins keep every listed manifest (and its chunks) from the GC.
+#[derive(Debug, Default)]
+struct SetCheckpoint {
+    done: Vec<ManifestId>,
+    current: Option<openims_store::IngestCheckpoint>,
+}
+
+impl SetCheckpoint {
+    /// The checkpoint a job left (an unreadable one counts as none: the import starts over).
+    fn from_job(job: &Job) -> SetCheckpoint {
+        let Some(set) = job.checkpoint.as_ref().and_then(|c| c.get("set")) else {
+            return SetCheckpoint::default();
+        };
+        let done = set
+            .get("done")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map_while(|m| m.as_str().and_then(|m| m.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let current = set.get("ingest").and_then(|c| {
+            Some(openims_store::IngestCheckpoint {
+                partial: c.get("partial")?.as_str()?.parse().ok()?,
+                next_index: c.get("next_index")?.as_u64()?,
+            })
+        });
+        SetCheckpoint { done, current }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut pins: Vec<String> = self.done.iter().map(ToString::to_string).collect();
+        let mut set = json!({ "done": pins.clone() });
+        if let Some(c) = &self.current {
+            set["ingest"] = json!({
+                "partial": c.partial.to_string(),
+                "next_index": c.next_index,
+            });
+            pins.push(c.partial.to_string());
+        }
+        json!({ "set": set, "pinned_manifests": pins })
+    }
+}
+
 /// What the blocking part of an import stored.
 struct Ingest {
     /// The plaintext manifest: a content digest of the virtual disk.
@@ -1347,6 +1395,9 @@ impl Service {
         let abort = Arc::new(AtomicBool::new(false));
         let store = self.data.store.clone();
         let max_virtual = self.config.max_virtual_size;
+        let checkpoint_every =
+            (self.config.import_checkpoint_bytes / u64::from(store.config().chunk_size)).max(1);
+        let mut resume = SetCheckpoint::from_job(job);
         let abort_w = abort.clone();
         let meta: Vec<(String, i64)> = disks
             .iter()
@@ -1380,27 +1431,107 @@ impl Service {
                 opened.push((disk, detected));
             }
             let total: u64 = opened.iter().map(|(d, _)| d.virtual_size()).sum();
-            let mut before = 0u64;
-            let mut out = Vec::with_capacity(opened.len());
-            for (mut disk, format) in opened {
-                let vsize = disk.virtual_size();
-                let report = store.ingest(disk.as_mut(), &mut |pr| {
-                    let _ = tx.try_send(Update {
-                        task: "importing",
-                        done: before + pr.bytes_done,
-                        total,
-                        checkpoint: None,
-                    });
-                })?;
+            let lease_lost = || {
                 if abort_w.load(Ordering::Relaxed) {
-                    return Err(CoreError::Internal("the job's lease was lost".into()));
+                    Err(openims_store::StoreError::Invalid(
+                        "the job's lease was lost".into(),
+                    ))
+                } else {
+                    Ok(())
                 }
+            };
+            // Checkpoints, as for one disk (see `import_data`), plus the manifests of the disks
+            // already finished: a job taken over after a crash skips those disks and resumes
+            // the one in progress from its partial manifest.
+            let mut before = 0u64;
+            let mut resumed_bytes = 0u64;
+            let mut done: Vec<ManifestId> = Vec::with_capacity(opened.len());
+            let mut out = Vec::with_capacity(opened.len());
+            for (i, (mut disk, format)) in opened.into_iter().enumerate() {
+                let vsize = disk.virtual_size();
+                let finished = resume
+                    .done
+                    .get(i)
+                    .filter(|m| store.manifest(m).is_ok_and(|m| m.virtual_size() == vsize));
+                let digest = match finished {
+                    Some(m) => {
+                        resumed_bytes += vsize;
+                        *m
+                    }
+                    None => {
+                        let from = if i == resume.done.len() {
+                            resume.current.take()
+                        } else {
+                            None
+                        };
+                        let mut save = |c: openims_store::IngestCheckpoint| {
+                            let cp = SetCheckpoint {
+                                done: done.clone(),
+                                current: Some(c),
+                            };
+                            tx.blocking_send(Update {
+                                task: "importing",
+                                done: before
+                                    + cp.current.as_ref().map_or(0, |c| c.next_index)
+                                        * u64::from(store.config().chunk_size),
+                                total,
+                                checkpoint: Some(cp.to_json()),
+                            })
+                            .map_err(|_| {
+                                openims_store::StoreError::Invalid("job loop stopped".into())
+                            })?;
+                            lease_lost()
+                        };
+                        let report = store.ingest_resumable(
+                            disk.as_mut(),
+                            from,
+                            Some(openims_store::Checkpointing {
+                                every: checkpoint_every,
+                                save: &mut save,
+                            }),
+                            &mut |pr| {
+                                let _ = tx.try_send(Update {
+                                    task: "importing",
+                                    done: before + pr.bytes_done,
+                                    total,
+                                    checkpoint: None,
+                                });
+                            },
+                        )?;
+                        resumed_bytes +=
+                            report.resumed_chunks * u64::from(store.config().chunk_size);
+                        report.manifest_id
+                    }
+                };
+                lease_lost()?;
                 before += vsize;
+                done.push(digest);
+                let cp = SetCheckpoint {
+                    done: done.clone(),
+                    current: None,
+                };
+                let mut cp_json = cp.to_json();
+                if resumed_bytes > 0 {
+                    cp_json["set"]["resumed_from_bytes"] = json!(resumed_bytes);
+                }
+                tx.blocking_send(Update {
+                    task: "importing",
+                    done: before,
+                    total,
+                    checkpoint: Some(cp_json),
+                })
+                .map_err(|_| CoreError::Internal("job loop stopped".into()))?;
                 out.push(SetIngest {
-                    digest: report.manifest_id,
+                    digest,
                     virtual_size: vsize,
                     format,
                 });
+            }
+            if resumed_bytes > 0 {
+                tracing::info!(
+                    resumed_from_bytes = resumed_bytes,
+                    "disk set import resumed from its checkpoint"
+                );
             }
             Ok(out)
         });

@@ -163,11 +163,10 @@ impl Job {
             }
         }
         // Imports taken over after a crash: bytes not read again.
-        if let Some(b) = self
-            .checkpoint
-            .as_ref()
-            .and_then(|c| c.pointer("/ingest/resumed_from_bytes"))
-        {
+        if let Some(b) = self.checkpoint.as_ref().and_then(|c| {
+            c.pointer("/ingest/resumed_from_bytes")
+                .or_else(|| c.pointer("/set/resumed_from_bytes"))
+        }) {
             entities["resumed_from_bytes"] = b.clone();
         }
         if self.status == JobStatus::Fail {

@@ -171,79 +171,137 @@ pub fn encrypt_chunk(dek: &Dek, plaintext: &[u8]) -> Result<(ChunkId, Vec<u8>)> 
 /// The object bytes of a chunk whose id under `dek` the caller already computed with
 /// [`encrypted_chunk_id`] (saves hashing the plaintext twice).
 pub(crate) fn encrypt_chunk_as(dek: &Dek, id: &ChunkId, plaintext: &[u8]) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; ECHUNK_OVERHEAD + plaintext.len()];
+    encrypt_chunk_into(dek, id, plaintext, &mut out)?;
+    Ok(out)
+}
+
+/// Writes the object bytes of chunk `id` (its id under `dek`, see [`encrypted_chunk_id`])
+/// into `out`, which must be exactly [`ECHUNK_OVERHEAD`] bytes longer than `plaintext`:
+/// the plaintext is copied once into place and encrypted there.
+pub(crate) fn encrypt_chunk_into(
+    dek: &Dek,
+    id: &ChunkId,
+    plaintext: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    if out.len() != plaintext.len() + ECHUNK_OVERHEAD {
+        return Err(StoreError::Invalid(format!(
+            "encrypted chunk buffer of {} bytes for {} bytes of plaintext",
+            out.len(),
+            plaintext.len()
+        )));
+    }
     let nonce = &id.as_bytes()[..NONCE_LEN];
     let cipher = gcm_key(&dek.enc_key())?;
-    let mut out = Vec::with_capacity(ECHUNK_OVERHEAD + plaintext.len());
-    out.extend_from_slice(ECHUNK_MAGIC);
-    out.extend_from_slice(nonce);
-    out.extend_from_slice(&[0u8; 32]);
-    out.extend_from_slice(plaintext);
+    out[..8].copy_from_slice(ECHUNK_MAGIC);
+    out[8..20].copy_from_slice(nonce);
+    let (body, tag_out) = out[ECHUNK_HEADER_LEN..].split_at_mut(plaintext.len());
+    body.copy_from_slice(plaintext);
     let tag = cipher
-        .seal_in_place_separate_tag(
-            gcm_nonce(nonce)?,
-            Aad::from(echunk_aad(nonce, id)),
-            &mut out[ECHUNK_HEADER_LEN..],
-        )
+        .seal_in_place_separate_tag(gcm_nonce(nonce)?, Aad::from(echunk_aad(nonce, id)), body)
         .map_err(|_| StoreError::Invalid("encryption failed".into()))?;
-    out.extend_from_slice(tag.as_ref());
+    tag_out.copy_from_slice(tag.as_ref());
     let sum = blake3::hash(&out[ECHUNK_HEADER_LEN..]);
     out[20..52].copy_from_slice(sum.as_bytes());
-    Ok(out)
+    Ok(())
+}
+
+/// Checks the parts of an encrypted chunk object that need no key and no pass over the
+/// data: length, magic and the nonce belonging to `id`.
+fn check_header(id: &ChunkId, obj: &[u8]) -> Result<()> {
+    if obj.len() < ECHUNK_OVERHEAD || &obj[..8] != ECHUNK_MAGIC {
+        return Err(StoreError::corrupt(
+            echunk_key(id),
+            "not an encrypted chunk object",
+        ));
+    }
+    if obj[8..20] != id.as_bytes()[..NONCE_LEN] {
+        return Err(StoreError::corrupt(
+            echunk_key(id),
+            "nonce does not belong to this chunk",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks an encrypted chunk object without any key (magic, nonce matching `id`, ciphertext
 /// checksum); returns the plaintext length.
 pub fn check_encrypted_chunk(id: &ChunkId, obj: &[u8]) -> Result<u64> {
-    let key = echunk_key(id);
-    if obj.len() < ECHUNK_OVERHEAD || &obj[..8] != ECHUNK_MAGIC {
-        return Err(StoreError::corrupt(key, "not an encrypted chunk object"));
-    }
-    if obj[8..20] != id.as_bytes()[..NONCE_LEN] {
-        return Err(StoreError::corrupt(
-            key,
-            "nonce does not belong to this chunk",
-        ));
-    }
+    check_header(id, obj)?;
     if blake3::hash(&obj[ECHUNK_HEADER_LEN..]).as_bytes() != &obj[20..52] {
-        return Err(StoreError::corrupt(key, "ciphertext checksum mismatch"));
+        return Err(StoreError::corrupt(
+            echunk_key(id),
+            "ciphertext checksum mismatch",
+        ));
     }
     Ok((obj.len() - ECHUNK_OVERHEAD) as u64)
 }
 
-/// Decrypts an encrypted chunk object stored as `id`, verifying its checksum, its
-/// authentication tag (which binds nonce and id) and that the plaintext has id `id`.
+/// Decrypts an encrypted chunk object stored as `id` (see [`decrypt_chunk_in_place`]).
 pub fn decrypt_chunk(dek: &Dek, id: &ChunkId, obj: &[u8]) -> Result<Vec<u8>> {
-    check_encrypted_chunk(id, obj)?;
-    let key = echunk_key(id);
-    let nonce = &obj[8..20];
+    let mut buf = obj.to_vec();
+    let plain = decrypt_chunk_in_place(dek, id, &mut buf)?;
+    buf.truncate(plain.end);
+    buf.drain(..plain.start);
+    Ok(buf)
+}
+
+/// Decrypts an encrypted chunk object stored as `id` in place; returns the range of `obj`
+/// that then holds the plaintext.
+///
+/// The checks: the header (magic, and the nonce belonging to `id`), then the AES-GCM tag,
+/// which authenticates every ciphertext byte and binds nonce and id (associated data) under a
+/// key only holders of the data key have. That makes the keyless ciphertext checksum (for
+/// [`check_encrypted_chunk`] and fsck) and a re-hash of the plaintext into its id redundant
+/// here: a wrong byte fails the tag, and whoever could forge a tag could compute a matching
+/// id too. Skipping them saves two passes over every chunk read.
+pub fn decrypt_chunk_in_place(
+    dek: &Dek,
+    id: &ChunkId,
+    obj: &mut [u8],
+) -> Result<std::ops::Range<usize>> {
+    check_header(id, obj)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&obj[8..20]);
     let cipher = gcm_key(&dek.enc_key())?;
-    let body = &obj[ECHUNK_HEADER_LEN..];
-    let (ct, tag) = body.split_at(body.len() - TAG_LEN);
-    let tag: [u8; TAG_LEN] = tag
+    let end = obj.len() - TAG_LEN;
+    let (body, tag) = obj[ECHUNK_HEADER_LEN..].split_at_mut(end - ECHUNK_HEADER_LEN);
+    let tag: [u8; TAG_LEN] = (&*tag)
         .try_into()
-        .map_err(|_| StoreError::corrupt(key.clone(), "short tag"))?;
-    let mut plain = ct.to_vec();
+        .map_err(|_| StoreError::corrupt(echunk_key(id), "short tag"))?;
     cipher
         .open_in_place_separate_tag(
-            gcm_nonce(nonce)?,
-            Aad::from(echunk_aad(nonce, id)),
+            gcm_nonce(&nonce)?,
+            Aad::from(echunk_aad(&nonce, id)),
             Tag::from(tag),
-            &mut plain,
+            body,
             0..,
         )
         .map_err(|_| {
             StoreError::corrupt(
-                key.clone(),
+                echunk_key(id),
                 "authentication failed: wrong data key or a chunk not stored under this id",
             )
         })?;
-    if encrypted_chunk_id(dek, &plain) != *id {
-        return Err(StoreError::corrupt(
-            key,
-            "decrypted content does not match its id",
-        ));
+    Ok(ECHUNK_HEADER_LEN..end)
+}
+
+/// The plain content hash of `plaintext` (its [`ChunkId`] in the plaintext namespace) and its
+/// id under `dek`, computed together in cache-sized pieces so the data streams from memory
+/// once for both hashes.
+pub fn plain_and_encrypted_ids(dek: &Dek, plaintext: &[u8]) -> (ChunkId, ChunkId) {
+    const PIECE: usize = 64 << 10;
+    let mut plain = blake3::Hasher::new();
+    let mut keyed = blake3::Hasher::new_keyed(&dek.id_key());
+    for p in plaintext.chunks(PIECE) {
+        plain.update(p);
+        keyed.update(p);
     }
-    Ok(plain)
+    (
+        ChunkId(*plain.finalize().as_bytes()),
+        ChunkId(*keyed.finalize().as_bytes()),
+    )
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Reading a stored image back: [`ManifestDisk`] (a `VirtualDisk`) and [`ManifestReader`]
 //! (`std::io::Read + Seek` over the raw virtual disk bytes).
 
+use crate::backend::ObjectBuf;
 use crate::crypto::Dek;
 use crate::error::{Result, StoreError};
 use crate::id::ManifestId;
@@ -21,7 +22,7 @@ const READ_AHEAD_CHUNKS: usize = 2;
 /// reader's thread consumes the current one. Results come back in request order.
 struct ReadAhead {
     requests: Sender<usize>,
-    results: Receiver<(usize, Result<Vec<u8>>)>,
+    results: Receiver<(usize, Result<ObjectBuf>)>,
     /// Requested chunk indexes whose results have not been taken yet, in order.
     pending: VecDeque<usize>,
 }
@@ -46,7 +47,7 @@ pub struct ManifestDisk {
     id: ManifestId,
     manifest: Arc<Manifest>,
     dek: Option<Dek>,
-    cache: Option<(usize, Vec<u8>)>,
+    cache: Option<(usize, ObjectBuf)>,
     ahead: Option<ReadAhead>,
 }
 
@@ -92,7 +93,7 @@ impl ManifestDisk {
         manifest: &Manifest,
         dek: Option<&Dek>,
         index: usize,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<ObjectBuf> {
         let chunk = manifest.chunks()[index]
             .ok_or_else(|| StoreError::Invalid(format!("chunk {index} is a zero chunk")))?;
         let data = store.read_manifest_chunk(manifest.is_encrypted(), dek, &chunk)?;
@@ -118,7 +119,7 @@ impl ManifestDisk {
     /// Takes chunk `index` from the read-ahead if it was requested (results requested before
     /// it are dropped). `None` when it was not: the read-ahead is then stopped (its thread
     /// ends after the chunk it is fetching) rather than waited for.
-    fn take_ahead(&mut self, index: usize) -> Option<Result<Vec<u8>>> {
+    fn take_ahead(&mut self, index: usize) -> Option<Result<ObjectBuf>> {
         let ahead = self.ahead.as_mut()?;
         let mut found = None;
         if ahead.pending.contains(&index) {

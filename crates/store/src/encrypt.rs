@@ -7,6 +7,7 @@
 //! read and encrypted once. Encryption is deterministic per data key (see [`crate::crypto`]),
 //! so a resumed run writes byte-identical objects: every step is idempotent.
 
+use crate::backend::ObjectBuf;
 use crate::crypto::Dek;
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
@@ -49,7 +50,7 @@ enum Work {
     Known(ChunkId),
     /// A source chunk's stored object, not yet verified (or decrypted): workers do that,
     /// so the reader thread only does I/O.
-    Raw(ChunkId, Vec<u8>, u64),
+    Raw(ChunkId, ObjectBuf, u64),
 }
 
 type Done = (u64, Option<ChunkId>, u64);
@@ -229,32 +230,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Verifies (plaintext) or decrypts (encrypted) a source object read by the reader.
-fn decode(src: (bool, Option<&Dek>), id: &ChunkId, obj: Vec<u8>, want: u64) -> Result<Vec<u8>> {
-    let data = match src {
+/// Encrypts one source object read by the reader under `dek` and stores it: a plaintext
+/// source is verified against its id (both hashes in one pass over the data), an encrypted
+/// one is decrypted in place. Returns the new id and the plaintext length.
+fn encrypt_one(
+    store: &Store,
+    src: (bool, Option<&Dek>),
+    dek: &Dek,
+    id: &ChunkId,
+    mut obj: ObjectBuf,
+    want: u64,
+) -> Result<(ChunkId, u64)> {
+    let new_id = match src {
         (false, _) => {
-            if ChunkId::hash(&obj) != *id {
+            let (plain, new_id) = crate::crypto::plain_and_encrypted_ids(dek, &obj);
+            if plain != *id {
                 return Err(StoreError::corrupt(
                     crate::backend::chunk_key(id),
                     "chunk content does not match its id",
                 ));
             }
-            obj
+            new_id
         }
-        (true, Some(k)) => crate::crypto::decrypt_chunk(k, id, &obj)?,
+        (true, Some(k)) => {
+            let range = crate::crypto::decrypt_chunk_in_place(k, id, &mut obj)?;
+            obj.narrow(range);
+            crate::crypto::encrypted_chunk_id(dek, &obj)
+        }
         (true, None) => {
             return Err(StoreError::Invalid(
                 "the manifest is encrypted and no data key was given".into(),
             ))
         }
     };
-    if data.len() as u64 != want {
+    if obj.len() as u64 != want {
         return Err(StoreError::corrupt(
             format!("chunk {id}"),
-            format!("{} bytes, manifest expects {want}", data.len()),
+            format!("{} bytes, manifest expects {want}", obj.len()),
         ));
     }
-    Ok(data)
+    store.put_encrypted_chunk_as(dek, &new_id, &obj)?;
+    Ok((new_id, want))
 }
 
 fn worker(
@@ -271,12 +287,12 @@ fn worker(
         let r = match w {
             Work::Zero => Ok((i, None, 0)),
             Work::Known(id) => Ok((i, Some(id), 0)),
-            Work::Raw(src_id, obj, want) => decode(src, &src_id, obj, want).and_then(|data| {
-                store.put_encrypted_chunk_inner(dek, &data).map(|(id, _)| {
+            Work::Raw(src_id, obj, want) => {
+                encrypt_one(store, src, dek, &src_id, obj, want).map(|(id, n)| {
                     lock(seen).insert(src_id, id);
-                    (i, Some(id), data.len() as u64)
+                    (i, Some(id), n)
                 })
-            }),
+            }
         };
         if done.send(r).is_err() {
             return;

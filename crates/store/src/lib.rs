@@ -40,7 +40,11 @@
 //!   manifest write: a manifest can never reference a missing chunk.
 //! - GC deletes through [`Backend::delete_if_older`], atomic with respect to `touch` (the
 //!   local backend renames the object aside, re-checks its mtime, then deletes or restores).
-//! - Reads verify every chunk's BLAKE3 and length; `ManifestDisk` caches the last chunk.
+//! - Reads verify every chunk and its length (a plaintext chunk by its BLAKE3, an encrypted
+//!   one by its AES-GCM tag, decrypting in place); `ManifestDisk` caches the last chunk and
+//!   reads ahead. The local backend reads and writes chunk-sized objects with `O_DIRECT`
+//!   through pooled aligned buffers ([`backend::ObjectBuf`], [`Backend::put_with`]): no
+//!   page-cache copies, and an encrypted chunk is encrypted straight into the buffer written.
 //! - Durability: see [`SyncMode`] (measured; per-file `fdatasync` before rename is the
 //!   default because a surviving name must mean complete content).
 

@@ -1,6 +1,6 @@
 //! [`Store`]: chunks and manifests on a [`Backend`].
 
-use crate::backend::{chunk_key, manifest_key, Backend};
+use crate::backend::{chunk_key, manifest_key, Backend, ObjectBuf};
 use crate::crypto::{self, Dek};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
@@ -184,14 +184,15 @@ impl Store {
 
     /// Reads a chunk and verifies that its content hashes to `id` (`Corrupt` otherwise).
     pub fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let key = chunk_key(id);
-        let data = self.inner.backend.get(&key).map_err(|e| match e {
-            StoreError::NotFound(_) => StoreError::NotFound(format!("chunk {id}")),
-            e => e,
-        })?;
+        self.get_chunk_buf(id).map(ObjectBuf::into_vec)
+    }
+
+    /// Like [`Store::get_chunk`], into a (possibly pooled, see [`Backend::get_buf`]) buffer.
+    pub fn get_chunk_buf(&self, id: &ChunkId) -> Result<ObjectBuf> {
+        let data = self.read_object(false, id)?;
         if ChunkId::hash(&data) != *id {
             return Err(StoreError::corrupt(
-                key,
+                chunk_key(id),
                 "chunk content does not match its id",
             ));
         }
@@ -248,31 +249,48 @@ impl Store {
             )));
         }
         let id = crypto::encrypted_chunk_id(dek, plaintext);
-        let key = crypto::echunk_key(&id);
+        Ok((id, self.put_encrypted_chunk_as(dek, &id, plaintext)?))
+    }
+
+    /// Stores `plaintext` encrypted under `dek` as chunk `id`, which the caller computed with
+    /// [`crypto::encrypted_chunk_id`] (or [`crypto::plain_and_encrypted_ids`]); touches it
+    /// instead if present. Returns whether it was newly written. The plaintext is encrypted
+    /// straight into the backend's write buffer.
+    pub(crate) fn put_encrypted_chunk_as(
+        &self,
+        dek: &Dek,
+        id: &ChunkId,
+        plaintext: &[u8],
+    ) -> Result<bool> {
+        let key = crypto::echunk_key(id);
         let b = &self.inner.backend;
         if b.touch(&key)? {
-            return Ok((id, false));
+            return Ok(false);
         }
-        let obj = crypto::encrypt_chunk_as(dek, &id, plaintext)?;
-        b.put(&key, &obj)?;
-        Ok((id, true))
+        let len = plaintext.len() + crypto::ECHUNK_OVERHEAD;
+        b.put_with(&key, len, &mut |out| {
+            crypto::encrypt_chunk_into(dek, id, plaintext, out)
+        })?;
+        Ok(true)
     }
 
     /// Reads and decrypts an encrypted chunk (see [`crypto::decrypt_chunk`] for the checks).
     pub fn get_encrypted_chunk(&self, dek: &Dek, id: &ChunkId) -> Result<Vec<u8>> {
-        let obj = self.get_encrypted_object(id)?;
-        crypto::decrypt_chunk(dek, id, &obj)
+        self.get_encrypted_chunk_buf(dek, id)
+            .map(ObjectBuf::into_vec)
+    }
+
+    /// Like [`Store::get_encrypted_chunk`], decrypted in place in a (possibly pooled) buffer.
+    pub fn get_encrypted_chunk_buf(&self, dek: &Dek, id: &ChunkId) -> Result<ObjectBuf> {
+        let mut obj = self.read_object(true, id)?;
+        let plain = crypto::decrypt_chunk_in_place(dek, id, &mut obj)?;
+        obj.narrow(plain);
+        Ok(obj)
     }
 
     /// The stored bytes of an encrypted chunk (ciphertext object).
     pub(crate) fn get_encrypted_object(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        self.inner
-            .backend
-            .get(&crypto::echunk_key(id))
-            .map_err(|e| match e {
-                StoreError::NotFound(_) => StoreError::NotFound(format!("encrypted chunk {id}")),
-                e => e,
-            })
+        self.read_object(true, id).map(ObjectBuf::into_vec)
     }
 
     /// The stored object of an encrypted chunk, checked without any key (magic, nonce bound to
@@ -322,12 +340,14 @@ impl Store {
     }
 
     /// The stored object of chunk `id` of a plaintext or encrypted manifest, unverified.
-    pub(crate) fn read_object(&self, encrypted: bool, id: &ChunkId) -> Result<Vec<u8>> {
-        if encrypted {
-            return self.get_encrypted_object(id);
-        }
-        self.inner.backend.get(&chunk_key(id)).map_err(|e| match e {
-            StoreError::NotFound(_) => StoreError::NotFound(format!("chunk {id}")),
+    pub(crate) fn read_object(&self, encrypted: bool, id: &ChunkId) -> Result<ObjectBuf> {
+        let (key, what) = if encrypted {
+            (crypto::echunk_key(id), "encrypted chunk")
+        } else {
+            (chunk_key(id), "chunk")
+        };
+        self.inner.backend.get_buf(&key).map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::NotFound(format!("{what} {id}")),
             e => e,
         })
     }
@@ -339,10 +359,10 @@ impl Store {
         encrypted: bool,
         dek: Option<&Dek>,
         id: &ChunkId,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<ObjectBuf> {
         match (encrypted, dek) {
-            (false, _) => self.get_chunk(id),
-            (true, Some(k)) => self.get_encrypted_chunk(k, id),
+            (false, _) => self.get_chunk_buf(id),
+            (true, Some(k)) => self.get_encrypted_chunk_buf(k, id),
             (true, None) => Err(StoreError::Invalid(
                 "the manifest is encrypted and no data key was given".into(),
             )),

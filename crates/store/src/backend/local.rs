@@ -1,6 +1,6 @@
 //! [`LocalBackend`]: objects as files under a directory.
 
-use super::{validate_key, Backend, ObjectIter, ObjectMeta};
+use super::{validate_key, Backend, ObjectBuf, ObjectIter, ObjectMeta};
 use crate::error::{Result, StoreError};
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -193,11 +193,24 @@ impl LocalBackend {
         Ok(parent)
     }
 
-    fn write_file(&self, tmp: &Path, data: &[u8]) -> std::io::Result<()> {
-        if data.len() >= super::direct::MIN_DIRECT && self.direct.load(Ordering::Relaxed) {
-            let sync = self.mode == SyncMode::FsyncEach;
-            match super::direct::write_file(tmp, data, sync) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+    /// Writes a new file of `len` bytes that `fill` produces: into an aligned buffer written
+    /// with `O_DIRECT` for large objects, into a `Vec` written buffered otherwise.
+    fn write_with(
+        &self,
+        tmp: &Path,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let sync = self.mode == SyncMode::FsyncEach;
+        if len >= super::direct::MIN_DIRECT && self.direct.load(Ordering::Relaxed) {
+            let mut filled = false;
+            let r = super::direct::write_with(tmp, len, sync, |b| {
+                fill(b)?;
+                filled = true;
+                Ok::<(), StoreError>(())
+            });
+            match r {
+                Err(StoreError::Io(e)) if filled && e.raw_os_error() == Some(libc::EINVAL) => {
                     // The file system refused the aligned direct write after all.
                     tracing::warn!(error = %e, "O_DIRECT write refused; writing buffered from now on");
                     self.direct.store(false, Ordering::Relaxed);
@@ -205,9 +218,11 @@ impl LocalBackend {
                 other => return other,
             }
         }
+        let mut data = vec![0u8; len];
+        fill(&mut data)?;
         let mut f = File::create(tmp)?;
-        f.write_all(data)?;
-        if self.mode == SyncMode::FsyncEach {
+        f.write_all(&data)?;
+        if sync {
             f.sync_data()?;
         }
         Ok(())
@@ -259,15 +274,27 @@ fn map_nf<T>(r: std::io::Result<T>, key: &str) -> Result<T> {
 
 impl Backend for LocalBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.put_with(key, data.len(), &mut |b| {
+            b.copy_from_slice(data);
+            Ok(())
+        })
+    }
+
+    fn put_with(
+        &self,
+        key: &str,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
         let path = self.path_of(key)?;
         let parent = self.ensure_parent(&path)?;
         let tmp = self.temp_path("put");
         let res = self
-            .write_file(&tmp, data)
-            .and_then(|()| fs::rename(&tmp, &path));
+            .write_with(&tmp, len, fill)
+            .and_then(|()| fs::rename(&tmp, &path).map_err(StoreError::from));
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
-            return Err(e.into());
+            return Err(e);
         }
         if self.mode != SyncMode::Syncfs {
             let mut p = lock(&self.pending);
@@ -282,6 +309,19 @@ impl Backend for LocalBackend {
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path_of(key)?;
         map_nf(fs::read(path), key)
+    }
+
+    fn get_buf(&self, key: &str) -> Result<ObjectBuf> {
+        let path = self.path_of(key)?;
+        if self.direct.load(Ordering::Relaxed) {
+            match super::direct::read_file(&path) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(error = %e, "O_DIRECT read refused; reading buffered");
+                }
+                other => return map_nf(other, key),
+            }
+        }
+        map_nf(fs::read(path), key).map(ObjectBuf::from)
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {

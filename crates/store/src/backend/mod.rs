@@ -11,6 +11,7 @@ mod local;
 mod mem;
 mod s3;
 
+pub use direct::ObjectBuf;
 pub use local::{LocalBackend, SyncMode};
 pub use mem::MemBackend;
 pub use s3::S3Backend;
@@ -42,6 +43,24 @@ pub trait Backend: Send + Sync {
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Reads a whole object; `NotFound` if absent.
     fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Like [`Backend::get`], into a buffer the backend may take from a pool (the local
+    /// backend reads large objects with `O_DIRECT` into reused aligned buffers).
+    fn get_buf(&self, key: &str) -> Result<ObjectBuf> {
+        self.get(key).map(ObjectBuf::from)
+    }
+    /// Like [`Backend::put`] for an object of `len` bytes that `fill` writes into the
+    /// backend's own buffer (saving a copy where the backend writes from an aligned one).
+    /// Nothing is written if `fill` fails.
+    fn put_with(
+        &self,
+        key: &str,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut v = vec![0u8; len];
+        fill(&mut v)?;
+        self.put(key, &v)
+    }
     /// Reads up to `len` bytes at `offset` (fewer at the end of the object, none past it).
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
     /// Whether the object exists.
@@ -77,6 +96,17 @@ macro_rules! forward_backend {
             }
             fn get(&self, key: &str) -> Result<Vec<u8>> {
                 (**self).get(key)
+            }
+            fn get_buf(&self, key: &str) -> Result<ObjectBuf> {
+                (**self).get_buf(key)
+            }
+            fn put_with(
+                &self,
+                key: &str,
+                len: usize,
+                fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+            ) -> Result<()> {
+                (**self).put_with(key, len, fill)
             }
             fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
                 (**self).get_range(key, offset, len)
