@@ -140,12 +140,28 @@ def download_sha256(t, image_id, size):
     return got.hexdigest()
 
 
+def kill9_between(srv, t, job_id, low, high):
+    """Polls the job and kills the server (kill -9) once the job is RUNNING with
+    `low <= bytes_done < high`; fails if the job ends or the window passes unseen."""
+    import time
+
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
+        seen.append((v["status"], v["entities"].get("bytes_done")))
+        if v["status"] in ("SUCCESS", "FAIL"):
+            break
+        if v["status"] == "RUNNING" and low <= (v["entities"].get("bytes_done") or 0) < high:
+            srv.kill9()
+            return
+    raise AssertionError(f"the job was not caught between {low} and {high} bytes: {seen[-5:]}")
+
+
 def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
     """A whole image imported from two files is killed (kill -9) while the second disk is being
     read; on restart the job skips the finished system disk, resumes the data disk from its
     checkpoint, and both member images equal their files."""
-    import time
-
     from conftest import _start, _stop_checked
     from helpers import admin, wait_job
     from test_import_export import bucket_for, s3
@@ -163,21 +179,8 @@ def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
         job_id = whole(t, f"{bucket}:system.raw", [{"name": unique("data"), "image_url": f"{bucket}:data.raw",
                                                     "min_disk": 1}])
         total = sum(sizes.values())
-        seen = []
-        killed = False
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
-            seen.append((v["status"], v["entities"].get("bytes_done")))
-            if v["status"] in ("SUCCESS", "FAIL"):
-                break
-            done = v["entities"].get("bytes_done") or 0
-            # The system disk is done and the data disk has checkpoints behind the reader.
-            if v["status"] == "RUNNING" and sizes["system.raw"] + 96 * MiB <= done < total - 96 * MiB:
-                srv.kill9()
-                killed = True
-                break
-        assert killed, f"the import was not caught mid-way through the second disk: {seen[-5:]}"
+        # The system disk is done and the data disk has checkpoints behind the reader.
+        kill9_between(srv, t, job_id, sizes["system.raw"] + 96 * MiB, total - 96 * MiB)
         srv.start(port=srv.port)
         job = wait_job(t.ims, job_id, timeout=240)
         assert job.status == "SUCCESS", job
@@ -199,8 +202,6 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
     """An import from a bucket object is killed (kill -9) after a checkpoint; on restart the
     job continues from the checkpoint (bytes before it are not read again) and the image
     equals the file."""
-    import time
-
     from conftest import _start, _stop_checked
     from helpers import admin, wait_job
     from test_import_export import bucket_for, create_image, s3
@@ -216,22 +217,8 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
         want = sparse_disk(path, total)
         s3(t).upload_file(str(path), bucket, "disk.raw")
         job_id = create_image(t, f"{bucket}:disk.raw")
-
-        seen = []
-        killed = False
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
-            seen.append((v["status"], v["entities"].get("bytes_done")))
-            if v["status"] in ("SUCCESS", "FAIL"):
-                break
-            done = v["entities"].get("bytes_done") or 0
-            # Past 128 MiB the 16 MiB checkpoints are well behind the reader: kill.
-            if v["status"] == "RUNNING" and 128 * MiB <= done < total - 128 * MiB:
-                srv.kill9()
-                killed = True
-                break
-        assert killed, f"the import was not caught mid-way: {seen[-5:]}"
+        # Past 128 MiB the 16 MiB checkpoints are well behind the reader.
+        kill9_between(srv, t, job_id, 128 * MiB, total - 128 * MiB)
         srv.start(port=srv.port)
         job = wait_job(t.ims, job_id, timeout=240)
         assert job.status == "SUCCESS", job

@@ -662,21 +662,13 @@ impl Service {
                     .map_err(|_| openims_store::StoreError::Invalid("job loop stopped".into()))?;
                 check_abort(&abort_w)
             };
-            let report = store.ingest_resumable(
+            let report = ingest_checkpointed(
+                &store,
                 disk.as_mut(),
                 resume,
-                Some(openims_store::Checkpointing {
-                    every: checkpoint_every,
-                    save: &mut save,
-                }),
-                &mut |pr| {
-                    let _ = tx.try_send(Update {
-                        task: "importing",
-                        done: pr.bytes_done,
-                        total: pr.virtual_size,
-                        checkpoint: None,
-                    });
-                },
+                (checkpoint_every, &mut save),
+                &tx,
+                (0, vsize),
             )?;
             if report.resumed_chunks > 0 {
                 let bytes = report.resumed_chunks * u64::from(store.config().chunk_size);
@@ -840,6 +832,34 @@ fn ingest_checkpoint_json(cp: &openims_store::IngestCheckpoint) -> Value {
         },
         "pinned_manifests": [cp.partial.to_string()],
     })
+}
+
+/// Ingests `disk` (resuming from `from`), saving a checkpoint every `every` chunks through
+/// `save`, and reports progress on `tx` as `before + bytes done` of `total` (`progress`).
+fn ingest_checkpointed(
+    store: &openims_store::Store,
+    disk: &mut dyn openims_format::VirtualDisk,
+    from: Option<openims_store::IngestCheckpoint>,
+    (every, save): (
+        u64,
+        &mut dyn FnMut(openims_store::IngestCheckpoint) -> openims_store::Result<()>,
+    ),
+    tx: &tokio::sync::mpsc::Sender<Update>,
+    (before, total): (u64, u64),
+) -> openims_store::Result<openims_store::IngestReport> {
+    store.ingest_resumable(
+        disk,
+        from,
+        Some(openims_store::Checkpointing { every, save }),
+        &mut |pr| {
+            let _ = tx.try_send(Update {
+                task: "importing",
+                done: before + pr.bytes_done,
+                total,
+                checkpoint: None,
+            });
+        },
+    )
 }
 
 /// Where a multi-disk import stands: the plaintext manifests of the disks finished (in
@@ -1482,21 +1502,13 @@ impl Service {
                             })?;
                             lease_lost()
                         };
-                        let report = store.ingest_resumable(
+                        let report = ingest_checkpointed(
+                            &store,
                             disk.as_mut(),
                             from,
-                            Some(openims_store::Checkpointing {
-                                every: checkpoint_every,
-                                save: &mut save,
-                            }),
-                            &mut |pr| {
-                                let _ = tx.try_send(Update {
-                                    task: "importing",
-                                    done: before + pr.bytes_done,
-                                    total,
-                                    checkpoint: None,
-                                });
-                            },
+                            (checkpoint_every, &mut save),
+                            &tx,
+                            (before, total),
                         )?;
                         resumed_bytes +=
                             report.resumed_chunks * u64::from(store.config().chunk_size);

@@ -374,10 +374,10 @@ impl Store {
                             // Encrypted chunks are checked without a key: framing, nonce
                             // bound to the id, ciphertext checksum, length.
                             let got = if *enc {
-                                self.get_encrypted_object(id)
+                                self.read_object(true, id)
                                     .and_then(|o| check_encrypted_chunk(id, &o))
                             } else {
-                                self.get_chunk(id).map(|d| d.len() as u64)
+                                self.get_chunk_buf(id).map(|d| d.len() as u64)
                             };
                             match got {
                                 Ok(l) if l == *len => bytes += *len,

@@ -288,17 +288,12 @@ impl Store {
         Ok(obj)
     }
 
-    /// The stored bytes of an encrypted chunk (ciphertext object).
-    pub(crate) fn get_encrypted_object(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        self.read_object(true, id).map(ObjectBuf::into_vec)
-    }
-
     /// The stored object of an encrypted chunk, checked without any key (magic, nonce bound to
     /// `id`, ciphertext checksum): what a replication to another deployment sends as is.
     pub fn encrypted_object(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let obj = self.get_encrypted_object(id)?;
+        let obj = self.read_object(true, id)?;
         crypto::check_encrypted_chunk(id, &obj)?;
-        Ok(obj)
+        Ok(obj.into_vec())
     }
 
     /// Whether an encrypted chunk object is stored.

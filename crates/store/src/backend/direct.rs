@@ -39,7 +39,7 @@ pub const MIN_DIRECT: usize = 256 << 10;
 const POOL_MAX: usize = 8;
 
 /// A heap buffer aligned to [`ALIGN`] whose pages stay mapped across reuses.
-pub(crate) struct AlignedBuf {
+struct AlignedBuf {
     ptr: *mut u8,
     cap: usize,
 }
@@ -91,7 +91,7 @@ fn take_buf(len: usize) -> Option<AlignedBuf> {
     AlignedBuf::new(len.div_ceil(1 << 20) * (1 << 20))
 }
 
-pub(crate) fn give_buf(b: AlignedBuf) {
+fn give_buf(b: AlignedBuf) {
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if pool.len() < POOL_MAX {
         pool.push(b);

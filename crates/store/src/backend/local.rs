@@ -62,6 +62,9 @@ pub struct LocalBackend {
     /// Large objects are written with `O_DIRECT` (see [`super::direct`]); false on file
     /// systems that refuse it, or after a direct write failed with `EINVAL`.
     direct: AtomicBool,
+    /// Large objects are read with `O_DIRECT` (when `direct` holds); false after a direct
+    /// read failed with `EINVAL`.
+    direct_read: AtomicBool,
     pending: Mutex<Pending>,
     sync_lock: Mutex<()>,
     counter: AtomicU64,
@@ -110,6 +113,7 @@ impl LocalBackend {
             root_dir,
             mode,
             direct,
+            direct_read: AtomicBool::new(true),
             pending: Mutex::default(),
             sync_lock: Mutex::new(()),
             counter: AtomicU64::new(0),
@@ -313,10 +317,11 @@ impl Backend for LocalBackend {
 
     fn get_buf(&self, key: &str) -> Result<ObjectBuf> {
         let path = self.path_of(key)?;
-        if self.direct.load(Ordering::Relaxed) {
+        if self.direct.load(Ordering::Relaxed) && self.direct_read.load(Ordering::Relaxed) {
             match super::direct::read_file(&path) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::warn!(error = %e, "O_DIRECT read refused; reading buffered");
+                    tracing::warn!(error = %e, "O_DIRECT read refused; reading buffered from now on");
+                    self.direct_read.store(false, Ordering::Relaxed);
                 }
                 other => return map_nf(other, key),
             }
