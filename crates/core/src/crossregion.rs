@@ -1072,20 +1072,14 @@ impl SendCtx<'_> {
             return Ok(());
         }
         self.last_beat = Some(Instant::now());
-        let percent = if self.bytes_total == 0 {
-            99.0
-        } else {
-            (self.bytes_done as f64 * 100.0 / self.bytes_total as f64).min(99.0)
-        };
-        let progress = Progress {
-            current_task: task.into(),
-            percent: (percent * 10.0).floor() / 10.0,
-            bytes_done: self.bytes_done as i64,
-            bytes_total: self.bytes_total as i64,
-            // The totals are always consistent (`next_chunk` only moves after a whole batch
-            // was offered), so every heartbeat may record them.
-            checkpoint: Some(json!({"xr": self.cp})),
-        };
+        // The totals are always consistent (`next_chunk` only moves after a whole batch was
+        // offered), so every heartbeat may record them.
+        let progress = Progress::of_bytes(
+            task,
+            self.bytes_done,
+            self.bytes_total,
+            Some(json!({"xr": self.cp})),
+        );
         let alive = self.svc.beat(&self.job.id, &progress).await?;
         if !alive {
             return Err(CoreError::Internal("the job's lease was lost".into()));

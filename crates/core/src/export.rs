@@ -324,22 +324,8 @@ impl Service {
                 continue;
             }
             last = Some(Instant::now());
-            let percent = if total == 0 {
-                0.0
-            } else {
-                (done as f64 * 100.0 / total as f64).min(99.0)
-            };
             let alive = self
-                .beat(
-                    &job.id,
-                    &Progress {
-                        current_task: "exporting".into(),
-                        percent: (percent * 10.0).floor() / 10.0,
-                        bytes_done: done as i64,
-                        bytes_total: total as i64,
-                        checkpoint: None,
-                    },
-                )
+                .beat(&job.id, &Progress::of_bytes("exporting", done, total, None))
                 .await?;
             if !alive {
                 abort.store(true, Ordering::Relaxed);

@@ -1669,21 +1669,10 @@ impl Service {
                 continue;
             }
             last = Some(Instant::now());
-            let percent = if u.total == 0 {
-                0.0
-            } else {
-                (u.done as f64 * 100.0 / u.total as f64).min(99.0)
-            };
             let alive = self
                 .beat(
                     &job.id,
-                    &Progress {
-                        current_task: u.task.into(),
-                        percent: (percent * 10.0).floor() / 10.0,
-                        bytes_done: u.done as i64,
-                        bytes_total: u.total as i64,
-                        checkpoint: u.checkpoint,
-                    },
+                    &Progress::of_bytes(u.task, u.done, u.total, u.checkpoint),
                 )
                 .await?;
             if !alive {

@@ -126,6 +126,30 @@ pub struct Progress {
     pub checkpoint: Option<Value>,
 }
 
+impl Progress {
+    /// A running job's progress as `done` of `total` bytes: `percent` rounded down to 0.1 and
+    /// at most 99 (100 is for SUCCESS), 0 while the total is not known (or is zero).
+    pub fn of_bytes(
+        task: impl Into<String>,
+        done: u64,
+        total: u64,
+        checkpoint: Option<Value>,
+    ) -> Progress {
+        let percent = if total == 0 {
+            0.0
+        } else {
+            (done as f64 * 100.0 / total as f64).min(99.0)
+        };
+        Progress {
+            current_task: task.into(),
+            percent: (percent * 10.0).floor() / 10.0,
+            bytes_done: i64::try_from(done).unwrap_or(i64::MAX),
+            bytes_total: i64::try_from(total).unwrap_or(i64::MAX),
+            checkpoint,
+        }
+    }
+}
+
 impl Job {
     /// `show_job` body (spec A.4), with extension fields for progress.
     pub fn view(&self) -> Value {

@@ -256,18 +256,12 @@ impl Service {
                     continue;
                 }
                 last_beat = Some(Instant::now());
-                let percent = if bytes_total == 0 {
-                    100.0
-                } else {
-                    (u.bytes_done as f64 * 100.0 / bytes_total as f64).min(99.0)
-                };
-                let progress = Progress {
-                    current_task: "encrypting".into(),
-                    percent: (percent * 10.0).floor() / 10.0,
-                    bytes_done: u.bytes_done as i64,
-                    bytes_total: bytes_total as i64,
-                    checkpoint: u.checkpoint.map(|c| json!({"encrypt": c})),
-                };
+                let progress = Progress::of_bytes(
+                    "encrypting",
+                    u.bytes_done,
+                    bytes_total,
+                    u.checkpoint.map(|c| json!({"encrypt": c})),
+                );
                 let alive = self.beat(&job.id, &progress).await?;
                 if !alive {
                     abort.store(true, Ordering::Relaxed);
@@ -281,13 +275,12 @@ impl Service {
             }
             cp.done.push(new_m.to_string());
             cp.current = None;
-            let progress = Progress {
-                current_task: "encrypting".into(),
-                percent: 99.0,
-                bytes_done: sizes[..=stage].iter().sum::<u64>() as i64,
-                bytes_total: bytes_total as i64,
-                checkpoint: Some(json!({"encrypt": cp})),
-            };
+            let progress = Progress::of_bytes(
+                "encrypting",
+                sizes[..=stage].iter().sum(),
+                bytes_total,
+                Some(json!({"encrypt": cp})),
+            );
             self.beat(&job.id, &progress).await?;
         }
         let mut it = cp.done.into_iter();
