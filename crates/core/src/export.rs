@@ -298,9 +298,6 @@ impl Service {
                 vmdk_extent_name: "disk.vmdk".into(),
                 ..WriteOptions::default()
             };
-            // Held in memory: only what the writer patches (at least the S3 part minimum).
-            let header = openims_format::write::header_bytes(&mut disk, format, &opts)?;
-            sink.body_start = header.max(MIN_HEADER_WINDOW).next_multiple_of(1 << 20);
             let mut lost = false;
             let report = write_image(&mut disk, format, &opts, &mut sink, &mut |done| {
                 if abort_w.load(Ordering::Relaxed) {
@@ -509,6 +506,18 @@ impl ImageSink for UploadSink {
 
     fn header_window(&self) -> u64 {
         self.body_start
+    }
+
+    /// Held in memory: only what the writer patches (at least the S3 part minimum).
+    fn reserve_header(&mut self, len: u64) -> std::io::Result<()> {
+        if self.position != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the header window is set before the first write",
+            ));
+        }
+        self.body_start = len.max(MIN_HEADER_WINDOW).next_multiple_of(1 << 20);
+        Ok(())
     }
 
     fn position(&self) -> u64 {

@@ -213,6 +213,12 @@ pub trait ImageSink {
     fn patch(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()>;
     /// How many leading bytes `patch` may rewrite.
     fn header_window(&self) -> u64;
+    /// Called once before the first write with how many leading bytes the writer will patch
+    /// at the end (its headers and allocation tables): a sink that holds its header window in
+    /// memory sizes it from this. Default: no-op (a file sink can patch anywhere).
+    fn reserve_header(&mut self, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Bytes written so far.
     fn position(&self) -> u64;
     /// Tells the sink the output will be at least `len` bytes long (a file sink may size the

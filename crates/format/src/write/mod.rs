@@ -135,17 +135,6 @@ fn make_writer(
     })
 }
 
-/// How many leading bytes of the output [`write_image`] patches at the end (headers and
-/// allocation tables): the smallest [`ImageSink::header_window`] it accepts for this disk.
-/// Reads only the disk's allocation map.
-pub fn header_bytes(
-    disk: &mut dyn VirtualDisk,
-    fmt: OutputFormat,
-    opts: &WriteOptions,
-) -> Result<u64> {
-    Ok(make_writer(disk, fmt, opts)?.header_bytes())
-}
-
 /// Writes `disk` as `fmt` into `sink`, calling `progress` with the virtual bytes done.
 pub fn write_image(
     disk: &mut dyn VirtualDisk,
@@ -165,6 +154,7 @@ pub fn write_image(
             .unwrap_or(1),
         (n, _) => n,
     };
+    sink.reserve_header(w.header_bytes())?;
     w.begin(sink)?;
     let mut report = WriteReport {
         virtual_size: vsize,
