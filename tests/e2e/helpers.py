@@ -683,6 +683,17 @@ def glance_show(client: RawClient, image_id: str, *, auth: str = "aksk") -> dict
     return r.json()
 
 
+def image_sha256(client: RawClient, image_id: str) -> tuple[str, int]:
+    """(SHA-256 hex, length) of an image's bytes, downloaded through Glance in pieces."""
+    r = client.get(f"/v2/images/{image_id}/file", stream=True)
+    assert r.status_code == 200, describe(r)
+    h, n = hashlib.sha256(), 0
+    for piece in r.iter_content(8 << 20):
+        h.update(piece)
+        n += len(piece)
+    return h.hexdigest(), n
+
+
 def make_active_image(client: RawClient, data: Optional[bytes] = None, *, auth: str = "aksk",
                       disk_format: str = "raw", container_format: str = "bare", **fields) -> dict:
     data = raw_bytes() if data is None else data

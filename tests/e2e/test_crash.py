@@ -8,8 +8,8 @@ import pytest
 import requests
 
 from helpers import (
-    OCTET, RawClient, GeneratedBody, describe, glance_create, glance_show, glance_upload, make_active_image,
-    make_tenant, md5_hex, raw_bytes, unique,
+    OCTET, RawClient, GeneratedBody, describe, glance_create, glance_show, glance_upload, image_sha256,
+    make_active_image, make_tenant, md5_hex, raw_bytes, unique,
 )
 
 pytestmark = [pytest.mark.crash, pytest.mark.timeout(300)]
@@ -126,20 +126,6 @@ def sparse_disk(path, total):
     return h.hexdigest()
 
 
-def download_sha256(t, image_id, size):
-    import hashlib
-
-    r = t.raw.get(f"/v2/images/{image_id}/file", stream=True)
-    assert r.status_code == 200, describe(r)
-    got = hashlib.sha256()
-    n = 0
-    for piece in r.iter_content(8 * MiB):
-        got.update(piece)
-        n += len(piece)
-    assert n == size, (n, size)
-    return got.hexdigest()
-
-
 def kill9_between(srv, t, job_id, low, high):
     """Polls the job and kills the server (kill -9) once the job is RUNNING with
     `low <= bytes_done < high`; fails if the job ends or the window passes unseen."""
@@ -190,8 +176,8 @@ def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
         assert "disk set import resumed from its checkpoint" in srv.log_tail(400)
         w = glance_show(t.raw, job.entities.image_id)
         sys_id, data_id = w["__whole_image_disks"].split(",")
-        assert download_sha256(t, sys_id, sizes["system.raw"]) == want["system.raw"]
-        assert download_sha256(t, data_id, sizes["data.raw"]) == want["data.raw"]
+        assert image_sha256(t.raw, sys_id) == (want["system.raw"], sizes["system.raw"])
+        assert image_sha256(t.raw, data_id) == (want["data.raw"], sizes["data.raw"])
         fsck = admin(srv.data_dir, "fsck", binary=srv.binary)
         assert fsck["clean"], fsck
     finally:
@@ -229,7 +215,7 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
         image_id = job.entities.image_id
         shown = glance_show(t.raw, image_id)
         assert shown["status"] == "active" and shown["virtual_size"] == total, shown
-        assert download_sha256(t, image_id, total) == want
+        assert image_sha256(t.raw, image_id) == (want, total)
         fsck = admin(srv.data_dir, "fsck", binary=srv.binary)
         assert fsck["clean"], fsck
     finally:

@@ -23,8 +23,8 @@ from huaweicloudsdkkms.v2 import (
 )
 
 from helpers import (
-    GeneratedBody, OCTET, admin, describe, error_code, glance_create, glance_show, make_active_image, make_tenant,
-    raw_bytes, unique, wait_job,
+    GeneratedBody, OCTET, admin, describe, error_code, glance_create, glance_show, image_sha256, make_active_image,
+    make_tenant, raw_bytes, unique, wait_job,
 )
 
 MiB = 1 << 20
@@ -235,17 +235,6 @@ def test_encrypt_rekey_decrypt_chain_keeps_the_disk(tenant, src):
         assert_same_disk(tenant, i, data)
 
 
-def _sha256_of_image(t, image_id):
-    import hashlib
-    r = t.raw.get(f"/v2/images/{image_id}/file", stream=True)
-    assert r.status_code == 200, describe(r)
-    h, n = hashlib.sha256(), 0
-    for piece in r.iter_content(4 * MiB):
-        h.update(piece)
-        n += len(piece)
-    return h.hexdigest(), n
-
-
 def test_deleting_the_source_and_disabling_its_key_during_copies_breaks_neither(tenant):
     """Copies accepted before their source is deleted (and, for an encrypted source, its key
     disabled) still succeed with the source's disk, even with a GC pass (no grace) in between:
@@ -256,7 +245,7 @@ def test_deleting_the_source_and_disabling_its_key_during_copies_breaks_neither(
     r = t.raw.put(f"/v2/images/{img['id']}/file", stream_body=GeneratedBody(total=total, random_every=4 * MiB),
                   content_type=OCTET, timeout=300)
     assert r.status_code == 204, describe(r)
-    want = _sha256_of_image(t, img["id"])
+    want = image_sha256(t.raw, img["id"])
     k1, k2 = create_key(t), create_key(t)
     # An encrypted source (k1) to re-key from, made first.
     enc_job = wait_job(t.ims, copy(t, img["id"], k1), timeout=240)
@@ -282,7 +271,7 @@ def test_deleting_the_source_and_disabling_its_key_during_copies_breaks_neither(
         assert job.status == "SUCCESS", job
         shown = glance_show(t.raw, job.entities.image_id)
         assert shown["status"] == "active" and shown["__system__cmkid"] == k2, shown
-        assert _sha256_of_image(t, job.entities.image_id) == want
+        assert image_sha256(t.raw, job.entities.image_id) == want
     enable(t, k1)
     fsck = admin(t.server.data_dir, "fsck", binary=t.server.binary)
     assert fsck["clean"], fsck
