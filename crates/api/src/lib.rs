@@ -10,6 +10,7 @@
 //! `openims-core`, which every handler calls with the authenticated [`openims_core::Caller`].
 
 pub mod auth;
+pub mod conn;
 pub mod error;
 pub mod extract;
 pub mod glance;
@@ -70,6 +71,7 @@ pub fn router(svc: Arc<Service>) -> Router {
             error::ApiError::not_found("The requested resource does not exist.")
         })
         .layer(DefaultBodyLimit::max(auth::MAX_SIGNED_BODY))
+        .layer(middleware::from_fn(conn::settle_body))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let id = req

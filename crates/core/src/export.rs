@@ -9,6 +9,13 @@
 //! [`MIN_HEADER_WINDOW`]) are held in memory and become part 1; the body is cut into parts as it
 //! is written. The object appears atomically when the upload completes, only if the key is
 //! still free (IMG.0070); a failed job aborts the upload and leaves nothing behind.
+//!
+//! An unencrypted image exported as qcow2 or quick-exported takes a shorter way
+//! ([`shared_plan`]): the object references the image's own chunks, so only the qcow2
+//! metadata and the object's manifests are written and no data is read or copied. Its qcow2
+//! file puts every allocated 4 MiB chunk whole at a chunk-aligned offset after the metadata
+//! (zero clusters inside an allocated chunk are stored as data), and its quick-export bitmap
+//! marks whole chunks (a bit set may cover zeros; a clear bit never covers data).
 
 use crate::buckets::{
     validate_bucket_name, validate_object_key, Action, CompletePart, ObjectAttrs, UploadedPart,
@@ -20,9 +27,11 @@ use crate::import::{parse_file_url, BITMAP_SUFFIX};
 use crate::jobs::{insert_job, Job, JobType, NewJob, Progress};
 use crate::objects::{PartTag, PartWriter};
 use crate::Service;
-use openims_format::write::{write_image, OutputFormat, WriteOptions};
+use openims_format::write::{
+    write_image, AllocationBitmap, OutputFormat, SlottedQcow2, WriteOptions,
+};
 use openims_format::ImageSink;
-use openims_store::ManifestId;
+use openims_store::{ChunkId, Manifest, ManifestId};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -276,44 +285,65 @@ impl Service {
                 .await;
             return Err(CoreError::Internal("the job's lease was lost".into()));
         }
-        let mut sink = UploadSink {
-            objects: objects.clone(),
-            upload_id: upload.upload_id.clone(),
-            head: Vec::new(),
-            body: None,
-            body_start: MIN_HEADER_WINDOW,
-            position: 0,
-            parts: Vec::new(),
-            handle: tokio::runtime::Handle::current(),
-            failed: None,
-        };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, u64)>(8);
         let abort = Arc::new(AtomicBool::new(false));
         let abort_w = abort.clone();
         let store = self.data.store.clone();
-        let task = tokio::task::spawn_blocking(move || -> Result<(UploadSink, Option<Vec<u8>>)> {
-            let mut disk = store.open_disk_with(&manifest, dek)?;
-            let vsize = openims_format::VirtualDisk::virtual_size(&disk);
-            let opts = WriteOptions {
-                vmdk_extent_name: "disk.vmdk".into(),
-                ..WriteOptions::default()
-            };
+        let (objects_w, upload_id) = (objects.clone(), upload.upload_id.clone());
+        let handle = tokio::runtime::Handle::current();
+        type Written = (Vec<UploadedPart>, Option<Vec<u8>>, bool);
+        let task = tokio::task::spawn_blocking(move || -> Result<Written> {
             let mut lost = false;
-            let report = write_image(&mut disk, format, &opts, &mut sink, &mut |done| {
+            let mut progress = |done: u64, vsize: u64| {
                 if abort_w.load(Ordering::Relaxed) {
                     lost = true;
                 }
                 let _ = tx.try_send((done, vsize));
-            });
-            if let Some(e) = sink.failed.take() {
-                return Err(e);
-            }
-            let report = report?;
+            };
+            let shared = match dek {
+                None => {
+                    let m = store.manifest(&manifest)?;
+                    shared_plan(&store, &m, format)?.map(|plan| (m, plan))
+                }
+                Some(_) => None,
+            };
+            let written = match shared {
+                Some((m, plan)) => {
+                    let mut seq = PartSequence::new(objects_w, upload_id, 1, handle);
+                    let vsize = m.virtual_size();
+                    let bitmap =
+                        write_shared(&store, &m, &plan, &mut seq, &mut |d| progress(d, vsize))?;
+                    seq.close_part()?;
+                    (seq.parts, bitmap, true)
+                }
+                None => {
+                    let mut disk = store.open_disk_with(&manifest, dek)?;
+                    let vsize = openims_format::VirtualDisk::virtual_size(&disk);
+                    let opts = WriteOptions {
+                        vmdk_extent_name: "disk.vmdk".into(),
+                        ..WriteOptions::default()
+                    };
+                    let mut sink = UploadSink {
+                        head: Vec::new(),
+                        body: PartSequence::new(objects_w, upload_id, 2, handle),
+                        body_start: MIN_HEADER_WINDOW,
+                        position: 0,
+                        failed: None,
+                    };
+                    let report = write_image(&mut disk, format, &opts, &mut sink, &mut |d| {
+                        progress(d, vsize)
+                    });
+                    if let Some(e) = sink.failed.take() {
+                        return Err(e);
+                    }
+                    let report = report?;
+                    (sink.close()?, report.bitmap, false)
+                }
+            };
             if lost {
                 return Err(CoreError::Internal("the job's lease was lost".into()));
             }
-            sink.close()?;
-            Ok((sink, report.bitmap))
+            Ok(written)
         });
         let mut last: Option<Instant> = None;
         while let Some((done, total)) = rx.recv().await {
@@ -331,7 +361,7 @@ impl Service {
         let outcome = task
             .await
             .map_err(|e| CoreError::Internal(format!("export task failed: {e}")))?;
-        let (sink, bitmap) = match outcome {
+        let (mut parts, bitmap, shared) = match outcome {
             Ok(v) => v,
             Err(e) => {
                 let _ = objects
@@ -366,7 +396,6 @@ impl Service {
                 return Err(e);
             }
         }
-        let mut parts = sink.parts.clone();
         parts.sort_by_key(|p| p.part_number);
         let wanted: Vec<CompletePart> = parts
             .iter()
@@ -387,7 +416,7 @@ impl Service {
             .await
         {
             Ok(info) => {
-                tracing::info!(job_id = %job.id, bucket, key, size = info.size, "image exported");
+                tracing::info!(job_id = %job.id, bucket, key, size = info.size, shared_chunks = shared, "image exported");
                 Ok(None)
             }
             Err(e) => {
@@ -400,22 +429,145 @@ impl Service {
     }
 }
 
-/// An [`ImageSink`] into a multipart upload: the header window in memory (part 1, written at
-/// the end), the body cut into [`EXPORT_PART_SIZE`] parts (2, 3, ...) as it is written.
-/// Blocking: used from a blocking thread.
-struct UploadSink {
-    objects: crate::buckets::BucketObjects,
-    upload_id: String,
-    head: Vec<u8>,
-    body: Option<PartWriter>,
-    body_start: u64,
-    position: u64,
-    parts: Vec<UploadedPart>,
-    handle: tokio::runtime::Handle,
-    failed: Option<CoreError>,
+/// Largest metadata a chunk-sharing qcow2 export builds in memory (its L2 tables grow with the
+/// allocated part of the disk: 64 MiB maps about 512 GiB of data); a larger one takes the
+/// streaming writer.
+const MAX_SHARED_METADATA: u64 = 64 << 20;
+/// Cluster size of exported qcow2 files (the writer's default, qemu-img's too).
+const QCOW2_CLUSTER: u64 = 65536;
+
+/// How a chunk-sharing export lays out its object (see [`shared_plan`]).
+enum SharedPlan {
+    /// Metadata, then every allocated chunk whole in its own slot.
+    Qcow2(SlottedQcow2),
+    /// The disk's chunks in order, and an allocation bitmap at chunk granularity.
+    RawWithBitmap,
 }
 
-impl UploadSink {
+/// Whether the export of this disk as `format` can reference the disk's chunks instead of
+/// copying them, and how. It can when every chunk of the output that carries data is a chunk
+/// of the disk, byte for byte: the disk's chunks are plaintext (stored under their content
+/// hash, as bucket objects' chunks are), of the store's chunk size, which divides the part
+/// size; the output is raw (chunk `k` of the disk is chunk `k` of the object) or qcow2 in the
+/// slotted layout (each allocated chunk whole at a chunk-aligned offset). Then the export
+/// writes only the qcow2 metadata and the object's manifests: no chunk is read or written,
+/// whatever the disk's size, and the object is stored once with the image (deduplicated
+/// like any other object). Compressed, VHD and VMDK outputs change the bytes (or their
+/// alignment), and an encrypted disk's chunks are ciphertext: those take the streaming writer.
+fn shared_plan(
+    store: &openims_store::Store,
+    m: &Manifest,
+    format: OutputFormat,
+) -> Result<Option<SharedPlan>> {
+    let cs = u64::from(m.chunk_size());
+    if m.is_encrypted()
+        || cs != u64::from(store.config().chunk_size)
+        || !EXPORT_PART_SIZE.is_multiple_of(cs)
+        || !MIN_HEADER_WINDOW.is_multiple_of(cs)
+    {
+        return Ok(None);
+    }
+    Ok(match format {
+        OutputFormat::RawWithBitmap => Some(SharedPlan::RawWithBitmap),
+        OutputFormat::Qcow2
+            if cs.is_multiple_of(QCOW2_CLUSTER)
+                && (QCOW2_CLUSTER / 8 * QCOW2_CLUSTER).is_multiple_of(cs) =>
+        {
+            let allocated: Vec<u64> = (0..m.chunks().len() as u64)
+                .filter(|&k| m.chunks()[k as usize].is_some())
+                .collect();
+            SlottedQcow2::new(
+                m.virtual_size(),
+                QCOW2_CLUSTER,
+                cs,
+                &allocated,
+                MIN_HEADER_WINDOW,
+                MAX_SHARED_METADATA,
+            )?
+            .map(SharedPlan::Qcow2)
+        }
+        _ => None,
+    })
+}
+
+/// Writes a chunk-sharing export (see [`shared_plan`]) into `seq`; returns the bitmap of a
+/// raw export. `progress` gets the virtual bytes done.
+fn write_shared(
+    store: &openims_store::Store,
+    m: &Manifest,
+    plan: &SharedPlan,
+    seq: &mut PartSequence,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Option<Vec<u8>>> {
+    let cs = u64::from(m.chunk_size());
+    let chunks = m.chunks();
+    match plan {
+        SharedPlan::RawWithBitmap => {
+            let mut bm = AllocationBitmap::new(m.virtual_size(), 16)?;
+            let g = bm.granularity();
+            for (k, id) in chunks.iter().enumerate() {
+                let (off, len) = (m.chunk_offset(k), m.chunk_len(k));
+                if id.is_some() {
+                    for bit in off / g..(off + len).div_ceil(g) {
+                        bm.set(bit);
+                    }
+                }
+                seq.append_chunk(*id, len, cs)?;
+                progress(off + len);
+            }
+            Ok(Some(bm.to_bytes()))
+        }
+        SharedPlan::Qcow2(layout) => {
+            seq.append(&layout.metadata)?;
+            for (k, id) in chunks.iter().enumerate() {
+                let Some(id) = id else { continue };
+                let (want, have) = (layout.data_len(k as u64), m.chunk_len(k));
+                if want == have {
+                    seq.append_chunk(Some(*id), have, cs)?;
+                } else {
+                    // The disk's last chunk, whose end is not on a cluster boundary: its
+                    // slot is padded to whole clusters, so it is written, not referenced.
+                    let mut bytes = store.get_chunk(id)?;
+                    bytes.resize(want as usize, 0);
+                    seq.append(&bytes)?;
+                }
+                progress(m.chunk_offset(k) + have);
+            }
+            progress(m.virtual_size());
+            Ok(None)
+        }
+    }
+}
+
+/// Parts of a multipart upload written in order and numbered from a given one, each cut at
+/// [`EXPORT_PART_SIZE`]: bytes are cut into the store's chunks, chunks the store already holds
+/// are referenced. Blocking: used from a blocking thread.
+struct PartSequence {
+    objects: crate::buckets::BucketObjects,
+    upload_id: String,
+    current: Option<PartWriter>,
+    next_number: u32,
+    parts: Vec<UploadedPart>,
+    handle: tokio::runtime::Handle,
+}
+
+impl PartSequence {
+    fn new(
+        objects: crate::buckets::BucketObjects,
+        upload_id: String,
+        first_number: u32,
+        handle: tokio::runtime::Handle,
+    ) -> PartSequence {
+        PartSequence {
+            objects,
+            upload_id,
+            current: None,
+            next_number: first_number,
+            parts: Vec::new(),
+            handle,
+        }
+    }
+
     fn record(&mut self, number: u32, part: crate::buckets::StoredPart) -> Result<()> {
         let objects = self.objects.clone();
         let id = self.upload_id.clone();
@@ -426,45 +578,72 @@ impl UploadSink {
         Ok(())
     }
 
-    fn close_body_part(&mut self) -> Result<()> {
-        if let Some(w) = self.body.take() {
+    fn writer(&mut self) -> &mut PartWriter {
+        let store = Arc::clone(self.objects.store());
+        self.current
+            .get_or_insert_with(|| PartWriter::tagged(store, EXPORT_PART_SIZE, PartTag::ContentId))
+    }
+
+    /// Stores the open part, if any.
+    fn close_part(&mut self) -> Result<()> {
+        if let Some(w) = self.current.take() {
             let part = w.finish()?;
-            let number = self.parts.len() as u32 + 2;
+            let number = self.next_number;
+            self.next_number += 1;
             self.record(number, part)?;
         }
         Ok(())
     }
 
-    fn append_body(&mut self, mut data: &[u8]) -> Result<()> {
+    fn append(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
-            let store = Arc::clone(self.objects.store());
-            let w = self.body.get_or_insert_with(|| {
-                PartWriter::tagged(store, EXPORT_PART_SIZE, PartTag::ContentId)
-            });
+            let w = self.writer();
             let room = (EXPORT_PART_SIZE - w.size()) as usize;
             let n = room.min(data.len());
             w.append(&data[..n])?;
             data = &data[n..];
             if w.size() == EXPORT_PART_SIZE {
-                self.close_body_part()?;
+                self.close_part()?;
             }
         }
         Ok(())
     }
 
-    /// Stores the last body part and the header part.
-    fn close(&mut self) -> Result<()> {
-        self.close_body_part()?;
+    /// Appends a stored chunk by reference (see [`PartWriter::append_chunk`]).
+    fn append_chunk(&mut self, id: Option<ChunkId>, len: u64, chunk_size: u64) -> Result<()> {
+        let w = self.writer();
+        w.append_chunk(id, len)?;
+        if w.size() == EXPORT_PART_SIZE || len < chunk_size {
+            self.close_part()?;
+        }
+        Ok(())
+    }
+}
+
+/// An [`ImageSink`] into a multipart upload: the header window in memory (part 1, written at
+/// the end), the body cut into [`EXPORT_PART_SIZE`] parts (2, 3, ...) as it is written.
+/// Blocking: used from a blocking thread.
+struct UploadSink {
+    head: Vec<u8>,
+    body: PartSequence,
+    body_start: u64,
+    position: u64,
+    failed: Option<CoreError>,
+}
+
+impl UploadSink {
+    /// Stores the last body part and the header part; returns every part.
+    fn close(mut self) -> Result<Vec<UploadedPart>> {
+        self.body.close_part()?;
         let mut w = PartWriter::tagged(
-            Arc::clone(self.objects.store()),
+            Arc::clone(self.body.objects.store()),
             self.body_start,
             PartTag::ContentId,
         );
         w.append(&self.head)?;
         let part = w.finish()?;
-        self.record(1, part)?;
-        self.head = Vec::new();
-        Ok(())
+        self.body.record(1, part)?;
+        Ok(self.body.parts)
     }
 
     fn io<T>(&mut self, r: Result<T>) -> std::io::Result<T> {
@@ -485,7 +664,7 @@ impl ImageSink for UploadSink {
             buf = &buf[n..];
         }
         if !buf.is_empty() {
-            let r = self.append_body(buf);
+            let r = self.body.append(buf);
             self.io(r)?;
             self.position += buf.len() as u64;
         }

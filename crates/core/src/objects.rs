@@ -63,6 +63,8 @@ pub struct PartWriter {
     workers: Vec<JoinHandle<()>>,
     chunks: Vec<Option<ChunkId>>,
     failed: Option<CoreError>,
+    /// A short chunk was appended by reference: nothing may follow it.
+    sealed: bool,
 }
 
 impl PartWriter {
@@ -105,6 +107,7 @@ impl PartWriter {
             workers,
             chunks: Vec::new(),
             failed: None,
+            sealed: false,
         }
     }
 
@@ -167,6 +170,11 @@ impl PartWriter {
         if self.size + data.len() as u64 > self.max_size {
             return Err(CoreError::EntityTooLarge(self.max_size));
         }
+        if self.sealed && !data.is_empty() {
+            return Err(CoreError::Internal(
+                "append: the part ended with a short chunk".into(),
+            ));
+        }
         if let Some(h) = &mut self.md5 {
             h.update(data);
         }
@@ -182,6 +190,36 @@ impl PartWriter {
                     return Err(e);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Appends a chunk the store already holds (`None`: `len` zero bytes), by reference: no
+    /// byte is read or written. Only at a chunk boundary of the part, for a part tagged by
+    /// content id (an MD5 tag would need the bytes), and `len` must be the chunk's length: the
+    /// chunk size, or less for the part's last chunk.
+    pub fn append_chunk(&mut self, id: Option<ChunkId>, len: u64) -> Result<()> {
+        let cs = self.chunk_size as u64;
+        let misuse = |what: &str| Err(CoreError::Internal(format!("append_chunk: {what}")));
+        if self.failed.is_some() || self.md5.is_some() || self.sealed {
+            return misuse("the writer failed, tags by MD5, or ended with a short chunk");
+        }
+        if !self.buf.is_empty() || !self.size.is_multiple_of(cs) {
+            return misuse("not at a chunk boundary");
+        }
+        if len == 0 || len > cs {
+            return misuse("not a chunk length");
+        }
+        if self.size + len > self.max_size {
+            return Err(CoreError::EntityTooLarge(self.max_size));
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        self.record(Ok((index, id)))?;
+        self.size += len;
+        if len < cs {
+            // A short chunk ends the part: later bytes would not start at a chunk boundary.
+            self.sealed = true;
         }
         Ok(())
     }

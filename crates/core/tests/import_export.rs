@@ -139,3 +139,105 @@ async fn a_replaced_object_fails_the_import_and_an_unchanged_one_imports_and_exp
     d.read_at(0, &mut back).expect("read");
     assert!(back == disk(7), "the export differs from the imported disk");
 }
+
+/// Chunk files in the store of a service whose data dir is `dir`.
+fn stored_chunks(dir: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => walk(&e.path()),
+                        _ => 1,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(&dir.join("store").join("chunks"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qcow2_or_quick_export_of_an_unencrypted_image_references_its_chunks() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc: Arc<Service> = Service::open(ServiceConfig::new(dir.path()))
+        .await
+        .expect("open");
+    let c = caller(&svc).await;
+    svc.buckets()
+        .create_bucket(&c.project_id, "bkt1")
+        .await
+        .expect("bucket");
+    // 21 MiB: data, zeros, data, zeros, data, then a 1 MiB last chunk of data.
+    let mut raw = vec![0u8; 21 * MIB];
+    for (k, seed) in [(0usize, 3u8), (2, 5), (4, 9), (5, 11)] {
+        let end = ((k + 1) * 4 * MIB).min(raw.len());
+        for (i, b) in raw[k * 4 * MIB..end].iter_mut().enumerate() {
+            *b = (i % 253) as u8 ^ seed;
+        }
+    }
+    put(&svc, &c, "src.raw", raw.clone()).await;
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let _workers = svc.spawn_workers(1, stop);
+    let job = svc
+        .import_image(&c, ImportKind::System, None, request("src.raw"))
+        .await
+        .expect("import accepted");
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let image_id = j.image_id.expect("image id");
+
+    for (key, format, quick) in [
+        ("out.qcow2", Some("qcow2"), false),
+        ("quick.raw", None, true),
+    ] {
+        let before = stored_chunks(dir.path());
+        let job = svc
+            .export_image(
+                &c,
+                &image_id,
+                ExportRequest {
+                    bucket_url: format!("bkt1:{key}"),
+                    file_format: format.map(str::to_string),
+                    is_quick_export: quick,
+                },
+            )
+            .await
+            .expect("export accepted");
+        let j = wait(&svc, &c, job.as_str()).await;
+        assert_eq!(j.status, JobStatus::Success, "{j:?}");
+        // Only the qcow2 metadata (or the bitmap) is new: the data is the image's chunks.
+        let added = stored_chunks(dir.path()) - before;
+        assert!(added <= 1, "{key}: {added} chunks written");
+        let reader = svc
+            .buckets()
+            .open_object_reader(&c.project_id, "bkt1", key)
+            .await
+            .expect("exported object");
+        let fmt = if quick {
+            openims_format::DiskFormat::Raw
+        } else {
+            openims_format::DiskFormat::Qcow2
+        };
+        let mut d = openims_format::read::open(Arc::new(reader), fmt).expect("readable");
+        assert_eq!(d.virtual_size(), raw.len() as u64, "{key}");
+        let mut back = vec![0u8; raw.len()];
+        d.read_at(0, &mut back).expect("read");
+        assert!(back == raw, "{key}: the export differs from the image");
+    }
+    // The quick export's bitmap marks the chunks with data, never a chunk of zeros.
+    let reader = svc
+        .buckets()
+        .open_object_reader(&c.project_id, "bkt1", "quick.raw.bitmap")
+        .await
+        .expect("bitmap object");
+    let mut bytes = vec![0u8; 4096];
+    let n = openims_format::ReadAt::read_at(&reader, &mut bytes, 0).expect("read bitmap");
+    let bm = openims_format::write::AllocationBitmap::from_bytes(&bytes[..n]).expect("bitmap");
+    let per_chunk = (4 * MIB) as u64 / bm.granularity();
+    for bit in 0..bm.len() {
+        let chunk = bit / per_chunk;
+        assert_eq!(bm.get(bit), matches!(chunk, 0 | 2 | 4 | 5), "bit {bit}");
+    }
+}

@@ -38,6 +38,8 @@ mod raw;
 mod vhd;
 mod vmdk;
 
+pub use qcow2::SlottedQcow2;
+
 /// Output formats of [`write_image`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputFormat {
@@ -103,7 +105,7 @@ impl Default for WriteOptions {
 /// What [`write_image`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteReport {
-    /// Virtual size of the disk written (VHD rounds it up to 512 bytes).
+    /// Virtual size of the disk written (VHD and qcow2 round it up to 512 bytes).
     pub virtual_size: u64,
     /// Size of the output in bytes.
     pub output_size: u64,

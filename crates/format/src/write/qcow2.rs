@@ -176,19 +176,173 @@ impl Qcow2Writer {
     }
 
     fn header(&self) -> Vec<u8> {
-        let mut h = vec![0u8; HEADER_LEN];
-        h[0..4].copy_from_slice(b"QFI\xfb");
-        h[4..8].copy_from_slice(&3u32.to_be_bytes());
-        h[20..24].copy_from_slice(&self.cb.to_be_bytes());
-        h[24..32].copy_from_slice(&self.vsize.to_be_bytes());
-        h[36..40].copy_from_slice(&(self.l1.len() as u32).to_be_bytes());
-        h[40..48].copy_from_slice(&self.cs.to_be_bytes());
-        h[48..56].copy_from_slice(&((1 + self.l1_clusters) * self.cs).to_be_bytes());
-        h[56..60].copy_from_slice(&(self.rt_clusters as u32).to_be_bytes());
-        h[96..100].copy_from_slice(&4u32.to_be_bytes());
-        h[100..104].copy_from_slice(&(HEADER_LEN as u32).to_be_bytes());
-        h
+        header(
+            self.cb,
+            self.vsize,
+            self.l1.len() as u64,
+            self.l1_clusters,
+            self.rt_clusters,
+        )
     }
+}
+
+/// The v3 header of both layouts: L1 at cluster 1, then the refcount table (16-bit refcounts).
+/// The size is rounded up to whole 512-byte sectors, as qemu reads it rounded down (the bytes
+/// past the disk's end in its last cluster are zeros).
+fn header(cb: u32, vsize: u64, l1_len: u64, l1_clusters: u64, rt_clusters: u64) -> Vec<u8> {
+    let cs = 1u64 << cb;
+    let vsize = vsize.next_multiple_of(512);
+    let mut h = vec![0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    h[20..24].copy_from_slice(&cb.to_be_bytes());
+    h[24..32].copy_from_slice(&vsize.to_be_bytes());
+    h[36..40].copy_from_slice(&(l1_len as u32).to_be_bytes());
+    h[40..48].copy_from_slice(&cs.to_be_bytes());
+    h[48..56].copy_from_slice(&((1 + l1_clusters) * cs).to_be_bytes());
+    h[56..60].copy_from_slice(&(rt_clusters as u32).to_be_bytes());
+    h[96..100].copy_from_slice(&4u32.to_be_bytes());
+    h[100..104].copy_from_slice(&(HEADER_LEN as u32).to_be_bytes());
+    h
+}
+
+/// A qcow2 v3 image laid out in *slots*: all metadata first, then the disk's allocated slots
+/// (fixed-size, slot-aligned ranges of the virtual disk, in order), each copied whole and
+/// unchanged at a slot-aligned offset of the file. Built from the allocation map alone, so the
+/// metadata can be written before any data, and a slot's bytes in the file are exactly the
+/// disk's bytes (a store of fixed-size chunks can reference the disk's own chunks).
+#[derive(Debug, Clone)]
+pub struct SlottedQcow2 {
+    /// Header, L1 table, refcount table and blocks, L2 tables, zero-padded to a multiple of
+    /// the slot size: the first `metadata.len()` bytes of the file.
+    pub metadata: Vec<u8>,
+    vsize: u64,
+    cs: u64,
+    slot: u64,
+}
+
+impl SlottedQcow2 {
+    /// Lays out a disk of `vsize` bytes whose allocated slots are `allocated` (slot indices,
+    /// strictly increasing), with `cluster_size` clusters and `slot`-byte slots (a multiple of
+    /// the cluster size dividing the range of one L2 table). The metadata is padded to at
+    /// least `min_len` bytes; `None` when it would exceed `max_len` (the caller then uses the
+    /// streaming writer, whose memory does not grow with the disk).
+    pub fn new(
+        vsize: u64,
+        cluster_size: u64,
+        slot: u64,
+        allocated: &[u64],
+        min_len: u64,
+        max_len: u64,
+    ) -> Result<Option<SlottedQcow2>> {
+        let cs = cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(werr(F, format!("cluster size {cs}")));
+        }
+        let l2e = cs / 8;
+        if slot == 0 || !slot.is_multiple_of(cs) || !(l2e * cs).is_multiple_of(slot) {
+            return Err(werr(F, format!("slot size {slot} for {cs}-byte clusters")));
+        }
+        let n_slots = vsize.div_ceil(slot);
+        if allocated.windows(2).any(|w| w[0] >= w[1]) || allocated.last() >= Some(&n_slots) {
+            return Err(werr(F, "allocated slots out of order or past the disk"));
+        }
+        let cb = cs.trailing_zeros();
+        let rbe = cs / 2;
+        let n_clusters = vsize.div_ceil(cs);
+        let l1_len = n_clusters.div_ceil(l2e);
+        if l1_len > u32::MAX as u64 {
+            return Err(werr(F, "disk too large for the cluster size"));
+        }
+        let l1_clusters = (l1_len * 8).div_ceil(cs).max(1);
+        let per_l2 = l2e * cs / slot;
+        let mut l2_of: Vec<u64> = allocated.iter().map(|k| k / per_l2).collect();
+        l2_of.dedup();
+        let n_l2 = l2_of.len() as u64;
+        let data_clusters = allocated.len() as u64 * (slot / cs);
+        let mut nrb = 1u64;
+        let (rt_clusters, meta_len) = loop {
+            let rt_clusters = (nrb * 8).div_ceil(cs).max(1);
+            let meta = (1 + l1_clusters + rt_clusters + nrb + n_l2) * cs;
+            let meta_len = meta.max(min_len).next_multiple_of(slot);
+            let need = (meta_len / cs + data_clusters).div_ceil(rbe);
+            if need <= nrb {
+                break (rt_clusters, meta_len);
+            }
+            nrb = need;
+        };
+        if meta_len > max_len {
+            return Ok(None);
+        }
+        let len = usize::try_from(meta_len).map_err(|_| werr(F, "metadata too large"))?;
+        let mut m = vec![0u8; len];
+        m[..HEADER_LEN].copy_from_slice(&header(cb, vsize, l1_len, l1_clusters, rt_clusters));
+        let rt_at = (1 + l1_clusters) * cs;
+        let rb_at = rt_at + rt_clusters * cs;
+        let l2_at = rb_at + nrb * cs;
+        let put = |m: &mut [u8], at: u64, v: &[u8]| {
+            m[at as usize..at as usize + v.len()].copy_from_slice(v);
+        };
+        // Refcounts: every metadata cluster and every data cluster is used once.
+        let used = (l2_at + n_l2 * cs) / cs;
+        let data_first = meta_len / cs;
+        for b in 0..nrb {
+            put(&mut m, rt_at + b * 8, &(rb_at + b * cs).to_be_bytes());
+        }
+        let count = |m: &mut [u8], c: u64| {
+            put(m, rb_at + c * 2, &1u16.to_be_bytes());
+        };
+        for c in 0..used {
+            count(&mut m, c);
+        }
+        for (i, &k) in allocated.iter().enumerate() {
+            let first = data_first + i as u64 * (slot / cs);
+            for c in first..first + slot_clusters(vsize, cs, slot, k) {
+                count(&mut m, c);
+            }
+        }
+        // L1 and L2: slot `k`, the `i`-th allocated one, holds virtual clusters
+        // `k * slot / cs ..` at file cluster `data_first + i * slot / cs ..`.
+        let mut l2_index = 0u64;
+        let mut current = None;
+        for (i, &k) in allocated.iter().enumerate() {
+            let j = k / per_l2;
+            if current != Some(j) {
+                current = Some(j);
+                let at = l2_at + l2_index * cs;
+                l2_index += 1;
+                put(&mut m, cs + j * 8, &(at | COPIED).to_be_bytes());
+            }
+            let table = l2_at + (l2_index - 1) * cs;
+            let first_virtual = k * (slot / cs);
+            let first_host = data_first + i as u64 * (slot / cs);
+            for d in 0..slot_clusters(vsize, cs, slot, k) {
+                let entry = ((first_host + d) * cs) | COPIED;
+                put(
+                    &mut m,
+                    table + ((first_virtual + d) % l2e) * 8,
+                    &entry.to_be_bytes(),
+                );
+            }
+        }
+        Ok(Some(SlottedQcow2 {
+            metadata: m,
+            vsize,
+            cs,
+            slot,
+        }))
+    }
+
+    /// Bytes of slot `k` in the file: the slot's part of the disk rounded up to whole
+    /// clusters (less than the slot size only for the disk's last slot).
+    pub fn data_len(&self, k: u64) -> u64 {
+        slot_clusters(self.vsize, self.cs, self.slot, k) * self.cs
+    }
+}
+
+/// Clusters of slot `k` that lie within the disk.
+fn slot_clusters(vsize: u64, cs: u64, slot: u64, k: u64) -> u64 {
+    (slot / cs).min(vsize.div_ceil(cs).saturating_sub(k * (slot / cs)))
 }
 
 impl FormatWriter for Qcow2Writer {
@@ -202,7 +356,7 @@ impl FormatWriter for Qcow2Writer {
         }
     }
     fn virtual_size(&self) -> u64 {
-        self.vsize
+        self.vsize.next_multiple_of(512)
     }
 
     fn header_bytes(&self) -> u64 {
