@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import requests
+from boto3.s3.transfer import TransferConfig
 
 from helpers import (
     OCTET, RawClient, GeneratedBody, describe, glance_create, glance_show, glance_upload, image_sha256,
@@ -16,6 +17,9 @@ pytestmark = [pytest.mark.crash, pytest.mark.timeout(300)]
 
 GiB = 1 << 30
 MiB = 1 << 20
+# Upload parts of 6 MiB, not whole 4 MiB chunks: an import then streams the object through the
+# reader (and can be killed mid-way) instead of referencing the object's chunks at once.
+STREAMED_PARTS = TransferConfig(multipart_threshold=6 * MiB, multipart_chunksize=6 * MiB)
 
 
 def start_upload(t, image_id, body):
@@ -161,7 +165,7 @@ def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
         want = {}
         for name, size in sizes.items():
             want[name] = sparse_disk(tmp_path / name, size)
-            s3(t).upload_file(str(tmp_path / name), bucket, name)
+            s3(t).upload_file(str(tmp_path / name), bucket, name, Config=STREAMED_PARTS)
         job_id = whole(t, f"{bucket}:system.raw", [{"name": unique("data"), "image_url": f"{bucket}:data.raw",
                                                     "min_disk": 1}])
         total = sum(sizes.values())
@@ -201,7 +205,7 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
         total = 768 * MiB
         path = tmp_path / "disk.raw"
         want = sparse_disk(path, total)
-        s3(t).upload_file(str(path), bucket, "disk.raw")
+        s3(t).upload_file(str(path), bucket, "disk.raw", Config=STREAMED_PARTS)
         job_id = create_image(t, f"{bucket}:disk.raw")
         # Past 128 MiB the 16 MiB checkpoints are well behind the reader.
         kill9_between(srv, t, job_id, 128 * MiB, total - 128 * MiB)

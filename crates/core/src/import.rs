@@ -608,6 +608,7 @@ impl Service {
             (self.config.import_checkpoint_bytes / u64::from(store.config().chunk_size)).max(1);
         let abort_w = abort.clone();
         let dek = work_dek.clone();
+        let has_bitmap = bitmap.is_some();
         let task = tokio::task::spawn_blocking(move || -> Result<Ingest> {
             let src: Arc<dyn ReadAt> = match bitmap {
                 Some(bm) => Arc::new(BitmapReadAt {
@@ -662,34 +663,45 @@ impl Service {
                     .map_err(|_| openims_store::StoreError::Invalid("job loop stopped".into()))?;
                 check_abort(&abort_w)
             };
-            let report = ingest_checkpointed(
-                &store,
-                disk.as_mut(),
-                resume,
-                (checkpoint_every, &mut save),
-                &tx,
-                (0, vsize),
-            )?;
-            if report.resumed_chunks > 0 {
-                let bytes = report.resumed_chunks * u64::from(store.config().chunk_size);
-                tracing::info!(
-                    resumed_from_bytes = bytes,
-                    "import resumed from its checkpoint"
-                );
-                // Shown by the job (`entities.resumed_from_bytes`); the finished manifest
-                // stays pinned until the image references it.
-                let _ = tx.blocking_send(Update {
-                    task: "importing",
-                    done: vsize,
-                    total: vsize,
-                    checkpoint: Some(json!({
-                        "ingest": { "resumed_from_bytes": bytes },
-                        "pinned_manifests": [report.manifest_id.to_string()],
-                    })),
-                });
-            }
+            // A raw file stored as whole chunks is the disk: the image references the
+            // object's chunks (nothing is read or written; both keep them alive).
+            let shared = match has_bitmap {
+                false => raw_by_reference(&store, &reader, detected, vsize)?,
+                true => None,
+            };
+            let plain = match shared {
+                Some(m) => store.put_manifest(&m)?,
+                None => {
+                    let report = ingest_checkpointed(
+                        &store,
+                        disk.as_mut(),
+                        resume,
+                        (checkpoint_every, &mut save),
+                        &tx,
+                        (0, vsize),
+                    )?;
+                    if report.resumed_chunks > 0 {
+                        let bytes = report.resumed_chunks * u64::from(store.config().chunk_size);
+                        tracing::info!(
+                            resumed_from_bytes = bytes,
+                            "import resumed from its checkpoint"
+                        );
+                        // Shown by the job (`entities.resumed_from_bytes`); the finished manifest
+                        // stays pinned until the image references it.
+                        let _ = tx.blocking_send(Update {
+                            task: "importing",
+                            done: vsize,
+                            total: vsize,
+                            checkpoint: Some(json!({
+                                "ingest": { "resumed_from_bytes": bytes },
+                                "pinned_manifests": [report.manifest_id.to_string()],
+                            })),
+                        });
+                    }
+                    report.manifest_id
+                }
+            };
             check_abort(&abort_w)?;
-            let plain = report.manifest_id;
             let stored = match &dek {
                 Some(dek) => store.reencrypt(&plain, None, dek, None, 16, &mut |pr| {
                     check_abort(&abort_w)?;
@@ -820,6 +832,31 @@ impl Service {
         tracing::info!(image_id, bucket, key, virtual_size = ing.virtual_size, format = %ing.format, "image imported");
         Ok(None)
     }
+}
+
+/// The disk of a raw file as a manifest of the object's own chunks, when the object is stored
+/// as whole plaintext chunks (see [`ObjectReader::chunk_list`]): the image then shares them
+/// with the object, and nothing is read or written. `None` when the file must be read.
+fn raw_by_reference(
+    store: &openims_store::Store,
+    reader: &ObjectReader,
+    detected: DiskFormat,
+    vsize: u64,
+) -> Result<Option<openims_store::Manifest>> {
+    if detected != DiskFormat::Raw || vsize != reader.len() {
+        return Ok(None);
+    }
+    let chunk_size = store.config().chunk_size;
+    Ok(match reader.chunk_list(chunk_size)? {
+        Some(chunks) => {
+            tracing::info!(
+                virtual_size = vsize,
+                "raw object imported by reference to its chunks"
+            );
+            Some(openims_store::Manifest::new(vsize, chunk_size, chunks)?)
+        }
+        None => None,
+    })
 }
 
 /// The job checkpoint of an import: where to resume, and the partial manifest the GC must
@@ -1432,7 +1469,7 @@ impl Service {
             });
             let mut opened = Vec::with_capacity(readers.len());
             for (r, (url, min_disk)) in readers.into_iter().zip(&meta) {
-                let src: Arc<dyn ReadAt> = r;
+                let src: Arc<dyn ReadAt> = r.clone();
                 let (disk, detected) =
                     open_checked(src, None, max_virtual).map_err(|e| match e {
                         CoreError::InvalidImageFile(m) => {
@@ -1448,9 +1485,10 @@ impl Service {
                         vsize as f64 / (1u64 << 30) as f64
                     )));
                 }
-                opened.push((disk, detected));
+                let shared = raw_by_reference(&store, &r, detected, vsize)?;
+                opened.push((disk, detected, shared));
             }
-            let total: u64 = opened.iter().map(|(d, _)| d.virtual_size()).sum();
+            let total: u64 = opened.iter().map(|(d, _, _)| d.virtual_size()).sum();
             let lease_lost = || {
                 if abort_w.load(Ordering::Relaxed) {
                     Err(openims_store::StoreError::Invalid(
@@ -1467,18 +1505,19 @@ impl Service {
             let mut resumed_bytes = 0u64;
             let mut done: Vec<ManifestId> = Vec::with_capacity(opened.len());
             let mut out = Vec::with_capacity(opened.len());
-            for (i, (mut disk, format)) in opened.into_iter().enumerate() {
+            for (i, (mut disk, format, shared)) in opened.into_iter().enumerate() {
                 let vsize = disk.virtual_size();
                 let finished = resume
                     .done
                     .get(i)
                     .filter(|m| store.manifest(m).is_ok_and(|m| m.virtual_size() == vsize));
-                let digest = match finished {
-                    Some(m) => {
+                let digest = match (finished, shared) {
+                    (Some(m), _) => {
                         resumed_bytes += vsize;
                         *m
                     }
-                    None => {
+                    (None, Some(m)) => store.put_manifest(&m)?,
+                    (None, None) => {
                         let from = if i == resume.done.len() {
                             resume.current.take()
                         } else {

@@ -1,6 +1,7 @@
 //! Import from and export to bucket objects through the service (no HTTP): an object replaced
 //! after the import was requested fails the job and nothing becomes active; an unchanged one
-//! imports; an export reads back as the same disk.
+//! imports; an export reads back as the same disk; a raw import, a qcow2 export and a quick
+//! export of an unencrypted image share the data's chunks instead of copying them.
 
 use bytes::Bytes;
 use openims_core::buckets::ObjectAttrs;
@@ -158,7 +159,7 @@ fn stored_chunks(dir: &std::path::Path) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_qcow2_or_quick_export_of_an_unencrypted_image_references_its_chunks() {
+async fn raw_imports_and_qcow2_or_quick_exports_of_unencrypted_images_reference_chunks() {
     const MIB: usize = 1 << 20;
     let dir = tempfile::tempdir().expect("tempdir");
     let svc: Arc<Service> = Service::open(ServiceConfig::new(dir.path()))
@@ -180,13 +181,18 @@ async fn a_qcow2_or_quick_export_of_an_unencrypted_image_references_its_chunks()
     put(&svc, &c, "src.raw", raw.clone()).await;
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let _workers = svc.spawn_workers(1, stop);
+    // A raw object stored as whole chunks is imported by reference: nothing is written.
+    let before = stored_chunks(dir.path());
     let job = svc
         .import_image(&c, ImportKind::System, None, request("src.raw"))
         .await
         .expect("import accepted");
     let j = wait(&svc, &c, job.as_str()).await;
     assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    assert_eq!(stored_chunks(dir.path()), before, "the import wrote chunks");
     let image_id = j.image_id.expect("image id");
+    let img = svc.image(&c, &image_id).await.expect("image");
+    assert_eq!(img.virtual_size, Some(raw.len() as i64));
 
     for (key, format, quick) in [
         ("out.qcow2", Some("qcow2"), false),
