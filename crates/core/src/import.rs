@@ -958,8 +958,11 @@ struct Ingest {
 }
 
 /// The upload token an import job holds on its image.
+/// Prefix of the upload token an import job holds its images by (`import:<job id>`).
+pub(crate) const UPLOAD_TOKEN_PREFIX: &str = "import:";
+
 fn upload_token(job_id: &str) -> String {
-    format!("import:{job_id}")
+    format!("{UPLOAD_TOKEN_PREFIX}{job_id}")
 }
 
 /// Most data-disk files one request imports with its system disk (spec A.1: at most 3 data

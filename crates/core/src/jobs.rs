@@ -572,6 +572,19 @@ impl Db {
     /// `max_attempts`. Returns how many were requeued.
     pub async fn recover_expired_jobs(&self, max_attempts: i64) -> Result<u64> {
         let now = now_ms();
+        let mut tx = crate::db::begin_write(&self.pool).await?;
+        // The images an import job that fails here still holds (`saving`, with its upload
+        // token) become `killed`, as when the job fails by itself: never left `saving`.
+        sqlx::query(
+            "UPDATE images SET status = 'killed', upload_token = NULL, updated_at = $1 \
+             WHERE status = 'saving' AND upload_token IN (SELECT $3 || id FROM jobs \
+             WHERE status = 'RUNNING' AND lease_until < $1 AND attempts >= $2)",
+        )
+        .bind(now)
+        .bind(max_attempts)
+        .bind(crate::import::UPLOAD_TOKEN_PREFIX)
+        .execute(&mut *tx)
+        .await?;
         let failed = sqlx::query(
             "UPDATE jobs SET status = 'FAIL', error_code = 'IMG.0000', \
              fail_reason = 'The job was interrupted too many times.', end_time = $1, updated_at = $1, \
@@ -580,8 +593,9 @@ impl Db {
         )
         .bind(now)
         .bind(max_attempts)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         let r = sqlx::query(
             "UPDATE jobs SET status = 'INIT', lease_owner = NULL, lease_until = NULL, current_task = 'resuming', \
              updated_at = $1 WHERE status = 'RUNNING' AND lease_until < $1",

@@ -399,3 +399,58 @@ async fn gc_keeps_what_open_jobs_wrote_even_with_no_grace() {
     assert_eq!(gc.chunks_deleted, 0, "{gc:?}");
     assert!(svc.data.store.manifest(&written).is_ok());
 }
+
+#[tokio::test]
+async fn an_import_that_fails_on_recovery_kills_its_image() {
+    use openims_core::import::{ImportKind, ImportRequest};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = open(dir.path(), 5_000).await;
+    let c = caller(&svc).await;
+    svc.buckets()
+        .create_bucket(&c.project_id, "bkt1")
+        .await
+        .expect("bucket");
+    let body = futures::stream::iter(vec![Ok::<bytes::Bytes, std::io::Error>(
+        bytes::Bytes::from(vec![7u8; 1 << 20]),
+    )]);
+    svc.buckets()
+        .put_object(
+            &c.project_id,
+            "bkt1",
+            "disk.raw",
+            &openims_core::buckets::ObjectAttrs::default(),
+            body,
+            &openims_core::objects::PutOptions::default(),
+        )
+        .await
+        .expect("put");
+    let job = svc
+        .import_image(
+            &c,
+            ImportKind::System,
+            None,
+            ImportRequest {
+                name: Some("imp".into()),
+                image_url: "bkt1:disk.raw".into(),
+                min_disk: Some(1),
+                ..ImportRequest::default()
+            },
+        )
+        .await
+        .expect("import accepted");
+    // A node claims it with a lease that is over at once, and the job has no attempts left.
+    svc.db
+        .claim_job("node-dead", 1)
+        .await
+        .expect("claim")
+        .expect("a job");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    svc.db.recover_expired_jobs(1).await.expect("recover");
+    let j = svc.job(&c, job.as_str()).await.expect("job");
+    assert_eq!(j.status, JobStatus::Fail, "{j:?}");
+    let img = svc
+        .image(&c, j.image_id.as_deref().expect("image id"))
+        .await
+        .expect("image");
+    assert_eq!(img.status, ImageStatus::Killed, "never left saving");
+}
