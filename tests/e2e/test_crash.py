@@ -224,3 +224,46 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
         assert fsck["clean"], fsck
     finally:
         _stop_checked(srv)
+
+
+def test_kill9_mid_export_resumes_from_its_checkpoint(tmp_path):
+    """An export through the streaming writer (vhd) is killed (kill -9) after a checkpoint; on
+    restart the job continues the same multipart upload from the checkpoint (the disk before it
+    is not read again) and the exported file equals the source disk."""
+    import subprocess
+
+    from conftest import _start, _stop_checked
+    from helpers import admin, wait_job
+    from test_import_export import bucket_for, create_image, export, s3
+
+    # Checkpoints every 16 MiB of output, so one exists long before the end.
+    srv = _start(tmp_path, "exp", extra=("--import-checkpoint-mib", "16"))
+    try:
+        t = make_tenant(srv, "er")
+        bucket = bucket_for(t)
+        total = 768 * MiB
+        path = tmp_path / "disk.raw"
+        sparse_disk(path, total)
+        s3(t).upload_file(str(path), bucket, "disk.raw")
+        job = wait_job(t.ims, create_image(t, f"{bucket}:disk.raw"), timeout=120)
+        assert job.status == "SUCCESS", job
+        image_id = job.entities.image_id
+        job_id = export(t, image_id, f"{bucket}:out/disk.vhd", fmt="vhd")
+        kill9_between(srv, t, job_id, 128 * MiB, total - 128 * MiB)
+        srv.start(port=srv.port)
+        job = wait_job(t.ims, job_id, timeout=240)
+        assert job.status == "SUCCESS", job
+        v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
+        resumed = v["entities"].get("resumed_from_bytes")
+        assert resumed and 16 * MiB <= resumed < total, v
+        assert "export resumed from its checkpoint" in srv.log_tail(400)
+        out = tmp_path / "disk.vhd"
+        s3(t).download_file(bucket, "out/disk.vhd", str(out))
+        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", str(path), str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert s3(t).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        fsck = admin(srv.data_dir, "fsck", binary=srv.binary)
+        assert fsck["clean"], fsck
+    finally:
+        _stop_checked(srv)

@@ -19,6 +19,7 @@
 
 use crate::buckets::{
     validate_bucket_name, validate_object_key, Action, CompletePart, ObjectAttrs, UploadedPart,
+    MIN_PART_SIZE,
 };
 use crate::error::{CoreError, Result};
 use crate::identity::Caller;
@@ -28,13 +29,14 @@ use crate::jobs::{insert_job, Job, JobType, NewJob, Progress};
 use crate::objects::{PartTag, PartWriter};
 use crate::Service;
 use openims_format::write::{
-    write_image, AllocationBitmap, OutputFormat, SlottedQcow2, WriteOptions,
+    write_image_resumable, AllocationBitmap, OutputFormat, SlottedQcow2, WriteCheckpoint,
+    WriteOptions,
 };
 use openims_format::ImageSink;
 use openims_store::{ChunkId, Manifest, ManifestId};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Smallest leading part of an export held in memory so the writer can patch it (part 1);
@@ -249,14 +251,27 @@ impl Service {
         if objects.find_object(&bucket, &key).await?.is_some() {
             return Err(CoreError::ObjectExists(format!("{bucket}:{key}")));
         }
-        // A run of this job on a node that died left its multipart upload behind: abort it,
-        // so its parts do not linger (the export starts over in a new upload).
-        if let Some(old) = job
+        // A run of this job on a node that died left its multipart upload behind, and, if its
+        // streaming writer reached a checkpoint, where to continue: the new run continues that
+        // upload from there. Otherwise the upload is aborted (its parts do not linger) and the
+        // export starts over in a new one.
+        let old_upload = job
             .checkpoint
             .as_ref()
             .and_then(|c| c.get("export_upload"))
             .and_then(Value::as_str)
-        {
+            .map(str::to_string);
+        let resumed = match &old_upload {
+            Some(old) => match self.export_resume_point(job, &bucket, &key, old).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, upload_id = old, "export checkpoint unusable; starting over");
+                    None
+                }
+            },
+            None => None,
+        };
+        if let (None, Some(old)) = (&resumed, &old_upload) {
             if let Err(e) = objects
                 .abort_upload(&job.project_id, &bucket, &key, old)
                 .await
@@ -264,55 +279,63 @@ impl Service {
                 tracing::debug!(error = %e, upload_id = old, "previous export upload already gone");
             }
         }
-        let upload = objects
-            .create_upload(&job.project_id, &bucket, &key, &attrs)
-            .await?;
+        let upload_id = match &resumed {
+            Some(r) => r.upload_id.clone(),
+            None => {
+                objects
+                    .create_upload(&job.project_id, &bucket, &key, &attrs)
+                    .await?
+                    .upload_id
+            }
+        };
+        let resumed_from = resumed.as_ref().map_or(0, |r| r.at.virtual_done);
+        let start = match &resumed {
+            Some(r) => {
+                tracing::info!(job_id = %job.id, resumed_from_bytes = r.at.virtual_done, "export resumed from its checkpoint");
+                let mut cp = r.checkpoint.clone();
+                cp["export"]["resumed_from_bytes"] = json!(r.at.virtual_done);
+                cp
+            }
+            None => json!({ "export_upload": upload_id }),
+        };
         if !self
             .beat(
                 &job.id,
-                &Progress {
-                    current_task: "exporting".into(),
-                    percent: 0.0,
-                    bytes_done: 0,
-                    bytes_total: 0,
-                    checkpoint: Some(json!({ "export_upload": upload.upload_id })),
-                },
+                &Progress::of_bytes("exporting", resumed_from, 0, Some(start)),
             )
             .await?
         {
-            let _ = objects
-                .abort_upload(&job.project_id, &bucket, &key, &upload.upload_id)
-                .await;
+            if resumed.is_none() {
+                let _ = objects
+                    .abort_upload(&job.project_id, &bucket, &key, &upload_id)
+                    .await;
+            }
             return Err(CoreError::Internal("the job's lease was lost".into()));
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, u64)>(8);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ExportMsg>(8);
         let abort = Arc::new(AtomicBool::new(false));
         let abort_w = abort.clone();
         let store = self.data.store.clone();
-        let (objects_w, upload_id) = (objects.clone(), upload.upload_id.clone());
+        let (objects_w, upload_w) = (objects.clone(), upload_id.clone());
         let handle = tokio::runtime::Handle::current();
+        let checkpoint_every = self.config.import_checkpoint_bytes.max(MIN_PART_SIZE);
         type Written = (Vec<UploadedPart>, Option<Vec<u8>>, bool);
         let task = tokio::task::spawn_blocking(move || -> Result<Written> {
-            let mut lost = false;
-            let mut progress = |done: u64, vsize: u64| {
-                if abort_w.load(Ordering::Relaxed) {
-                    lost = true;
-                }
-                let _ = tx.try_send((done, vsize));
-            };
-            let shared = match dek {
-                None => {
+            let lost = || abort_w.load(Ordering::Relaxed);
+            let shared = match (&dek, &resumed) {
+                (None, None) => {
                     let m = store.manifest(&manifest)?;
                     shared_plan(&store, &m, format)?.map(|plan| (m, plan))
                 }
-                Some(_) => None,
+                _ => None,
             };
             let written = match shared {
                 Some((m, plan)) => {
-                    let mut seq = PartSequence::new(objects_w, upload_id, 1, handle);
+                    let mut seq = PartSequence::new(objects_w, upload_w, 1, handle);
                     let vsize = m.virtual_size();
-                    let bitmap =
-                        write_shared(&store, &m, &plan, &mut seq, &mut |d| progress(d, vsize))?;
+                    let bitmap = write_shared(&store, &m, &plan, &mut seq, &mut |d| {
+                        let _ = tx.try_send(ExportMsg::Progress(d, vsize));
+                    })?;
                     seq.close_part()?;
                     (seq.parts, bitmap, true)
                 }
@@ -323,16 +346,83 @@ impl Service {
                         vmdk_extent_name: "disk.vmdk".into(),
                         ..WriteOptions::default()
                     };
-                    let mut sink = UploadSink {
-                        head: Vec::new(),
-                        body: PartSequence::new(objects_w, upload_id, 2, handle),
-                        body_start: MIN_HEADER_WINDOW,
-                        position: 0,
-                        failed: None,
+                    let mut body = PartSequence::new(objects_w, upload_w.clone(), 2, handle);
+                    let sealed = Arc::new(Mutex::new(Sealed::default()));
+                    let mut sink = match &resumed {
+                        Some(r) => {
+                            body.next_number = 2 + r.parts.len() as u32;
+                            body.parts = r.parts.clone();
+                            *sealed.lock().unwrap_or_else(|e| e.into_inner()) = Sealed {
+                                head: Some(r.head_manifest.clone()),
+                            };
+                            UploadSink {
+                                body_start: r.head.len() as u64,
+                                head: r.head.clone(),
+                                body,
+                                position: r.at.position,
+                                failed: None,
+                                sealed: sealed.clone(),
+                            }
+                        }
+                        None => UploadSink {
+                            head: Vec::new(),
+                            body,
+                            body_start: MIN_HEADER_WINDOW,
+                            position: 0,
+                            failed: None,
+                            sealed: sealed.clone(),
+                        },
                     };
-                    let report = write_image(&mut disk, format, &opts, &mut sink, &mut |d| {
-                        progress(d, vsize)
-                    });
+                    // At each checkpoint (the sink sealed: every body part so far recorded,
+                    // the header window stored once) the writer's state is stored and the job
+                    // records where a new run continues; both stay pinned against GC.
+                    let cp_store = store.clone();
+                    let cp_tx = tx.clone();
+                    let mut on_checkpoint = |cp: &WriteCheckpoint| -> openims_format::Result<()> {
+                        let fail =
+                            |e: String| openims_format::FormatError::Io(std::io::Error::other(e));
+                        let head = sealed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .head
+                            .clone()
+                            .ok_or_else(|| fail("sealed without a stored header window".into()))?;
+                        let state =
+                            store_blob(&cp_store, &cp.state).map_err(|e| fail(e.to_string()))?;
+                        let mut export = json!({
+                            "next_unit": cp.next_unit,
+                            "position": cp.position,
+                            "virtual_done": cp.virtual_done,
+                            "state": state,
+                            "head": head,
+                        });
+                        if resumed_from > 0 {
+                            export["resumed_from_bytes"] = json!(resumed_from);
+                        }
+                        let json = json!({
+                            "export_upload": upload_w,
+                            "export": export,
+                            "pinned_manifests": [head, state],
+                        });
+                        cp_tx
+                            .blocking_send(ExportMsg::Checkpoint(cp.virtual_done, vsize, json))
+                            .map_err(|_| fail("the job loop stopped".into()))?;
+                        if lost() {
+                            return Err(fail("the job's lease was lost".into()));
+                        }
+                        Ok(())
+                    };
+                    let report = write_image_resumable(
+                        &mut disk,
+                        format,
+                        &opts,
+                        &mut sink,
+                        &mut |d| {
+                            let _ = tx.try_send(ExportMsg::Progress(d, vsize));
+                        },
+                        resumed.as_ref().map(|r| &r.at),
+                        Some((checkpoint_every, &mut on_checkpoint)),
+                    );
                     if let Some(e) = sink.failed.take() {
                         return Err(e);
                     }
@@ -340,21 +430,26 @@ impl Service {
                     (sink.close()?, report.bitmap, false)
                 }
             };
-            if lost {
+            if lost() {
                 return Err(CoreError::Internal("the job's lease was lost".into()));
             }
             Ok(written)
         });
         let mut last: Option<Instant> = None;
-        while let Some((done, total)) = rx.recv().await {
-            if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
-                continue;
-            }
+        while let Some(msg) = rx.recv().await {
+            let progress = match msg {
+                ExportMsg::Progress(done, total) => {
+                    if last.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
+                        continue;
+                    }
+                    Progress::of_bytes("exporting", done, total, None)
+                }
+                ExportMsg::Checkpoint(done, total, cp) => {
+                    Progress::of_bytes("exporting", done, total, Some(cp))
+                }
+            };
             last = Some(Instant::now());
-            let alive = self
-                .beat(&job.id, &Progress::of_bytes("exporting", done, total, None))
-                .await?;
-            if !alive {
+            if !self.beat(&job.id, &progress).await? {
                 abort.store(true, Ordering::Relaxed);
             }
         }
@@ -364,9 +459,12 @@ impl Service {
         let (mut parts, bitmap, shared) = match outcome {
             Ok(v) => v,
             Err(e) => {
-                let _ = objects
-                    .abort_upload(&job.project_id, &bucket, &key, &upload.upload_id)
-                    .await;
+                // A run that lost its lease leaves the upload to the node that took the job.
+                if !abort.load(Ordering::Relaxed) {
+                    let _ = objects
+                        .abort_upload(&job.project_id, &bucket, &key, &upload_id)
+                        .await;
+                }
                 return Err(e);
             }
         };
@@ -385,13 +483,13 @@ impl Service {
             if let Err(e) = r {
                 let _ = w.abort().await;
                 let _ = objects
-                    .abort_upload(&job.project_id, &bucket, &key, &upload.upload_id)
+                    .abort_upload(&job.project_id, &bucket, &key, &upload_id)
                     .await;
                 return Err(e);
             }
             if let Err(e) = w.finish().await {
                 let _ = objects
-                    .abort_upload(&job.project_id, &bucket, &key, &upload.upload_id)
+                    .abort_upload(&job.project_id, &bucket, &key, &upload_id)
                     .await;
                 return Err(e);
             }
@@ -405,14 +503,7 @@ impl Service {
             })
             .collect();
         match objects
-            .complete_upload(
-                &job.project_id,
-                &bucket,
-                &key,
-                &upload.upload_id,
-                &wanted,
-                true,
-            )
+            .complete_upload(&job.project_id, &bucket, &key, &upload_id, &wanted, true)
             .await
         {
             Ok(info) => {
@@ -421,11 +512,125 @@ impl Service {
             }
             Err(e) => {
                 let _ = objects
-                    .abort_upload(&job.project_id, &bucket, &key, &upload.upload_id)
+                    .abort_upload(&job.project_id, &bucket, &key, &upload_id)
                     .await;
                 Err(e)
             }
         }
+    }
+}
+
+/// What the blocking side of an export tells the job loop.
+enum ExportMsg {
+    /// Virtual bytes done of the total (a heartbeat, at most every [`HEARTBEAT_EVERY`]).
+    Progress(u64, u64),
+    /// A checkpoint to record in the job at once (with the bytes done and total).
+    Checkpoint(u64, u64, Value),
+}
+
+/// Where an export taken over from a dead node continues (see `Service::export_resume_point`).
+struct ExportResume {
+    upload_id: String,
+    /// The header window as it was stored at the first checkpoint, and its manifest.
+    head: Vec<u8>,
+    head_manifest: String,
+    /// The body parts recorded before the checkpoint (numbers 2, 3, ...).
+    parts: Vec<UploadedPart>,
+    at: WriteCheckpoint,
+    /// The job's checkpoint as recorded.
+    checkpoint: Value,
+}
+
+/// Stores `bytes` as one manifest (a writer state or a header window kept for a resume).
+fn store_blob(store: &Arc<openims_store::Store>, bytes: &[u8]) -> Result<String> {
+    let mut w = PartWriter::tagged(Arc::clone(store), u64::MAX, PartTag::ContentId);
+    w.append(bytes)?;
+    Ok(w.finish()?.manifest)
+}
+
+/// Reads back what [`store_blob`] stored.
+fn read_blob(store: &openims_store::Store, id: &str) -> Result<Vec<u8>> {
+    let id: ManifestId = id
+        .parse()
+        .map_err(|_| CoreError::Internal(format!("bad manifest id {id}")))?;
+    let mut disk = store.open_disk(&id)?;
+    let len = usize::try_from(disk.manifest().virtual_size())
+        .map_err(|_| CoreError::Internal("blob too large".into()))?;
+    let mut buf = vec![0u8; len];
+    disk.read(0, &mut buf)?;
+    Ok(buf)
+}
+
+impl Service {
+    /// The point an export job's previous run reached (its checkpoint: the upload, the
+    /// recorded body parts, the stored header window and writer state), checked against what
+    /// the upload holds; `None` when there is none to continue from.
+    async fn export_resume_point(
+        &self,
+        job: &Job,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Option<ExportResume>> {
+        let Some(cp) = job.checkpoint.as_ref() else {
+            return Ok(None);
+        };
+        let Some(e) = cp.get("export") else {
+            return Ok(None);
+        };
+        let num = |k: &str| e.get(k).and_then(Value::as_u64);
+        let text = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_string);
+        let (Some(next_unit), Some(position), Some(virtual_done), Some(state), Some(head)) = (
+            num("next_unit"),
+            num("position"),
+            num("virtual_done"),
+            text("state"),
+            text("head"),
+        ) else {
+            return Ok(None);
+        };
+        let (parts, _) = self
+            .buckets()
+            .list_parts(&job.project_id, bucket, key, upload_id, 1, usize::MAX)
+            .await?;
+        let store = self.data.store.clone();
+        let (head_bytes, state_bytes) = {
+            let (h, st) = (head.clone(), state.clone());
+            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Vec<u8>)> {
+                Ok((read_blob(&store, &h)?, read_blob(&store, &st)?))
+            })
+            .await
+            .map_err(|e| CoreError::Internal(format!("resume task failed: {e}")))??
+        };
+        // The body parts before the checkpoint: 2, 3, ... ending exactly at its position.
+        let mut body = Vec::new();
+        let mut end = head_bytes.len() as u64;
+        for p in parts {
+            if end >= position {
+                break;
+            }
+            if p.part_number != body.len() as u32 + 2 {
+                return Ok(None);
+            }
+            end += p.size;
+            body.push(p);
+        }
+        if end != position {
+            return Ok(None);
+        }
+        Ok(Some(ExportResume {
+            upload_id: upload_id.to_string(),
+            head: head_bytes,
+            head_manifest: head,
+            parts: body,
+            at: WriteCheckpoint {
+                next_unit,
+                position,
+                virtual_done,
+                state: state_bytes,
+            },
+            checkpoint: cp.clone(),
+        }))
     }
 }
 
@@ -629,6 +834,16 @@ struct UploadSink {
     body_start: u64,
     position: u64,
     failed: Option<CoreError>,
+    /// What the last [`ImageSink::seal`] made durable, for the checkpoint that follows.
+    sealed: Arc<Mutex<Sealed>>,
+}
+
+/// The durable state of an [`UploadSink`] at its last seal.
+#[derive(Debug, Default, Clone)]
+struct Sealed {
+    /// Manifest of the header window, stored at the first seal (the writer only patches it
+    /// at the end, so it does not change until then).
+    head: Option<String>,
 }
 
 impl UploadSink {
@@ -701,5 +916,32 @@ impl ImageSink for UploadSink {
 
     fn position(&self) -> u64 {
         self.position
+    }
+
+    /// Closes the open body part (unless it is under the S3 minimum part size, or the header
+    /// window is not full yet) and stores the header window once: then everything written so
+    /// far is in recorded parts or stored, and an export can continue from here.
+    fn seal(&mut self) -> std::io::Result<bool> {
+        if self.position < self.body_start {
+            return Ok(false);
+        }
+        let open = self.body.current.as_ref().map_or(0, PartWriter::size);
+        if open > 0 && open < MIN_PART_SIZE {
+            return Ok(false);
+        }
+        let r = self.body.close_part();
+        self.io(r)?;
+        let stored = self
+            .sealed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .head
+            .is_some();
+        if !stored {
+            let r = store_blob(self.body.objects.store(), &self.head);
+            let id = self.io(r)?;
+            self.sealed.lock().unwrap_or_else(|e| e.into_inner()).head = Some(id);
+        }
+        Ok(true)
     }
 }

@@ -190,6 +190,7 @@ impl Job {
         if let Some(b) = self.checkpoint.as_ref().and_then(|c| {
             c.pointer("/ingest/resumed_from_bytes")
                 .or_else(|| c.pointer("/set/resumed_from_bytes"))
+                .or_else(|| c.pointer("/export/resumed_from_bytes"))
         }) {
             entities["resumed_from_bytes"] = b.clone();
         }

@@ -231,4 +231,10 @@ pub trait ImageSink {
     fn finish(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Makes everything written so far durable where the sink can at this point (a multipart
+    /// upload closes its part), so a write that stops here can be resumed from here (see
+    /// `write::write_image_resumable`). `Ok(false)`: not now (try again later). Default: never.
+    fn seal(&mut self) -> std::io::Result<bool> {
+        Ok(false)
+    }
 }

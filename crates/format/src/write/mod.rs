@@ -145,6 +145,44 @@ pub fn write_image(
     sink: &mut dyn ImageSink,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WriteReport> {
+    write_image_resumable(disk, fmt, opts, sink, progress, None, None)
+}
+
+/// A point an interrupted [`write_image_resumable`] can continue from, given to its checkpoint
+/// callback once everything before it is durable in the sink ([`ImageSink::seal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteCheckpoint {
+    /// First unit (the output's cluster, block or grain) not written yet.
+    pub next_unit: u64,
+    /// Output bytes written (and sealed) before it.
+    pub position: u64,
+    /// Virtual bytes before it.
+    pub virtual_done: u64,
+    /// The format writer's state there (opaque).
+    pub state: Vec<u8>,
+}
+
+/// Called at each checkpoint; an error stops the write.
+pub type CheckpointFn<'a> = &'a mut dyn FnMut(&WriteCheckpoint) -> Result<()>;
+
+/// [`write_image`] that can stop and continue. With `checkpoints = Some((every, f))`, after
+/// the batch that takes the output `every` bytes past the last checkpoint, the sink is asked to
+/// seal what was written, and when it does, `f` gets a [`WriteCheckpoint`] (formats that cannot
+/// resume, raw and bitmap outputs, never checkpoint). With `resume = Some(cp)`, the write
+/// continues from `cp` instead of starting: the sink must hold, and be positioned at, exactly
+/// the first `cp.position` bytes of the interrupted write (its header window as it was, since
+/// `finish` patches it); `disk`, `fmt` and `opts` must be the same. The output is then byte for
+/// byte what one uninterrupted write gives (the VMDK descriptor's random CID aside, which the
+/// restored header window keeps).
+pub fn write_image_resumable(
+    disk: &mut dyn VirtualDisk,
+    fmt: OutputFormat,
+    opts: &WriteOptions,
+    sink: &mut dyn ImageSink,
+    progress: &mut dyn FnMut(u64),
+    resume: Option<&WriteCheckpoint>,
+    mut checkpoints: Option<(u64, CheckpointFn<'_>)>,
+) -> Result<WriteReport> {
     let vsize = disk.virtual_size();
     let mut w = make_writer(disk, fmt, opts)?;
     // Uncompressed outputs: 1 = the reader thread also does zero detection, this thread
@@ -156,24 +194,66 @@ pub fn write_image(
             .unwrap_or(1),
         (n, _) => n,
     };
-    sink.reserve_header(w.header_bytes())?;
-    w.begin(sink)?;
+    let first_unit = match resume {
+        None => {
+            sink.reserve_header(w.header_bytes())?;
+            w.begin(sink)?;
+            0
+        }
+        Some(cp) => {
+            if sink.position() != cp.position {
+                return Err(werr(
+                    "writer",
+                    "the sink is not where the checkpoint was taken",
+                ));
+            }
+            w.restore(&cp.state)?;
+            cp.next_unit
+        }
+    };
     let mut report = WriteReport {
         virtual_size: vsize,
         ..Default::default()
     };
-    run_pipeline(disk, w.unit(), w.codec(), threads, &mut |b: &Batch| {
-        w.batch(b, sink)?;
-        for u in &b.units {
-            match u {
-                Unit::Hole => {}
-                Unit::Zero => report.zero_bytes_skipped += b.unit,
-                Unit::Raw(_) | Unit::Comp(..) => report.data_bytes += b.unit,
+    let mut last_checkpoint = sink.position();
+    let unit = w.unit();
+    run_pipeline(
+        disk,
+        unit,
+        w.codec(),
+        threads,
+        first_unit,
+        &mut |b: &Batch| {
+            w.batch(b, sink)?;
+            for u in &b.units {
+                match u {
+                    Unit::Hole => {}
+                    Unit::Zero => report.zero_bytes_skipped += b.unit,
+                    Unit::Raw(_) | Unit::Comp(..) => report.data_bytes += b.unit,
+                }
             }
-        }
-        progress(((b.first + b.units.len() as u64) * b.unit).min(vsize));
-        Ok(())
-    })?;
+            let next_unit = b.first + b.units.len() as u64;
+            let virtual_done = (next_unit * b.unit).min(vsize);
+            progress(virtual_done);
+            if let Some((every, f)) = &mut checkpoints {
+                let position = sink.position();
+                if position >= last_checkpoint.saturating_add(*every) {
+                    if let Some(state) = w.save() {
+                        if sink.seal()? {
+                            last_checkpoint = position;
+                            f(&WriteCheckpoint {
+                                next_unit,
+                                position,
+                                virtual_done,
+                                state,
+                            })?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
     report.bitmap = w.finish(sink)?;
     report.output_size = sink.position();
     report.virtual_size = w.virtual_size();
@@ -187,7 +267,7 @@ pub fn write_image(
 pub fn write_bitmap(disk: &mut dyn VirtualDisk, granularity_log2: u32) -> Result<Vec<u8>> {
     let mut bm = AllocationBitmap::new(disk.virtual_size(), granularity_log2)?;
     let unit = bm.granularity();
-    run_pipeline(disk, unit, Codec::None, 0, &mut |b: &Batch| {
+    run_pipeline(disk, unit, Codec::None, 0, 0, &mut |b: &Batch| {
         for (i, u) in b.units.iter().enumerate() {
             if matches!(u, Unit::Raw(_)) {
                 bm.set(b.first + i as u64);
@@ -332,6 +412,119 @@ pub(crate) trait FormatWriter {
     fn batch(&mut self, b: &Batch, sink: &mut dyn ImageSink) -> Result<()>;
     /// Writes the tail and patches the header window; may return a side output (bitmap).
     fn finish(&mut self, sink: &mut dyn ImageSink) -> Result<Option<Vec<u8>>>;
+    /// The writer's state between two batches: with it, a writer made the same way continues
+    /// ([`FormatWriter::restore`]) exactly as this one would. `None`: cannot resume.
+    fn save(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Takes the state [`FormatWriter::save`] gave, instead of `begin`.
+    fn restore(&mut self, _state: &[u8]) -> Result<()> {
+        Err(werr("writer", "this output format cannot resume"))
+    }
+}
+
+/// Little-endian encoding of a writer's state ([`FormatWriter::save`]): fixed fields, then
+/// length-prefixed arrays.
+pub(crate) struct StateWriter(pub Vec<u8>);
+
+impl StateWriter {
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64s(&mut self, v: &[u64]) -> &mut Self {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.u64(*x);
+        }
+        self
+    }
+    pub fn u32s(&mut self, v: &[u32]) -> &mut Self {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+        self
+    }
+    pub fn u16s(&mut self, v: &[u16]) -> &mut Self {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+        self
+    }
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u64(v.len() as u64);
+        self.0.extend_from_slice(v);
+        self
+    }
+}
+
+/// Reads what a [`StateWriter`] wrote; every array must have the length the writer has.
+pub(crate) struct StateReader<'a> {
+    b: &'a [u8],
+    f: &'static str,
+}
+
+impl<'a> StateReader<'a> {
+    pub fn new(b: &'a [u8], f: &'static str) -> Self {
+        StateReader { b, f }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.b.len() < n {
+            return Err(werr(self.f, "saved writer state is truncated"));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    pub fn u64(&mut self) -> Result<u64> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+    fn len(&mut self, want: usize) -> Result<usize> {
+        let n = self.u64()?;
+        if n != want as u64 {
+            return Err(werr(self.f, "saved writer state is for another disk"));
+        }
+        Ok(want)
+    }
+    pub fn u64s(&mut self, out: &mut [u64]) -> Result<()> {
+        let n = self.len(out.len())?;
+        let b = self.take(n * 8)?;
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(8)) {
+            *o = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+        Ok(())
+    }
+    pub fn u32s(&mut self, out: &mut [u32]) -> Result<()> {
+        let n = self.len(out.len())?;
+        let b = self.take(n * 4)?;
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+            *o = u32::from_le_bytes(c.try_into().unwrap_or([0; 4]));
+        }
+        Ok(())
+    }
+    pub fn u16s(&mut self, out: &mut [u16]) -> Result<()> {
+        let n = self.len(out.len())?;
+        let b = self.take(n * 2)?;
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+            *o = u16::from_le_bytes(c.try_into().unwrap_or([0; 2]));
+        }
+        Ok(())
+    }
+    pub fn bytes(&mut self, out: &mut [u8]) -> Result<()> {
+        let n = self.len(out.len())?;
+        out.copy_from_slice(self.take(n)?);
+        Ok(())
+    }
+    pub fn end(&self) -> Result<()> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(werr(self.f, "saved writer state has trailing bytes"))
+        }
+    }
 }
 
 /// Whether `b` is all zeros (OR-folds 256-byte chunks: vectorized, early exit per chunk).
@@ -355,10 +548,11 @@ struct ExtentCursor {
 const EXTENT_WINDOW: u64 = 1 << 30;
 
 impl ExtentCursor {
-    fn new(vsize: u64) -> ExtentCursor {
+    /// A cursor for queries at or after `from`.
+    fn new(vsize: u64, from: u64) -> ExtentCursor {
         ExtentCursor {
             list: VecDeque::new(),
-            fetched_to: 0,
+            fetched_to: from.min(vsize),
             vsize,
         }
     }
@@ -612,11 +806,12 @@ fn run_pipeline(
     unit: u64,
     codec: Codec,
     threads: usize,
+    first_unit: u64,
     consume: &mut dyn FnMut(&Batch) -> Result<()>,
 ) -> Result<()> {
     let vsize = disk.virtual_size();
     let total = vsize.div_ceil(unit);
-    if total == 0 {
+    if first_unit >= total {
         return Ok(());
     }
     let max_bytes = if codec == Codec::None {
@@ -625,7 +820,7 @@ fn run_pipeline(
         BATCH_BYTES_COMPRESSED
     };
     if threads == 0 {
-        let mut cur = ExtentCursor::new(vsize);
+        let mut cur = ExtentCursor::new(vsize, first_unit * unit);
         let mut c = Compressor::new(codec);
         let mut b = Batch {
             first: 0,
@@ -634,7 +829,7 @@ fn run_pipeline(
             buf: Vec::new(),
             cbuf: Vec::new(),
         };
-        let mut next = 0u64;
+        let mut next = first_unit;
         while next < total {
             b = produce(disk, &mut cur, unit, next, max_bytes, b)?;
             c.transform(&mut b);
@@ -657,9 +852,9 @@ fn run_pipeline(
         }
         let reader_res = res_tx.clone();
         scope.spawn(move || {
-            let mut cur = ExtentCursor::new(vsize);
+            let mut cur = ExtentCursor::new(vsize, first_unit * unit);
             let mut c = Compressor::new(codec);
-            let mut next_unit = 0u64;
+            let mut next_unit = first_unit;
             let mut seq = 0u64;
             while next_unit < total {
                 let Ok(recycled) = tok_rx.recv() else { return };
@@ -715,7 +910,7 @@ fn run_pipeline(
         drop(res_tx);
         let mut pending: BTreeMap<u64, Batch> = BTreeMap::new();
         let mut expected = 0u64;
-        let mut done_units = 0u64;
+        let mut done_units = first_unit;
         for (seq, r) in res_rx.iter() {
             pending.insert(seq, r?);
             while let Some(b) = pending.remove(&expected) {

@@ -9,7 +9,10 @@
 //! 16-bit; a host cluster shared by several compressed clusters counts each reference (as
 //! `qemu-img check` expects). A compressed run never straddles two refcount blocks' ranges.
 
-use super::{count_data_units, werr, Batch, Codec, FormatWriter, Unit, WriteOptions};
+use super::{
+    count_data_units, werr, Batch, Codec, FormatWriter, StateReader, StateWriter, Unit,
+    WriteOptions,
+};
 use crate::io::{ImageSink, VirtualDisk};
 use crate::Result;
 
@@ -436,6 +439,32 @@ impl FormatWriter for Qcow2Writer {
             self.l2_dirty = true;
         }
         flush(&mut run, b, sink)
+    }
+
+    fn save(&self) -> Option<Vec<u8>> {
+        let mut s = StateWriter(Vec::new());
+        s.u64(self.pos)
+            .u64(self.rb_idx)
+            .u64(self.l2_idx)
+            .u64(u64::from(self.l2_dirty))
+            .u64s(&self.l1)
+            .u64s(&self.reftable)
+            .u16s(&self.rb)
+            .u64s(&self.l2);
+        Some(s.0)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, F);
+        self.pos = r.u64()?;
+        self.rb_idx = r.u64()?;
+        self.l2_idx = r.u64()?;
+        self.l2_dirty = r.u64()? != 0;
+        r.u64s(&mut self.l1)?;
+        r.u64s(&mut self.reftable)?;
+        r.u16s(&mut self.rb)?;
+        r.u64s(&mut self.l2)?;
+        r.end()
     }
 
     fn finish(&mut self, sink: &mut dyn ImageSink) -> Result<Option<Vec<u8>>> {

@@ -4,7 +4,7 @@
 //! The creator application is `qem2`, the tag qemu and Hyper-V-style readers take as "the
 //! size is `current_size`", so odd sizes that CHS geometry can't express survive a round trip.
 
-use super::{werr, Batch, Codec, FormatWriter, Unit};
+use super::{werr, Batch, Codec, FormatWriter, StateReader, StateWriter, Unit};
 use crate::io::ImageSink;
 use crate::read::vhd::vhd_checksum;
 use crate::Result;
@@ -161,6 +161,18 @@ impl FormatWriter for VhdDynWriter {
             }
         }
         Ok(())
+    }
+    fn save(&self) -> Option<Vec<u8>> {
+        // The footer too: it carries the creation time and a unique id.
+        let mut s = StateWriter(Vec::new());
+        s.bytes(&self.footer).u32s(&self.bat);
+        Some(s.0)
+    }
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, F);
+        r.bytes(&mut self.footer)?;
+        r.u32s(&mut self.bat)?;
+        r.end()
     }
     fn finish(&mut self, sink: &mut dyn ImageSink) -> Result<Option<Vec<u8>>> {
         sink.write_all(&self.footer)?;

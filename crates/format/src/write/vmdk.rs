@@ -6,7 +6,7 @@
 //! marker + grain directory, a footer marker + footer (header copy with the GD offset), and an
 //! end-of-stream marker. Nothing is ever patched; all-zero grains are omitted.
 
-use super::{werr, Batch, Codec, FormatWriter, Unit, WriteOptions};
+use super::{werr, Batch, Codec, FormatWriter, StateReader, StateWriter, Unit, WriteOptions};
 use crate::io::ImageSink;
 use crate::Result;
 
@@ -215,6 +215,26 @@ impl FormatWriter for VmdkStreamWriter {
             self.gt_dirty = true;
         }
         Ok(())
+    }
+
+    fn save(&self) -> Option<Vec<u8>> {
+        let mut s = StateWriter(Vec::new());
+        s.u64(self.pos)
+            .u64(self.gt_idx)
+            .u64(u64::from(self.gt_dirty))
+            .u32s(&self.gd)
+            .u32s(&self.gt);
+        Some(s.0)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, F);
+        self.pos = r.u64()?;
+        self.gt_idx = r.u64()?;
+        self.gt_dirty = r.u64()? != 0;
+        r.u32s(&mut self.gd)?;
+        r.u32s(&mut self.gt)?;
+        r.end()
     }
 
     fn finish(&mut self, sink: &mut dyn ImageSink) -> Result<Option<Vec<u8>>> {
