@@ -40,7 +40,8 @@ pub struct ServiceConfig {
     /// Unreferenced data younger than this is kept (it may belong to a running ingest).
     pub gc_grace_secs: u64,
     /// An import records a resume checkpoint every this many bytes of virtual disk (rounded
-    /// to whole chunks; default 1 GiB): a job taken over after a crash continues from there.
+    /// to whole chunks; default 1 GiB), a streaming export every this many bytes of output: a
+    /// job taken over after a crash continues from there.
     pub import_checkpoint_bytes: u64,
     /// File of the KMS root key (32 bytes) that wraps master keys and service-held data
     /// keys; `None` means `<data_dir>/root.key`, created on first start (mode 0600).
