@@ -148,6 +148,23 @@ def kill9_between(srv, t, job_id, low, high):
     raise AssertionError(f"the job was not caught between {low} and {high} bytes: {seen[-5:]}")
 
 
+def kill_mid_job_and_see_it_resume(srv, t, job_id, total, kind):
+    """Kills the server (kill -9) while the job is past 128 MiB of a `total`-byte disk (its
+    16 MiB checkpoints well behind it), restarts it, and checks the job ends SUCCESS having
+    resumed from a checkpoint (`entities.resumed_from_bytes`, the `<kind> resumed` log line)."""
+    from helpers import wait_job
+
+    kill9_between(srv, t, job_id, 128 * MiB, total - 128 * MiB)
+    srv.start(port=srv.port)
+    job = wait_job(t.ims, job_id, timeout=240)
+    assert job.status == "SUCCESS", job
+    v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
+    resumed = v["entities"].get("resumed_from_bytes")
+    assert resumed and 16 * MiB <= resumed < total, v
+    assert f"{kind} resumed from its checkpoint" in srv.log_tail(400)
+    return job
+
+
 def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
     """A whole image imported from two files is killed (kill -9) while the second disk is being
     read; on restart the job skips the finished system disk, resumes the data disk from its
@@ -193,7 +210,7 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
     job continues from the checkpoint (bytes before it are not read again) and the image
     equals the file."""
     from conftest import _start, _stop_checked
-    from helpers import admin, wait_job
+    from helpers import admin
     from test_import_export import bucket_for, create_image, s3
 
     # A checkpoint every 16 MiB of virtual disk, so one exists long before the end.
@@ -207,15 +224,7 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
         want = sparse_disk(path, total)
         s3(t).upload_file(str(path), bucket, "disk.raw", Config=STREAMED_PARTS)
         job_id = create_image(t, f"{bucket}:disk.raw")
-        # Past 128 MiB the 16 MiB checkpoints are well behind the reader.
-        kill9_between(srv, t, job_id, 128 * MiB, total - 128 * MiB)
-        srv.start(port=srv.port)
-        job = wait_job(t.ims, job_id, timeout=240)
-        assert job.status == "SUCCESS", job
-        v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
-        resumed = v["entities"].get("resumed_from_bytes")
-        assert resumed and 16 * MiB <= resumed < total, v
-        assert "import resumed from its checkpoint" in srv.log_tail(400)
+        job = kill_mid_job_and_see_it_resume(srv, t, job_id, total, "import")
         image_id = job.entities.image_id
         shown = glance_show(t.raw, image_id)
         assert shown["status"] == "active" and shown["virtual_size"] == total, shown
@@ -249,14 +258,7 @@ def test_kill9_mid_export_resumes_from_its_checkpoint(tmp_path):
         assert job.status == "SUCCESS", job
         image_id = job.entities.image_id
         job_id = export(t, image_id, f"{bucket}:out/disk.vhd", fmt="vhd")
-        kill9_between(srv, t, job_id, 128 * MiB, total - 128 * MiB)
-        srv.start(port=srv.port)
-        job = wait_job(t.ims, job_id, timeout=240)
-        assert job.status == "SUCCESS", job
-        v = t.raw.get(f"/v1/{t.project_id}/jobs/{job_id}").json()
-        resumed = v["entities"].get("resumed_from_bytes")
-        assert resumed and 16 * MiB <= resumed < total, v
-        assert "export resumed from its checkpoint" in srv.log_tail(400)
+        kill_mid_job_and_see_it_resume(srv, t, job_id, total, "export")
         out = tmp_path / "disk.vhd"
         s3(t).download_file(bucket, "out/disk.vhd", str(out))
         r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", str(path), str(out)],

@@ -29,6 +29,20 @@ async fn caller(svc: &Service) -> Caller {
         .caller
 }
 
+/// A service in a fresh data dir, its bootstrap caller, and that caller's bucket `bkt1`.
+async fn service_with_bucket() -> (tempfile::TempDir, Arc<Service>, Caller) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc: Arc<Service> = Service::open(ServiceConfig::new(dir.path()))
+        .await
+        .expect("open");
+    let c = caller(&svc).await;
+    svc.buckets()
+        .create_bucket(&c.project_id, "bkt1")
+        .await
+        .expect("bucket");
+    (dir, svc, c)
+}
+
 async fn put(svc: &Service, c: &Caller, key: &str, data: Vec<u8>) {
     let body = futures::stream::iter(vec![Ok::<Bytes, std::io::Error>(Bytes::from(data))]);
     svc.buckets()
@@ -72,15 +86,7 @@ fn request(key: &str) -> ImportRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_object_fails_the_import_and_an_unchanged_one_imports_and_exports() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let svc: Arc<Service> = Service::open(ServiceConfig::new(dir.path()))
-        .await
-        .expect("open");
-    let c = caller(&svc).await;
-    svc.buckets()
-        .create_bucket(&c.project_id, "bkt1")
-        .await
-        .expect("bucket");
+    let (_dir, svc, c) = service_with_bucket().await;
     put(&svc, &c, "disk.raw", disk(0)).await;
 
     // Requested, then the object is replaced before a worker runs the job.
@@ -161,15 +167,7 @@ fn stored_chunks(dir: &std::path::Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_imports_and_qcow2_or_quick_exports_of_unencrypted_images_reference_chunks() {
     const MIB: usize = 1 << 20;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let svc: Arc<Service> = Service::open(ServiceConfig::new(dir.path()))
-        .await
-        .expect("open");
-    let c = caller(&svc).await;
-    svc.buckets()
-        .create_bucket(&c.project_id, "bkt1")
-        .await
-        .expect("bucket");
+    let (dir, svc, c) = service_with_bucket().await;
     // 21 MiB: data, zeros, data, zeros, data, then a 1 MiB last chunk of data.
     let mut raw = vec![0u8; 21 * MIB];
     for (k, seed) in [(0usize, 3u8), (2, 5), (4, 9), (5, 11)] {

@@ -342,6 +342,18 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
     assert_eq!(job_sources(&svc).await, 0, "an ended job keeps no snapshot");
 }
 
+/// A node claims the queued job with a lease that is over at once, and the job has no
+/// attempts left: recovery fails it.
+async fn fail_on_recovery(svc: &Service) {
+    svc.db
+        .claim_job("node-dead", 1)
+        .await
+        .expect("claim")
+        .expect("a job");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    svc.db.recover_expired_jobs(1).await.expect("recover");
+}
+
 async fn job_sources(svc: &Service) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM job_sources")
         .fetch_one(&svc.db.pool)
@@ -357,14 +369,7 @@ async fn a_job_that_fails_on_recovery_drops_its_source_snapshot() {
     let src = active_image(&svc, &c).await;
     request_copy(&svc, &c, &src).await;
     assert_eq!(job_sources(&svc).await, 1);
-    // A node claims it with a lease that is over at once, and the job has no attempts left.
-    svc.db
-        .claim_job("node-dead", 1)
-        .await
-        .expect("claim")
-        .expect("a job");
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    svc.db.recover_expired_jobs(1).await.expect("recover");
+    fail_on_recovery(&svc).await;
     assert_eq!(
         job_sources(&svc).await,
         0,
@@ -438,14 +443,7 @@ async fn an_import_that_fails_on_recovery_kills_its_image() {
         )
         .await
         .expect("import accepted");
-    // A node claims it with a lease that is over at once, and the job has no attempts left.
-    svc.db
-        .claim_job("node-dead", 1)
-        .await
-        .expect("claim")
-        .expect("a job");
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    svc.db.recover_expired_jobs(1).await.expect("recover");
+    fail_on_recovery(&svc).await;
     let j = svc.job(&c, job.as_str()).await.expect("job");
     assert_eq!(j.status, JobStatus::Fail, "{j:?}");
     let img = svc
