@@ -36,4 +36,6 @@ for l in open(sys.argv[1]):
           f"{r['export_mb_s']} MB/s ({r['export_mb_s']/dd:.2f} x dd), export vhd {r['vhd_s']} s = "
           f"{r['vhd_mb_s']} MB/s ({r['vhd_mb_s']/dd:.2f} x dd, {r['vhd_mb_s']/copy:.2f} x copy), peak RSS {r['peak_rss_mib']} MiB "
           f"(upload {r['upload_rss_mib']}, import {r['import_rss_mib']}, export {r['export_rss_mib']}, vhd {r['vhd_rss_mib']})")
+    if r.get("raw_import_s") is not None:
+        print(f"    raw file in 8 MiB parts, imported by reference: {r['raw_import_s']} s")
 PY
