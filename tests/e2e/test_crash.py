@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.crash, pytest.mark.timeout(300)]
 
 GiB = 1 << 30
 MiB = 1 << 20
-# Upload parts of 6 MiB, not whole 4 MiB chunks: an import then streams the object through the
-# reader (and can be killed mid-way) instead of referencing the object's chunks at once.
+# Upload parts of 6 MiB, mostly not whole 4 MiB chunks: an import then streams most of the
+# object through the reader (and can be killed mid-way) instead of referencing its chunks.
 STREAMED_PARTS = TransferConfig(multipart_threshold=6 * MiB, multipart_chunksize=6 * MiB)
 
 

@@ -478,8 +478,12 @@ impl ObjectReader {
         Ok(Some(chunks))
     }
 
-    /// Reads from part `index` at `within` into `buf` (which fits in the part).
-    fn read_part(&self, index: usize, within: u64, buf: &mut [u8]) -> Result<()> {
+    /// Runs `f` on part `index`, opened (and kept open for the next call).
+    fn with_part<T>(
+        &self,
+        index: usize,
+        f: impl FnOnce(&mut ManifestDisk) -> Result<T>,
+    ) -> Result<T> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.as_ref().map(|o| o.0) != Some(index) {
             let id: ManifestId = self.parts[index].manifest.parse().map_err(|_| {
@@ -496,9 +500,14 @@ impl ObjectReader {
             *open = Some((index, disk));
         }
         match open.as_mut() {
-            Some((_, disk)) => Ok(disk.read(within, buf)?),
+            Some((_, disk)) => f(disk),
             None => Err(CoreError::Internal("no open part".into())),
         }
+    }
+
+    /// Reads from part `index` at `within` into `buf` (which fits in the part).
+    fn read_part(&self, index: usize, within: u64, buf: &mut [u8]) -> Result<()> {
+        self.with_part(index, |disk| Ok(disk.read(within, buf)?))
     }
 
     /// Reads up to `buf.len()` bytes at `offset` (fewer only at the end of the object).
@@ -526,6 +535,26 @@ impl ReadAt for ObjectReader {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         self.read_range(buf, offset)
             .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+    /// A range that is exactly one plaintext chunk of one part's manifest.
+    fn stored_chunk(&self, offset: u64, len: u64) -> Option<Option<[u8; 32]>> {
+        let i = self
+            .parts
+            .partition_point(|p| p.offset <= offset)
+            .checked_sub(1)?;
+        let within = offset - self.parts.get(i)?.offset;
+        self.with_part(i, |disk| {
+            let m = disk.manifest();
+            let cs = u64::from(m.chunk_size());
+            let k = (within / cs) as usize;
+            Ok((!m.is_encrypted()
+                && within.is_multiple_of(cs)
+                && k < m.chunks().len()
+                && m.chunk_len(k) == len)
+                .then(|| m.chunks()[k].map(|id| *id.as_bytes())))
+        })
+        .ok()
+        .flatten()
     }
     fn size(&self) -> std::io::Result<u64> {
         Ok(self.info.size)

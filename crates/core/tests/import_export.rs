@@ -1,7 +1,7 @@
 //! Import from and export to bucket objects through the service (no HTTP): an object replaced
 //! after the import was requested fails the job and nothing becomes active; an unchanged one
-//! imports; an export reads back as the same disk; a raw import, a qcow2 export and a quick
-//! export of an unencrypted image share the data's chunks instead of copying them.
+//! imports; an export reads back as the same disk; a raw import, a qcow2 export, a quick
+//! export and the import of that qcow2 share the data's chunks instead of copying them.
 
 use bytes::Bytes;
 use openims_core::buckets::ObjectAttrs;
@@ -165,7 +165,7 @@ fn stored_chunks(dir: &std::path::Path) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_imports_and_qcow2_or_quick_exports_of_unencrypted_images_reference_chunks() {
+async fn imports_and_exports_of_unencrypted_images_reference_chunks_instead_of_copying() {
     const MIB: usize = 1 << 20;
     let (dir, svc, c) = service_with_bucket().await;
     // 21 MiB: data, zeros, data, zeros, data, then a 1 MiB last chunk of data.
@@ -230,6 +230,26 @@ async fn raw_imports_and_qcow2_or_quick_exports_of_unencrypted_images_reference_
         d.read_at(0, &mut back).expect("read");
         assert!(back == raw, "{key}: the export differs from the image");
     }
+    // The exported qcow2 imported back: its data clusters are the object's chunks, laid out
+    // verbatim, so the import references them and writes nothing.
+    let before = stored_chunks(dir.path());
+    let job = svc
+        .import_image(&c, ImportKind::System, None, request("out.qcow2"))
+        .await
+        .expect("import accepted");
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    assert_eq!(
+        stored_chunks(dir.path()),
+        before,
+        "the qcow2 import wrote chunks"
+    );
+    let back = svc
+        .image(&c, &j.image_id.expect("image id"))
+        .await
+        .expect("image");
+    let orig = svc.image(&c, &image_id).await.expect("image");
+    assert_eq!(back.disk_manifest, orig.disk_manifest, "the same disk");
     // The quick export's bitmap marks the chunks with data, never a chunk of zeros.
     let reader = svc
         .buckets()

@@ -20,6 +20,14 @@ pub trait ReadAt: Send + Sync {
         Ok(None)
     }
 
+    /// The content address of `[offset, offset + len)` when the storage holds exactly these
+    /// bytes as one whole chunk of a content-addressed store (the BLAKE3 hash of the bytes;
+    /// `Some(None)`: a chunk of zeros); `None` when it does not know (the default). Lets a store
+    /// that already holds the bytes reference them instead of copying them.
+    fn stored_chunk(&self, _offset: u64, _len: u64) -> Option<Option<[u8; 32]>> {
+        None
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
         while !buf.is_empty() {
@@ -175,6 +183,14 @@ pub trait VirtualDisk: Send {
 
     /// Fills `buf` with the virtual disk's bytes at `offset` (zeros for holes and past the end).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> crate::Result<()>;
+
+    /// When the image stores the virtual range `[offset, offset + len)` verbatim and
+    /// contiguously, and its source knows those bytes as one stored chunk
+    /// ([`ReadAt::stored_chunk`]), that chunk's content address; `None` otherwise (read the
+    /// range). Answered from metadata only. Default: `None`.
+    fn stored_chunk(&mut self, _offset: u64, _len: u64) -> crate::Result<Option<Option<[u8; 32]>>> {
+        Ok(None)
+    }
 }
 
 impl<T: VirtualDisk + ?Sized> VirtualDisk for Box<T> {
@@ -186,6 +202,9 @@ impl<T: VirtualDisk + ?Sized> VirtualDisk for Box<T> {
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
         (**self).read_at(offset, buf)
+    }
+    fn stored_chunk(&mut self, offset: u64, len: u64) -> crate::Result<Option<Option<[u8; 32]>>> {
+        (**self).stored_chunk(offset, len)
     }
 }
 

@@ -430,6 +430,27 @@ impl Store {
                 );
                 continue;
             }
+            // A chunk the image stores verbatim as a chunk this store already holds (an
+            // uploaded file laid out in whole chunks) is referenced, not read and written.
+            let known = match disk.stored_chunk(start, len)? {
+                Some(None) => Some(Outcome::Zero),
+                Some(Some(h)) if self.has_chunk(&ChunkId(h))? => Some(Outcome::Stored {
+                    id: ChunkId(h),
+                    new: false,
+                }),
+                _ => None,
+            };
+            if let Some(outcome) = known {
+                tally.record(
+                    Done {
+                        index: index as usize,
+                        len,
+                        outcome,
+                    },
+                    progress,
+                );
+                continue;
+            }
             let mut buf = match pool_rx.try_recv() {
                 Ok(b) => b,
                 Err(_) if allocated < max_buffers => {

@@ -306,6 +306,25 @@ impl VirtualDisk for Qcow2Reader {
         Ok(out.v)
     }
 
+    /// A cluster-aligned range whose clusters are all plain data clusters at consecutive host
+    /// offsets is stored verbatim at the first one: ask the source about that file range.
+    fn stored_chunk(&mut self, offset: u64, len: u64) -> Result<Option<Option<[u8; 32]>>> {
+        let cs = self.cs();
+        if len == 0 || !offset.is_multiple_of(cs) || offset.saturating_add(len) > self.p.size {
+            return Ok(None);
+        }
+        let mut first = None;
+        for (i, c) in (offset / cs..(offset + len).div_ceil(cs)).enumerate() {
+            let e = self.l2_entry(c)?;
+            match (self.decode(e)?, first) {
+                (Map::Data(h), None) => first = Some(h),
+                (Map::Data(h), Some(f)) if h == f + i as u64 * cs => {}
+                _ => return Ok(None),
+            }
+        }
+        Ok(first.and_then(|h| self.src.stored_chunk(h, len)))
+    }
+
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.p.size;
         let cs = self.cs();

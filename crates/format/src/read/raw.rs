@@ -46,6 +46,13 @@ impl VirtualDisk for RawReader {
         Ok(out.v)
     }
 
+    fn stored_chunk(&mut self, offset: u64, len: u64) -> Result<Option<Option<[u8; 32]>>> {
+        if offset.saturating_add(len) > self.size {
+            return Ok(None);
+        }
+        Ok(self.src.stored_chunk(offset, len))
+    }
+
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         read_or_zero(&*self.src, buf, offset)
     }
