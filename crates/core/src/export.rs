@@ -347,31 +347,28 @@ impl Service {
                         ..WriteOptions::default()
                     };
                     let mut body = PartSequence::new(objects_w, upload_w.clone(), 2, handle);
-                    let sealed = Arc::new(Mutex::new(Sealed::default()));
-                    let mut sink = match &resumed {
+                    let (head, body_start, position, stored_head) = match &resumed {
                         Some(r) => {
                             body.next_number = 2 + r.parts.len() as u32;
                             body.parts = r.parts.clone();
-                            *sealed.lock().unwrap_or_else(|e| e.into_inner()) = Sealed {
-                                head: Some(r.head_manifest.clone()),
-                            };
-                            UploadSink {
-                                body_start: r.head.len() as u64,
-                                head: r.head.clone(),
-                                body,
-                                position: r.at.position,
-                                failed: None,
-                                sealed: sealed.clone(),
-                            }
+                            let at = r.at.position;
+                            (
+                                r.head.clone(),
+                                r.head.len() as u64,
+                                at,
+                                Some(r.head_manifest.clone()),
+                            )
                         }
-                        None => UploadSink {
-                            head: Vec::new(),
-                            body,
-                            body_start: MIN_HEADER_WINDOW,
-                            position: 0,
-                            failed: None,
-                            sealed: sealed.clone(),
-                        },
+                        None => (Vec::new(), MIN_HEADER_WINDOW, 0, None),
+                    };
+                    let head_manifest = Arc::new(Mutex::new(stored_head));
+                    let mut sink = UploadSink {
+                        head,
+                        body,
+                        body_start,
+                        position,
+                        failed: None,
+                        head_manifest: head_manifest.clone(),
                     };
                     // At each checkpoint (the sink sealed: every body part so far recorded,
                     // the header window stored once) the writer's state is stored and the job
@@ -381,10 +378,9 @@ impl Service {
                     let mut on_checkpoint = |cp: &WriteCheckpoint| -> openims_format::Result<()> {
                         let fail =
                             |e: String| openims_format::FormatError::Io(std::io::Error::other(e));
-                        let head = sealed
+                        let head = head_manifest
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .head
                             .clone()
                             .ok_or_else(|| fail("sealed without a stored header window".into()))?;
                         let state =
@@ -834,16 +830,10 @@ struct UploadSink {
     body_start: u64,
     position: u64,
     failed: Option<CoreError>,
-    /// What the last [`ImageSink::seal`] made durable, for the checkpoint that follows.
-    sealed: Arc<Mutex<Sealed>>,
-}
-
-/// The durable state of an [`UploadSink`] at its last seal.
-#[derive(Debug, Default, Clone)]
-struct Sealed {
-    /// Manifest of the header window, stored at the first seal (the writer only patches it
-    /// at the end, so it does not change until then).
-    head: Option<String>,
+    /// Manifest of the header window, stored at the first [`ImageSink::seal`] (the writer
+    /// only patches it at the end, so it does not change until then); shared with the
+    /// checkpoint that follows a seal.
+    head_manifest: Arc<Mutex<Option<String>>>,
 }
 
 impl UploadSink {
@@ -932,15 +922,14 @@ impl ImageSink for UploadSink {
         let r = self.body.close_part();
         self.io(r)?;
         let stored = self
-            .sealed
+            .head_manifest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .head
             .is_some();
         if !stored {
             let r = store_blob(self.body.objects.store(), &self.head);
             let id = self.io(r)?;
-            self.sealed.lock().unwrap_or_else(|e| e.into_inner()).head = Some(id);
+            *self.head_manifest.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
         }
         Ok(true)
     }

@@ -592,12 +592,7 @@ impl Service {
             .checkpoint
             .as_ref()
             .and_then(|c| c.get("ingest"))
-            .and_then(|c| {
-                Some(openims_store::IngestCheckpoint {
-                    partial: c.get("partial")?.as_str()?.parse().ok()?,
-                    next_index: c.get("next_index")?.as_u64()?,
-                })
-            });
+            .and_then(ingest_point_of);
 
         // ---- blocking: inspect, open, check, ingest, encrypt ----
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Update>(8);
@@ -608,7 +603,6 @@ impl Service {
             (self.config.import_checkpoint_bytes / u64::from(store.config().chunk_size)).max(1);
         let abort_w = abort.clone();
         let dek = work_dek.clone();
-        let has_bitmap = bitmap.is_some();
         let task = tokio::task::spawn_blocking(move || -> Result<Ingest> {
             let src: Arc<dyn ReadAt> = match bitmap {
                 Some(bm) => Arc::new(BitmapReadAt {
@@ -663,44 +657,36 @@ impl Service {
                     .map_err(|_| openims_store::StoreError::Invalid("job loop stopped".into()))?;
                 check_abort(&abort_w)
             };
-            // A raw file stored as whole chunks is the disk: the image references the
-            // object's chunks (nothing is read or written; both keep them alive).
-            let shared = match has_bitmap {
-                false => raw_by_reference(&store, &reader, detected, vsize)?,
-                true => None,
-            };
-            let plain = match shared {
-                Some(m) => store.put_manifest(&m)?,
-                None => {
-                    let report = ingest_checkpointed(
-                        &store,
-                        disk.as_mut(),
-                        resume,
-                        (checkpoint_every, &mut save),
-                        &tx,
-                        (0, vsize),
-                    )?;
-                    if report.resumed_chunks > 0 {
-                        let bytes = report.resumed_chunks * u64::from(store.config().chunk_size);
-                        tracing::info!(
-                            resumed_from_bytes = bytes,
-                            "import resumed from its checkpoint"
-                        );
-                        // Shown by the job (`entities.resumed_from_bytes`); the finished manifest
-                        // stays pinned until the image references it.
-                        let _ = tx.blocking_send(Update {
-                            task: "importing",
-                            done: vsize,
-                            total: vsize,
-                            checkpoint: Some(json!({
-                                "ingest": { "resumed_from_bytes": bytes },
-                                "pinned_manifests": [report.manifest_id.to_string()],
-                            })),
-                        });
-                    }
-                    report.manifest_id
-                }
-            };
+            // A raw file stored in whole chunks (or a qcow2 laid out like ours) is not read:
+            // the ingest references the object's chunks it stores verbatim
+            // (`VirtualDisk::stored_chunk`).
+            let report = ingest_checkpointed(
+                &store,
+                disk.as_mut(),
+                resume,
+                (checkpoint_every, &mut save),
+                &tx,
+                (0, vsize),
+            )?;
+            if report.resumed_chunks > 0 {
+                let bytes = report.resumed_chunks * u64::from(store.config().chunk_size);
+                tracing::info!(
+                    resumed_from_bytes = bytes,
+                    "import resumed from its checkpoint"
+                );
+                // Shown by the job (`entities.resumed_from_bytes`); the finished manifest
+                // stays pinned until the image references it.
+                let _ = tx.blocking_send(Update {
+                    task: "importing",
+                    done: vsize,
+                    total: vsize,
+                    checkpoint: Some(json!({
+                        "ingest": { "resumed_from_bytes": bytes },
+                        "pinned_manifests": [report.manifest_id.to_string()],
+                    })),
+                });
+            }
+            let plain = report.manifest_id;
             check_abort(&abort_w)?;
             let stored = match &dek {
                 Some(dek) => store.reencrypt(&plain, None, dek, None, 16, &mut |pr| {
@@ -834,40 +820,25 @@ impl Service {
     }
 }
 
-/// The disk of a raw file as a manifest of the object's own chunks, when the object is stored
-/// as whole plaintext chunks (see [`ObjectReader::chunk_list`]): the image then shares them
-/// with the object, and nothing is read or written. `None` when the file must be read.
-fn raw_by_reference(
-    store: &openims_store::Store,
-    reader: &ObjectReader,
-    detected: DiskFormat,
-    vsize: u64,
-) -> Result<Option<openims_store::Manifest>> {
-    if detected != DiskFormat::Raw || vsize != reader.len() {
-        return Ok(None);
-    }
-    let chunk_size = store.config().chunk_size;
-    Ok(match reader.chunk_list(chunk_size)? {
-        Some(chunks) => {
-            tracing::info!(
-                virtual_size = vsize,
-                "raw object imported by reference to its chunks"
-            );
-            Some(openims_store::Manifest::new(vsize, chunk_size, chunks)?)
-        }
-        None => None,
-    })
-}
-
 /// The job checkpoint of an import: where to resume, and the partial manifest the GC must
 /// keep (`pinned_manifests`, see `Db::live_manifests`).
 fn ingest_checkpoint_json(cp: &openims_store::IngestCheckpoint) -> Value {
     json!({
-        "ingest": {
-            "partial": cp.partial.to_string(),
-            "next_index": cp.next_index,
-        },
+        "ingest": ingest_point_json(cp),
         "pinned_manifests": [cp.partial.to_string()],
+    })
+}
+
+/// An ingest checkpoint as the `ingest` object of a job checkpoint.
+fn ingest_point_json(cp: &openims_store::IngestCheckpoint) -> Value {
+    json!({ "partial": cp.partial.to_string(), "next_index": cp.next_index })
+}
+
+/// Reads what [`ingest_point_json`] wrote (`None` if unreadable: the ingest starts over).
+fn ingest_point_of(v: &Value) -> Option<openims_store::IngestCheckpoint> {
+    Some(openims_store::IngestCheckpoint {
+        partial: v.get("partial")?.as_str()?.parse().ok()?,
+        next_index: v.get("next_index")?.as_u64()?,
     })
 }
 
@@ -924,12 +895,7 @@ impl SetCheckpoint {
                     .collect()
             })
             .unwrap_or_default();
-        let current = set.get("ingest").and_then(|c| {
-            Some(openims_store::IngestCheckpoint {
-                partial: c.get("partial")?.as_str()?.parse().ok()?,
-                next_index: c.get("next_index")?.as_u64()?,
-            })
-        });
+        let current = set.get("ingest").and_then(ingest_point_of);
         SetCheckpoint { done, current }
     }
 
@@ -937,10 +903,7 @@ impl SetCheckpoint {
         let mut pins: Vec<String> = self.done.iter().map(ToString::to_string).collect();
         let mut set = json!({ "done": pins.clone() });
         if let Some(c) = &self.current {
-            set["ingest"] = json!({
-                "partial": c.partial.to_string(),
-                "next_index": c.next_index,
-            });
+            set["ingest"] = ingest_point_json(c);
             pins.push(c.partial.to_string());
         }
         json!({ "set": set, "pinned_manifests": pins })
@@ -957,10 +920,10 @@ struct Ingest {
     format: DiskFormat,
 }
 
-/// The upload token an import job holds on its image.
 /// Prefix of the upload token an import job holds its images by (`import:<job id>`).
 pub(crate) const UPLOAD_TOKEN_PREFIX: &str = "import:";
 
+/// The upload token an import job holds on its image.
 fn upload_token(job_id: &str) -> String {
     format!("{UPLOAD_TOKEN_PREFIX}{job_id}")
 }
@@ -1472,7 +1435,7 @@ impl Service {
             });
             let mut opened = Vec::with_capacity(readers.len());
             for (r, (url, min_disk)) in readers.into_iter().zip(&meta) {
-                let src: Arc<dyn ReadAt> = r.clone();
+                let src: Arc<dyn ReadAt> = r;
                 let (disk, detected) =
                     open_checked(src, None, max_virtual).map_err(|e| match e {
                         CoreError::InvalidImageFile(m) => {
@@ -1488,10 +1451,9 @@ impl Service {
                         vsize as f64 / (1u64 << 30) as f64
                     )));
                 }
-                let shared = raw_by_reference(&store, &r, detected, vsize)?;
-                opened.push((disk, detected, shared));
+                opened.push((disk, detected));
             }
-            let total: u64 = opened.iter().map(|(d, _, _)| d.virtual_size()).sum();
+            let total: u64 = opened.iter().map(|(d, _)| d.virtual_size()).sum();
             let lease_lost = || {
                 if abort_w.load(Ordering::Relaxed) {
                     Err(openims_store::StoreError::Invalid(
@@ -1508,19 +1470,18 @@ impl Service {
             let mut resumed_bytes = 0u64;
             let mut done: Vec<ManifestId> = Vec::with_capacity(opened.len());
             let mut out = Vec::with_capacity(opened.len());
-            for (i, (mut disk, format, shared)) in opened.into_iter().enumerate() {
+            for (i, (mut disk, format)) in opened.into_iter().enumerate() {
                 let vsize = disk.virtual_size();
                 let finished = resume
                     .done
                     .get(i)
                     .filter(|m| store.manifest(m).is_ok_and(|m| m.virtual_size() == vsize));
-                let digest = match (finished, shared) {
-                    (Some(m), _) => {
+                let digest = match finished {
+                    Some(m) => {
                         resumed_bytes += vsize;
                         *m
                     }
-                    (None, Some(m)) => store.put_manifest(&m)?,
-                    (None, None) => {
+                    None => {
                         let from = if i == resume.done.len() {
                             resume.current.take()
                         } else {

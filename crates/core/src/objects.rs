@@ -455,29 +455,6 @@ impl ObjectReader {
         self.info.size == 0
     }
 
-    /// The object's bytes as the store's chunks in order (`None`: a chunk of zeros), when every
-    /// part is made of whole plaintext chunks of `chunk_size` (each part but the last a multiple
-    /// of it, as boto3's and the AWS CLI's 8 MiB parts are); `None` otherwise. A disk whose
-    /// bytes are the object's can then reference these chunks instead of copying them.
-    pub fn chunk_list(&self, chunk_size: u32) -> Result<Option<Vec<Option<ChunkId>>>> {
-        let mut chunks = Vec::new();
-        for (i, p) in self.parts.iter().enumerate() {
-            if i + 1 < self.parts.len() && !p.size.is_multiple_of(u64::from(chunk_size)) {
-                return Ok(None);
-            }
-            let id: ManifestId = p
-                .manifest
-                .parse()
-                .map_err(|_| CoreError::Internal(format!("bad manifest id {}", p.manifest)))?;
-            let m = self.store.manifest(&id)?;
-            if m.is_encrypted() || m.chunk_size() != chunk_size || m.virtual_size() != p.size {
-                return Ok(None);
-            }
-            chunks.extend_from_slice(m.chunks());
-        }
-        Ok(Some(chunks))
-    }
-
     /// Runs `f` on part `index`, opened (and kept open for the next call).
     fn with_part<T>(
         &self,
