@@ -138,6 +138,9 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
     fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
         (**self).allocated_ranges(offset, len)
     }
+    fn stored_chunk(&self, offset: u64, len: u64) -> Option<Option<[u8; 32]>> {
+        (**self).stored_chunk(offset, len)
+    }
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
@@ -149,6 +152,9 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
         (**self).allocated_ranges(offset, len)
+    }
+    fn stored_chunk(&self, offset: u64, len: u64) -> Option<Option<[u8; 32]>> {
+        (**self).stored_chunk(offset, len)
     }
 }
 

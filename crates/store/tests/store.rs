@@ -807,3 +807,147 @@ fn large_chunks_on_the_local_backend_round_trip_and_corruption_is_caught() {
     let f = s.fsck(&[plain, enc, rekeyed]).expect("fsck");
     assert!(!f.is_clean(), "{f:?}");
 }
+
+/// A file in memory whose whole, chunk-aligned chunks at `stored` offsets this store holds: it
+/// answers `ReadAt::stored_chunk` for them (as a bucket object does) and records its reads.
+struct ChunkedFile {
+    data: Vec<u8>,
+    stored: std::collections::HashSet<u64>,
+    reads: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl ChunkedFile {
+    /// Bytes read at or after `from`.
+    fn read_from(&self, from: u64) -> u64 {
+        let reads = self.reads.lock().expect("lock");
+        reads
+            .iter()
+            .map(|&(o, n)| (o + n).saturating_sub(o.max(from)))
+            .sum()
+    }
+}
+
+impl openims_format::ReadAt for ChunkedFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.data.as_slice().read_at(buf, offset)?;
+        self.reads.lock().expect("lock").push((offset, n as u64));
+        Ok(n)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+    fn stored_chunk(&self, offset: u64, len: u64) -> Option<Option<[u8; 32]>> {
+        let end = offset.checked_add(len)?;
+        let whole = len == CS || end == self.data.len() as u64;
+        (self.stored.contains(&offset) && whole && end <= self.data.len() as u64).then(|| {
+            let b = &self.data[offset as usize..end as usize];
+            b.iter()
+                .any(|&x| x != 0)
+                .then(|| *ChunkId::hash(b).as_bytes())
+        })
+    }
+}
+
+/// Stores `file`'s chunks at `offsets` and wraps it, as the readers see a source.
+fn chunked(s: &Store, data: Vec<u8>, offsets: &[u64]) -> Arc<ChunkedFile> {
+    for &o in offsets {
+        let end = (o + CS).min(data.len() as u64) as usize;
+        if data[o as usize..end].iter().any(|&x| x != 0) {
+            s.put_chunk(&data[o as usize..end]).expect("put");
+        }
+    }
+    Arc::new(ChunkedFile {
+        data,
+        stored: offsets.iter().copied().collect(),
+        reads: Default::default(),
+    })
+}
+
+#[test]
+fn ingest_references_chunks_its_source_stores_verbatim_instead_of_reading_them() {
+    use openims_format::write::SlottedQcow2;
+    use openims_format::{read, DiskFormat, ReadAt};
+    let (_dir, _b, s) = local_store();
+    let raw = read_all_of(&mut sample_disk());
+    let want = s
+        .ingest(
+            read::open(Arc::new(raw.clone()), DiskFormat::Raw)
+                .expect("raw")
+                .as_mut(),
+            &mut |_| {},
+        )
+        .expect("ingest")
+        .manifest_id;
+
+    // Raw: the stored chunks (0, 2, 3, 10) are referenced, the others read; the source is
+    // behind `Arc<dyn ReadAt>`, as an import has it.
+    let src = chunked(&s, raw.clone(), &[0, 2 * CS, 3 * CS, 10 * CS]);
+    let dyn_src: Arc<dyn ReadAt> = src.clone();
+    let mut disk = read::open(dyn_src, DiskFormat::Raw).expect("raw");
+    let got = s.ingest(disk.as_mut(), &mut |_| {}).expect("ingest");
+    assert_eq!(got.manifest_id, want, "the same disk");
+    // Read: chunks 4, 7 and 8 (1, 5, 6, 9 are holes of the source disk but the raw file has
+    // no holes here: they are read too).
+    assert_eq!(
+        src.read_from(0),
+        7 * CS,
+        "only the chunks the source does not store are read"
+    );
+
+    // qcow2 in the slotted layout our exports write: every data chunk is a stored chunk.
+    let allocated: Vec<u64> = (0..raw.len().div_ceil(CS as usize) as u64)
+        .filter(|&k| {
+            let end = ((k + 1) * CS).min(raw.len() as u64) as usize;
+            raw[(k * CS) as usize..end].iter().any(|&x| x != 0)
+        })
+        .collect();
+    let layout = SlottedQcow2::new(raw.len() as u64, 512, CS, &allocated, 0, u64::MAX)
+        .expect("layout")
+        .expect("fits");
+    let mut file = layout.metadata.clone();
+    let mut slots = Vec::new();
+    for &k in &allocated {
+        slots.push(file.len() as u64);
+        let end = ((k + 1) * CS).min(raw.len() as u64) as usize;
+        let mut slot = raw[(k * CS) as usize..end].to_vec();
+        slot.resize(layout.data_len(k) as usize, 0);
+        file.extend_from_slice(&slot);
+        file.resize(file.len().next_multiple_of(CS as usize), 0);
+    }
+    file.truncate(slots.last().map_or(file.len(), |&o| {
+        o as usize + layout.data_len(*allocated.last().expect("some")) as usize
+    }));
+    let last_slot = *slots.last().expect("some");
+    let src = chunked(&s, file, &slots);
+    let dyn_src: Arc<dyn ReadAt> = src.clone();
+    let mut disk = read::open(dyn_src, DiskFormat::Qcow2).expect("qcow2");
+    let got = s.ingest(disk.as_mut(), &mut |_| {}).expect("ingest");
+    // Of the data, only the last chunk (1000 bytes in a 1024-byte slot: not a whole object
+    // chunk of the disk's length) is read; the metadata before the slots is read as usual.
+    let data_read = src.read_from(slots[0]);
+    assert_eq!(
+        data_read,
+        src.read_from(last_slot),
+        "a referenced slot was read"
+    );
+    assert!(data_read <= 1024, "read {data_read} bytes of the last slot");
+    // qcow2 sizes are whole sectors: the same disk, zero-padded to 512 bytes.
+    let mut padded = raw.clone();
+    padded.resize(raw.len().next_multiple_of(512), 0);
+    let want_padded = s
+        .ingest(
+            read::open(Arc::new(padded), DiskFormat::Raw)
+                .expect("raw")
+                .as_mut(),
+            &mut |_| {},
+        )
+        .expect("ingest")
+        .manifest_id;
+    assert_eq!(got.manifest_id, want_padded, "the same disk");
+}
+
+fn read_all_of(d: &mut MemDisk) -> Vec<u8> {
+    let mut v = vec![0u8; d.virtual_size() as usize];
+    d.read_at(0, &mut v).expect("read");
+    v
+}
