@@ -23,6 +23,8 @@ from test_kms_copy import copy_ok, create_key, disable
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
+# An encrypted chunk object: magic, nonce, ciphertext checksum (52 bytes) + data + GCM tag (16).
+ECHUNK_OVERHEAD = 52 + 16
 
 
 @dataclass
@@ -289,7 +291,11 @@ def test_job_watch_cli(regions):
 
 @pytest.mark.crash
 @pytest.mark.timeout(600)
-def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
+@pytest.mark.parametrize("encrypt", [False, True], ids=["plain", "encrypting"])
+def test_kill9_source_during_cross_region_copy_resumes(tmp_path, encrypt):
+    """kill -9 of the source region mid-copy; with `encrypting`, an unencrypted image copied
+    with a key of the target region (chunks encrypted on the way): the resumed job must still
+    name every chunk by its encrypted id, those of the batch offered before the kill too."""
     # A bandwidth limit towards the peer keeps the copy running long enough to be killed.
     r = start_regions(tmp_path, bandwidth_mb=16.0, max_jobs=1)
     try:
@@ -297,7 +303,15 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
         size = 96 * MiB  # 24 chunks: a first batch of 16, then 8
         data = os.urandom(size)
         src = make_active_image(acct.a.raw, data, name=unique("big"))
-        job_id = xr_copy(acct.a, src["id"], agency=acct.agency)
+        if encrypt:
+            kb = create_key(acct.b)
+            resp = acct.a.raw.post(f"/v1/cloudimages/{src['id']}/cross_region_copy", json_body={
+                "name": unique("xrenc"), "region": "region-b", "project_name": "region-b",
+                "agency_name": acct.agency, "cmk_id": kb})
+            assert resp.status_code == 200, describe(resp)
+            job_id = resp.json()["job_id"]
+        else:
+            job_id = xr_copy(acct.a, src["id"], agency=acct.agency)
         seen = []
         while True:
             v = job_view(acct.a, job_id)
@@ -319,8 +333,9 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
         # Region B loses every chunk it received so far (say, restored from an older backup).
         # The resumed job skips the batch it already offered, so only the commit can notice:
         # B must report the lost chunks and A must send them again.
-        lost = [f for f in (tmp_path / "b-data").rglob("*") if f.is_file() and "chunks" in f.parts
-                and f.stat().st_size == CHUNK]
+        kind, stored = ("echunks", CHUNK + ECHUNK_OVERHEAD) if encrypt else ("chunks", CHUNK)
+        lost = [f for f in (tmp_path / "b-data").rglob("*") if f.is_file() and kind in f.parts
+                and f.stat().st_size == stored]
         assert len(lost) >= 16, f"region B should hold the first batch: {len(lost)} chunks"
         for f in lost:
             f.unlink()
@@ -340,6 +355,9 @@ def test_kill9_source_during_cross_region_copy_resumes(tmp_path):
         assert sent <= size + (len(lost) + 2) * CHUNK, final["entities"]
         assert sent + present * CHUNK >= size, final["entities"]
         assert_same_disk(acct.b, new_id, data)
+        if encrypt:
+            shown = acct.b.raw.get(f"/v2/images/{new_id}").json()
+            assert shown["__system__cmkid"] == kb, shown
         fsck = r.b.admin("fsck")
         assert fsck["clean"], fsck
     finally:

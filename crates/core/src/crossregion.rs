@@ -618,12 +618,8 @@ impl Service {
             tracing::info!(job_id = %job.id, bytes_sent = cp.bytes_sent, stage = cp.stage,
                 chunk = cp.next_chunk, "cross-region copy resumes from its checkpoint");
         }
-        // Encrypting on the way needs every chunk's new id for the manifest: that mode asks
-        // the target again from the start (nothing the target has is sent again either way).
-        if mode == SendMode::Encrypt {
-            cp.stage = 0;
-            cp.next_chunk = 0;
-        }
+        // Every mode resumes after the batches already offered: encrypting on the way derives
+        // each chunk's new id from its source id alone (see `SendCtx::target_ids`).
         let mut ctx = SendCtx {
             svc: self,
             job,
@@ -1113,34 +1109,17 @@ impl SendCtx<'_> {
         .map_err(|e| CoreError::Internal(format!("task failed: {e}")))?
     }
 
-    /// Target ids of a batch of source chunks (the same, except when encrypting on the way,
-    /// where the id is the keyed hash of the plaintext).
-    async fn target_ids(
-        &self,
-        mode: SendMode,
-        dek: Option<&Dek>,
-        ids: &[ChunkId],
-    ) -> Result<Vec<ChunkId>> {
+    /// Target ids of a batch of source chunks: the same, except when encrypting on the way,
+    /// where each is the keyed hash of the source id under the new data key (no chunk is read).
+    fn target_ids(mode: SendMode, dek: Option<&Dek>, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
         if mode != SendMode::Encrypt {
             return Ok(ids.to_vec());
         }
-        let st = self.svc.data.store.clone();
-        let k = dek
-            .cloned()
-            .ok_or_else(|| CoreError::Internal("encrypting copy without a key".into()))?;
-        let ids = ids.to_vec();
-        tokio::task::spawn_blocking(move || -> Result<Vec<ChunkId>> {
-            ids.iter()
-                .map(|id| {
-                    Ok(openims_store::crypto::encrypted_chunk_id(
-                        &k,
-                        &st.get_chunk(id)?,
-                    ))
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("task failed: {e}")))?
+        let k = dek.ok_or_else(|| CoreError::Internal("encrypting copy without a key".into()))?;
+        Ok(ids
+            .iter()
+            .map(|id| openims_store::crypto::encrypted_id_of(k, id))
+            .collect())
     }
 
     /// One peer call; while the peer cannot be reached (restarting, network down) it is
@@ -1206,14 +1185,10 @@ impl SendCtx<'_> {
         // Batches before the checkpoint were offered to the target already (their chunks are
         // there, or the commit reports them missing and they are sent then).
         self.bytes_done += chunks[..skip].iter().map(|(_, l)| *l).sum::<u64>();
-        let mut mapping: HashMap<ChunkId, ChunkId> = HashMap::new();
         let mut offered = skip;
         for batch in chunks[skip..].chunks(BATCH) {
             let src_ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
-            let tgt_ids = self.target_ids(mode, dek, &src_ids).await?;
-            for (s, t) in src_ids.iter().zip(&tgt_ids) {
-                mapping.insert(*s, *t);
-            }
+            let tgt_ids = Self::target_ids(mode, dek, &src_ids)?;
             let reply = self
                 .call(
                     "POST",
@@ -1251,10 +1226,12 @@ impl SendCtx<'_> {
         if mode != SendMode::Encrypt {
             return Ok(m.clone());
         }
+        // Every chunk's target id, those of batches offered before a resume included.
+        let k = dek.ok_or_else(|| CoreError::Internal("encrypting copy without a key".into()))?;
         let mapped = m
             .chunks()
             .iter()
-            .map(|c| c.map(|c| mapping.get(&c).copied().unwrap_or(c)))
+            .map(|c| c.map(|c| openims_store::crypto::encrypted_id_of(k, &c)))
             .collect();
         Ok(Manifest::new_encrypted(
             m.virtual_size(),
@@ -1274,7 +1251,7 @@ impl SendCtx<'_> {
         let encrypted_out = mode != SendMode::Plain;
         let mut done = HashSet::new();
         for (src, _) in m.stored_chunks_with_len() {
-            let tgt = self.target_ids(mode, dek, &[src]).await?[0];
+            let tgt = Self::target_ids(mode, dek, &[src])?[0];
             if lost.contains(&tgt) && done.insert(tgt) {
                 let (id, data) = self.load(mode, dek, src).await?;
                 self.put(encrypted_out, id, data).await?;

@@ -3,10 +3,14 @@
 //!
 //! ## Encrypted chunks
 //! A chunk of an encrypted manifest is stored under `echunks/ab/cd/<id>` where
-//! `id = BLAKE3-keyed(id_key(DEK), plaintext)`: the id depends on the data key, so identical
-//! plaintext under two DEKs gives unrelated ids (nothing about the content leaks across
-//! images), while under one DEK it is stored once (an image and all its O(1) copies share
-//! the DEK and the chunks).
+//! `id = BLAKE3-keyed(id_key(DEK), BLAKE3(plaintext))`: a keyed hash of the plaintext's
+//! content id. The id depends on the data key, so identical plaintext under two DEKs gives
+//! unrelated ids (nothing about the content leaks across images), while under one DEK it is
+//! stored once (an image and all its O(1) copies share the DEK and the chunks). Hashing the
+//! content id rather than the plaintext itself lets a plaintext chunk, whose content id is
+//! its name, get its encrypted id without a pass over its bytes: an encrypting copy hashes
+//! each source chunk once (to verify it), and a cross-region copy that encrypts on the way
+//! knows every target id without reading a chunk.
 //!
 //! Encryption is AES-256-GCM under `enc_key(DEK)` (both keys derived from the DEK with BLAKE3
 //! `derive_key`). The 96-bit nonce is the first 12 bytes of the id; since the id is a keyed
@@ -84,8 +88,11 @@ impl Dek {
         blake3::derive_key("openims 2026 encrypted chunk aes-256-gcm key", &self.0)
     }
 
+    /// Key of the chunk id hash. Version 2 of the context: ids are keyed hashes of content
+    /// ids; the first version hashed the plaintext, and its chunks (still readable: reading
+    /// needs only the stored id) can never share an id with a second-version one.
     fn id_key(&self) -> [u8; 32] {
-        blake3::derive_key("openims 2026 encrypted chunk id key", &self.0)
+        blake3::derive_key("openims 2026 encrypted chunk id key v2", &self.0)
     }
 }
 
@@ -149,9 +156,15 @@ pub fn echunk_key(id: &ChunkId) -> String {
 /// Prefix under which all encrypted chunks live.
 pub const ECHUNK_PREFIX: &str = "echunks/";
 
-/// The id `plaintext` gets under `dek`.
+/// The id `plaintext` gets under `dek` (one pass over it, for its content id).
 pub fn encrypted_chunk_id(dek: &Dek, plaintext: &[u8]) -> ChunkId {
-    ChunkId(*blake3::keyed_hash(&dek.id_key(), plaintext).as_bytes())
+    encrypted_id_of(dek, &ChunkId::hash(plaintext))
+}
+
+/// The id under `dek` of the chunk whose plaintext has content id `plain` (no pass over the
+/// data: a keyed hash of the 32-byte content id).
+pub fn encrypted_id_of(dek: &Dek, plain: &ChunkId) -> ChunkId {
+    ChunkId(*blake3::keyed_hash(&dek.id_key(), plain.as_bytes()).as_bytes())
 }
 
 fn echunk_aad(nonce: &[u8], id: &ChunkId) -> Vec<u8> {
@@ -287,23 +300,6 @@ pub fn decrypt_chunk_in_place(
     Ok(ECHUNK_HEADER_LEN..end)
 }
 
-/// The plain content hash of `plaintext` (its [`ChunkId`] in the plaintext namespace) and its
-/// id under `dek`, computed together in cache-sized pieces so the data streams from memory
-/// once for both hashes.
-pub fn plain_and_encrypted_ids(dek: &Dek, plaintext: &[u8]) -> (ChunkId, ChunkId) {
-    const PIECE: usize = 64 << 10;
-    let mut plain = blake3::Hasher::new();
-    let mut keyed = blake3::Hasher::new_keyed(&dek.id_key());
-    for p in plaintext.chunks(PIECE) {
-        plain.update(p);
-        keyed.update(p);
-    }
-    (
-        ChunkId(*plain.finalize().as_bytes()),
-        ChunkId(*keyed.finalize().as_bytes()),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +351,25 @@ mod tests {
         assert!(decrypt_chunk(&other, &id, &obj).is_err());
         // The plaintext's content hash is not the id.
         assert_ne!(id, ChunkId::hash(&data));
+    }
+
+    #[test]
+    fn an_encrypted_id_derives_from_the_content_id_under_the_data_key() {
+        let (dek, other) = (Dek::generate(), Dek::generate());
+        let data = vec![0x5au8; 4096];
+        let plain = ChunkId::hash(&data);
+        let id = encrypted_chunk_id(&dek, &data);
+        // What a copy computes from the source's name alone equals the id of the bytes.
+        assert_eq!(encrypted_id_of(&dek, &plain), id);
+        // It depends on the key and hides the content id.
+        assert_ne!(encrypted_id_of(&other, &plain), id);
+        assert_ne!(id, plain);
+        // Other content, other id.
+        assert_ne!(encrypted_chunk_id(&dek, &[0x5bu8; 4096]), id);
+        // Not the first derivation (a keyed hash of the bytes), so ids of the two never meet.
+        let v1_key = blake3::derive_key("openims 2026 encrypted chunk id key", dek.as_bytes());
+        assert_ne!(ChunkId(*blake3::keyed_hash(&v1_key, &data).as_bytes()), id);
+        assert_ne!(ChunkId(*blake3::keyed_hash(&dek.id_key(), &data).as_bytes()), id);
     }
 
     #[test]

@@ -231,8 +231,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Encrypts one source object read by the reader under `dek` and stores it: a plaintext
-/// source is verified against its id (both hashes in one pass over the data), an encrypted
-/// one is decrypted in place. Returns the new id and the plaintext length.
+/// source is verified against its id (its new id derives from that id, see
+/// [`crate::crypto`]), an encrypted one is decrypted in place. Returns the new id and the
+/// plaintext length.
 fn encrypt_one(
     store: &Store,
     src: (bool, Option<&Dek>),
@@ -243,14 +244,13 @@ fn encrypt_one(
 ) -> Result<(ChunkId, u64)> {
     let new_id = match src {
         (false, _) => {
-            let (plain, new_id) = crate::crypto::plain_and_encrypted_ids(dek, &obj);
-            if plain != *id {
+            if ChunkId::hash(&obj) != *id {
                 return Err(StoreError::corrupt(
                     crate::backend::chunk_key(id),
                     "chunk content does not match its id",
                 ));
             }
-            new_id
+            crate::crypto::encrypted_id_of(dek, id)
         }
         (true, Some(k)) => {
             let range = crate::crypto::decrypt_chunk_in_place(k, id, &mut obj)?;

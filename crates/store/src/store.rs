@@ -253,7 +253,7 @@ impl Store {
     }
 
     /// Stores `plaintext` encrypted under `dek` as chunk `id`, which the caller computed with
-    /// [`crypto::encrypted_chunk_id`] (or [`crypto::plain_and_encrypted_ids`]); touches it
+    /// [`crypto::encrypted_chunk_id`] (or [`crypto::encrypted_id_of`]); touches it
     /// instead if present. Returns whether it was newly written. The plaintext is encrypted
     /// straight into the backend's write buffer.
     pub(crate) fn put_encrypted_chunk_as(
