@@ -71,8 +71,9 @@ pub struct ServeArgs {
     /// Unreferenced data younger than this many seconds is kept by GC (default 21600).
     #[arg(long, env = "OPENIMS_GC_GRACE_SECS")]
     pub gc_grace_secs: Option<u64>,
-    /// An import records a resume checkpoint every this many MiB of virtual disk, a streaming
-    /// export every this many MiB of output (default 1024).
+    /// An import records a resume checkpoint every this many MiB of data read (holes of a
+    /// sparse image do not count), a streaming export every this many MiB of output (default
+    /// 1024).
     #[arg(long, env = "OPENIMS_IMPORT_CHECKPOINT_MIB")]
     pub import_checkpoint_mib: Option<u64>,
     /// Log format: text or json.

@@ -39,9 +39,10 @@ pub struct ServiceConfig {
     pub gc_interval_secs: u64,
     /// Unreferenced data younger than this is kept (it may belong to a running ingest).
     pub gc_grace_secs: u64,
-    /// An import records a resume checkpoint every this many bytes of virtual disk (rounded
-    /// to whole chunks; default 1 GiB), a streaming export every this many bytes of output: a
-    /// job taken over after a crash continues from there.
+    /// An import records a resume checkpoint every this many bytes of data read from its
+    /// source (rounded to whole chunks; holes and chunks referenced without reading do not
+    /// count; default 1 GiB), a streaming export every this many bytes of output: a job taken
+    /// over after a crash continues from there.
     pub import_checkpoint_bytes: u64,
     /// File of the KMS root key (32 bytes) that wraps master keys and service-held data
     /// keys; `None` means `<data_dir>/root.key`, created on first start (mode 0600).

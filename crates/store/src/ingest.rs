@@ -68,8 +68,11 @@ pub struct IngestCheckpoint {
     pub next_index: u64,
 }
 
-/// Checkpointing of [`Store::ingest_resumable`]: every `every` chunks of finished prefix, a
-/// partial manifest is written and `save` is called; an error from `save` stops the ingest.
+/// Checkpointing of [`Store::ingest_resumable`]: once `every` chunks were read from the
+/// source since the last checkpoint, a partial manifest of the finished prefix is written and
+/// `save` is called; an error from `save` stops the ingest. Holes and chunks referenced
+/// without reading cost nothing to redo, so they do not count: a sparse disk is not synced
+/// and recorded once per `every` chunks of its empty space.
 pub struct Checkpointing<'a> {
     pub every: u64,
     pub save: &'a mut dyn FnMut(IngestCheckpoint) -> Result<()>,
@@ -354,17 +357,18 @@ impl Store {
         n
     }
 
-    /// Writes a partial manifest of the finished prefix and hands it to `cp.save` when the
-    /// prefix grew by `cp.every` chunks since the last checkpoint (`last`).
+    /// Writes a partial manifest of the finished prefix and hands it to `cp.save` when
+    /// `cp.every` chunks were read (`read`, reset here) since the last checkpoint and the
+    /// prefix grew past it (`last`).
     fn maybe_checkpoint(
         &self,
         cp: &mut Checkpointing<'_>,
         tally: &Tally,
         total: u64,
-        last: &mut u64,
+        (last, read): (&mut u64, &mut u64),
     ) -> Result<()> {
         let n = tally.prefix as u64;
-        if n >= total || n < last.saturating_add(cp.every.max(1)) {
+        if n >= total || n <= *last || *read < cp.every.max(1) {
             return Ok(());
         }
         let cfg = &self.inner.config;
@@ -380,6 +384,7 @@ impl Store {
             next_index: n,
         })?;
         *last = n;
+        *read = 0;
         Ok(())
     }
 
@@ -404,13 +409,19 @@ impl Store {
         let mut window: Vec<Extent> = Vec::new();
         let mut window_end = 0u64;
         let mut last_checkpoint = first;
+        let mut read_since_checkpoint = 0u64;
         for index in first..total {
             // Handle finished chunks; stop early on a worker error.
             while let Ok(r) = done_rx.try_recv() {
                 tally.record(r?, progress);
             }
             if let Some(cp) = checkpointing.as_deref_mut() {
-                self.maybe_checkpoint(cp, tally, total, &mut last_checkpoint)?;
+                self.maybe_checkpoint(
+                    cp,
+                    tally,
+                    total,
+                    (&mut last_checkpoint, &mut read_since_checkpoint),
+                )?;
             }
             let start = index * cs;
             let len = (virtual_size - start).min(cs);
@@ -474,6 +485,7 @@ impl Store {
             };
             let n = len as usize;
             disk.read_at(start, &mut buf[..n])?;
+            read_since_checkpoint += 1;
             if job_tx
                 .send(Job {
                     index: index as usize,

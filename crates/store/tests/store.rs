@@ -713,7 +713,10 @@ fn an_interrupted_ingest_resumes_from_its_checkpoint_without_reading_again() {
         .expect_err("interrupted");
     assert!(err.to_string().contains("node died"), "{err}");
     let cp = saved[1];
-    assert!(cp.next_index >= 16 && cp.next_index < 40, "{cp:?}");
+    assert!(
+        cp.next_index > saved[0].next_index && saved[0].next_index > 0 && cp.next_index < 40,
+        "{saved:?}"
+    );
     // Its partial manifest lists exactly the finished prefix.
     let partial = s.manifest(&cp.partial).expect("partial manifest");
     assert_eq!(partial.chunks().len() as u64, cp.next_index);
@@ -740,6 +743,39 @@ fn an_interrupted_ingest_resumes_from_its_checkpoint_without_reading_again() {
         .expect("fresh");
     assert_eq!(r.resumed_chunks, 0);
     assert_eq!(read_all(&s, &r.manifest_id), other.data);
+}
+
+/// Checkpoints are paced by chunks read from the source: a sparse disk's holes (and chunks
+/// referenced without reading) cost nothing to redo, so they trigger no checkpoint.
+#[test]
+fn a_sparse_disk_checkpoints_by_chunks_read_not_by_its_holes() {
+    let (_dir, _b, s) = local_store();
+    // 40 chunks: data in 0..4, 20..24 and 36..40 (12 chunks), holes elsewhere.
+    let mut disk = MemDisk::new(40 * CS);
+    for i in (0..4u64).chain(20..24).chain(36..40) {
+        disk.write(i * CS, &random_bytes(300 + i, CS as usize));
+    }
+    let mut saved = Vec::new();
+    let mut save = |cp: openims_store::IngestCheckpoint| {
+        saved.push(cp);
+        Ok(())
+    };
+    let r = s
+        .ingest_resumable(
+            &mut disk.clone(),
+            None,
+            Some(openims_store::Checkpointing {
+                every: 8,
+                save: &mut save,
+            }),
+            &mut |_| {},
+        )
+        .expect("ingest");
+    // One checkpoint, after the 8th chunk read (at a prefix past the first hole); paced by
+    // the prefix it would have been 4 (at 8, 16, 24 and 32 chunks).
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert!(saved[0].next_index >= 4 && saved[0].next_index <= 24, "{saved:?}");
+    assert_eq!(read_all(&s, &r.manifest_id), disk.data);
 }
 
 /// Chunk-sized objects on the local backend go through `O_DIRECT` reads and writes into
