@@ -336,8 +336,7 @@ impl Service {
                     let bitmap = write_shared(&store, &m, &plan, &mut seq, &mut |d| {
                         let _ = tx.try_send(ExportMsg::Progress(d, vsize));
                     })?;
-                    seq.close_part()?;
-                    (seq.parts, bitmap, true)
+                    (seq.finish()?, bitmap, true)
                 }
                 None => {
                     let mut disk = store.open_disk_with(&manifest, dek)?;
@@ -747,6 +746,13 @@ struct PartSequence {
     objects: crate::buckets::BucketObjects,
     upload_id: String,
     current: Option<PartWriter>,
+    /// The part being stored in the background (its number and the thread finishing it):
+    /// storing a part drains its writers and syncs its chunks and manifest, which the next
+    /// part's bytes need not wait for. At most one at a time; recorded in order.
+    closing: Option<(
+        u32,
+        std::thread::JoinHandle<Result<crate::buckets::StoredPart>>,
+    )>,
     next_number: u32,
     parts: Vec<UploadedPart>,
     handle: tokio::runtime::Handle,
@@ -763,6 +769,7 @@ impl PartSequence {
             objects,
             upload_id,
             current: None,
+            closing: None,
             next_number: first_number,
             parts: Vec::new(),
             handle,
@@ -785,15 +792,38 @@ impl PartSequence {
             .get_or_insert_with(|| PartWriter::tagged(store, EXPORT_PART_SIZE, PartTag::ContentId))
     }
 
-    /// Stores the open part, if any.
+    /// Starts storing the open part, if any, in the background (after the previous one is
+    /// stored and recorded); [`PartSequence::settle`] waits for it.
     fn close_part(&mut self) -> Result<()> {
         if let Some(w) = self.current.take() {
-            let part = w.finish()?;
+            self.settle()?;
             let number = self.next_number;
             self.next_number += 1;
+            let finishing = std::thread::Builder::new()
+                .name("export-part".into())
+                .spawn(move || w.finish())
+                .map_err(|e| CoreError::Internal(format!("cannot start a thread: {e}")))?;
+            self.closing = Some((number, finishing));
+        }
+        Ok(())
+    }
+
+    /// Waits until every closed part is stored and recorded.
+    fn settle(&mut self) -> Result<()> {
+        if let Some((number, finishing)) = self.closing.take() {
+            let part = finishing
+                .join()
+                .map_err(|_| CoreError::Internal("storing an export part panicked".into()))??;
             self.record(number, part)?;
         }
         Ok(())
+    }
+
+    /// Stores the open part and returns every recorded part.
+    fn finish(mut self) -> Result<Vec<UploadedPart>> {
+        self.close_part()?;
+        self.settle()?;
+        Ok(self.parts)
     }
 
     fn append(&mut self, mut data: &[u8]) -> Result<()> {
@@ -840,6 +870,7 @@ impl UploadSink {
     /// Stores the last body part and the header part; returns every part.
     fn close(mut self) -> Result<Vec<UploadedPart>> {
         self.body.close_part()?;
+        self.body.settle()?;
         let mut w = PartWriter::tagged(
             Arc::clone(self.body.objects.store()),
             self.body_start,
@@ -919,7 +950,7 @@ impl ImageSink for UploadSink {
         if open > 0 && open < MIN_PART_SIZE {
             return Ok(false);
         }
-        let r = self.body.close_part();
+        let r = self.body.close_part().and_then(|()| self.body.settle());
         self.io(r)?;
         let stored = self
             .head_manifest

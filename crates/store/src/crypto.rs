@@ -369,7 +369,10 @@ mod tests {
         // Not the first derivation (a keyed hash of the bytes), so ids of the two never meet.
         let v1_key = blake3::derive_key("openims 2026 encrypted chunk id key", dek.as_bytes());
         assert_ne!(ChunkId(*blake3::keyed_hash(&v1_key, &data).as_bytes()), id);
-        assert_ne!(ChunkId(*blake3::keyed_hash(&dek.id_key(), &data).as_bytes()), id);
+        assert_ne!(
+            ChunkId(*blake3::keyed_hash(&dek.id_key(), &data).as_bytes()),
+            id
+        );
     }
 
     #[test]
