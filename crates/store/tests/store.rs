@@ -676,6 +676,21 @@ fn read_ahead_gives_the_same_bytes_for_any_access_pattern_and_reports_corruption
     }
 }
 
+/// Ingests a copy of `disk` from the start, checkpointing every `every` chunks read.
+fn ingest_checkpointed(
+    s: &Store,
+    disk: &MemDisk,
+    every: u64,
+    save: &mut dyn FnMut(openims_store::IngestCheckpoint) -> openims_store::Result<()>,
+) -> openims_store::Result<openims_store::IngestReport> {
+    s.ingest_resumable(
+        &mut disk.clone(),
+        None,
+        Some(openims_store::Checkpointing { every, save }),
+        &mut |_| {},
+    )
+}
+
 #[test]
 fn an_interrupted_ingest_resumes_from_its_checkpoint_without_reading_again() {
     let (_dir, _b, s) = local_store();
@@ -692,25 +707,15 @@ fn an_interrupted_ingest_resumes_from_its_checkpoint_without_reading_again() {
     };
     // First run: checkpoints every 8 chunks, "dies" (save fails) at the second checkpoint.
     let mut saved = Vec::new();
-    let mut save = |cp: openims_store::IngestCheckpoint| {
+    let err = ingest_checkpointed(&s, &disk, 8, &mut |cp| {
         saved.push(cp);
         if saved.len() == 2 {
             Err(StoreError::Invalid("node died".into()))
         } else {
             Ok(())
         }
-    };
-    let err = s
-        .ingest_resumable(
-            &mut disk.clone(),
-            None,
-            Some(openims_store::Checkpointing {
-                every: 8,
-                save: &mut save,
-            }),
-            &mut |_| {},
-        )
-        .expect_err("interrupted");
+    })
+    .expect_err("interrupted");
     assert!(err.to_string().contains("node died"), "{err}");
     let cp = saved[1];
     assert!(
@@ -756,21 +761,11 @@ fn a_sparse_disk_checkpoints_by_chunks_read_not_by_its_holes() {
         disk.write(i * CS, &random_bytes(300 + i, CS as usize));
     }
     let mut saved = Vec::new();
-    let mut save = |cp: openims_store::IngestCheckpoint| {
+    let r = ingest_checkpointed(&s, &disk, 8, &mut |cp| {
         saved.push(cp);
         Ok(())
-    };
-    let r = s
-        .ingest_resumable(
-            &mut disk.clone(),
-            None,
-            Some(openims_store::Checkpointing {
-                every: 8,
-                save: &mut save,
-            }),
-            &mut |_| {},
-        )
-        .expect("ingest");
+    })
+    .expect("ingest");
     // One checkpoint, after the 8th chunk read (at a prefix past the first hole); paced by
     // the finished prefix, holes included, there were 3.
     assert_eq!(saved.len(), 1, "{saved:?}");
