@@ -218,10 +218,13 @@ impl LocalBackend {
         fs::create_dir_all(&parent)?;
         // The new names become durable with the next `sync()`, like the objects under them
         // (an fsync here, on the writer's path, cost a journal commit per new directory).
-        let mut p = lock(&self.pending);
-        for dir in &missing {
-            if let Some(up) = dir.parent() {
-                p.dirs.insert(up.to_path_buf());
+        // `Syncfs` keeps no list: its `sync()` covers the whole file system.
+        if self.mode != SyncMode::Syncfs {
+            let mut p = lock(&self.pending);
+            for dir in &missing {
+                if let Some(up) = dir.parent() {
+                    p.dirs.insert(up.to_path_buf());
+                }
             }
         }
         Ok(parent)
