@@ -619,7 +619,7 @@ impl Service {
                 chunk = cp.next_chunk, "cross-region copy resumes from its checkpoint");
         }
         // Every mode resumes after the batches already offered: encrypting on the way derives
-        // each chunk's new id from its source id alone (see `SendCtx::target_ids`).
+        // each chunk's new id from its source id alone (see `SendCtx::target_id`).
         let mut ctx = SendCtx {
             svc: self,
             job,
@@ -1097,8 +1097,9 @@ impl SendCtx<'_> {
                 (SendMode::Plain, _) => (id, st.get_chunk(&id)?),
                 (SendMode::Encrypted, _) => (id, st.encrypted_object(&id)?),
                 (SendMode::Encrypt, Some(k)) => {
+                    // `get_chunk` verified the bytes against `id`.
                     let plain = st.get_chunk(&id)?;
-                    openims_store::crypto::encrypt_chunk(&k, &plain)?
+                    openims_store::crypto::encrypt_chunk_of(&k, &id, &plain)?
                 }
                 (SendMode::Encrypt, None) => {
                     return Err(CoreError::Internal("encrypting copy without a key".into()))
@@ -1109,17 +1110,16 @@ impl SendCtx<'_> {
         .map_err(|e| CoreError::Internal(format!("task failed: {e}")))?
     }
 
-    /// Target ids of a batch of source chunks: the same, except when encrypting on the way,
-    /// where each is the keyed hash of the source id under the new data key (no chunk is read).
-    fn target_ids(mode: SendMode, dek: Option<&Dek>, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
-        if mode != SendMode::Encrypt {
-            return Ok(ids.to_vec());
+    /// Target id of a source chunk: the same, except when encrypting on the way, where it is
+    /// the keyed hash of the source id under the new data key (no chunk is read).
+    fn target_id(mode: SendMode, dek: Option<&Dek>, id: ChunkId) -> Result<ChunkId> {
+        match (mode, dek) {
+            (SendMode::Encrypt, Some(k)) => Ok(openims_store::crypto::encrypted_id_of(k, &id)),
+            (SendMode::Encrypt, None) => {
+                Err(CoreError::Internal("encrypting copy without a key".into()))
+            }
+            _ => Ok(id),
         }
-        let k = dek.ok_or_else(|| CoreError::Internal("encrypting copy without a key".into()))?;
-        Ok(ids
-            .iter()
-            .map(|id| openims_store::crypto::encrypted_id_of(k, id))
-            .collect())
     }
 
     /// One peer call; while the peer cannot be reached (restarting, network down) it is
@@ -1188,7 +1188,10 @@ impl SendCtx<'_> {
         let mut offered = skip;
         for batch in chunks[skip..].chunks(BATCH) {
             let src_ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
-            let tgt_ids = Self::target_ids(mode, dek, &src_ids)?;
+            let tgt_ids = src_ids
+                .iter()
+                .map(|c| Self::target_id(mode, dek, *c))
+                .collect::<Result<Vec<_>>>()?;
             let reply = self
                 .call(
                     "POST",
@@ -1227,12 +1230,11 @@ impl SendCtx<'_> {
             return Ok(m.clone());
         }
         // Every chunk's target id, those of batches offered before a resume included.
-        let k = dek.ok_or_else(|| CoreError::Internal("encrypting copy without a key".into()))?;
         let mapped = m
             .chunks()
             .iter()
-            .map(|c| c.map(|c| openims_store::crypto::encrypted_id_of(k, &c)))
-            .collect();
+            .map(|c| c.map(|c| Self::target_id(mode, dek, c)).transpose())
+            .collect::<Result<Vec<_>>>()?;
         Ok(Manifest::new_encrypted(
             m.virtual_size(),
             m.chunk_size(),
@@ -1251,7 +1253,7 @@ impl SendCtx<'_> {
         let encrypted_out = mode != SendMode::Plain;
         let mut done = HashSet::new();
         for (src, _) in m.stored_chunks_with_len() {
-            let tgt = Self::target_ids(mode, dek, &[src])?[0];
+            let tgt = Self::target_id(mode, dek, src)?;
             if lost.contains(&tgt) && done.insert(tgt) {
                 let (id, data) = self.load(mode, dek, src).await?;
                 self.put(encrypted_out, id, data).await?;

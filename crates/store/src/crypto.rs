@@ -177,7 +177,17 @@ fn echunk_aad(nonce: &[u8], id: &ChunkId) -> Vec<u8> {
 
 /// Encrypts one chunk: returns its id under `dek` and the object bytes to store.
 pub fn encrypt_chunk(dek: &Dek, plaintext: &[u8]) -> Result<(ChunkId, Vec<u8>)> {
-    let id = encrypted_chunk_id(dek, plaintext);
+    encrypt_chunk_of(dek, &ChunkId::hash(plaintext), plaintext)
+}
+
+/// Like [`encrypt_chunk`] for a plaintext whose content id `plain` the caller has (a stored
+/// chunk, read and verified against its name): no pass over the bytes to hash them again.
+pub fn encrypt_chunk_of(
+    dek: &Dek,
+    plain: &ChunkId,
+    plaintext: &[u8],
+) -> Result<(ChunkId, Vec<u8>)> {
+    let id = encrypted_id_of(dek, plain);
     Ok((id, encrypt_chunk_as(dek, &id, plaintext)?))
 }
 
