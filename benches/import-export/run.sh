@@ -31,11 +31,15 @@ print(f"\nbaseline dd {dd:.0f} MB/s; target >= {0.7*dd:.0f} MB/s; RSS target < 2
 print(f"dd copy (the disk's ceiling for reading and writing every byte): {copy:.0f} MB/s")
 for l in open(sys.argv[1]):
     r = json.loads(l)
-    print(f"{r['virtual_gib']:>3} GiB image, {r['data_bytes']>>20} MiB data: import {r['import_s']} s = "
+    print(f"{r['virtual_gib']:>3} GiB image, {r['data_bytes']>>20} MiB data: upload {r['upload_s']} s, import {r['import_s']} s = "
           f"{r['import_mb_s']} MB/s ({r['import_mb_s']/dd:.2f} x dd, {r['import_mb_s']/copy:.2f} x copy), export {r['export_s']} s = "
           f"{r['export_mb_s']} MB/s ({r['export_mb_s']/dd:.2f} x dd), export vhd {r['vhd_s']} s = "
           f"{r['vhd_mb_s']} MB/s ({r['vhd_mb_s']/dd:.2f} x dd, {r['vhd_mb_s']/copy:.2f} x copy), peak RSS {r['peak_rss_mib']} MiB "
           f"(upload {r['upload_rss_mib']}, import {r['import_rss_mib']}, export {r['export_rss_mib']}, vhd {r['vhd_rss_mib']})")
     if r.get("raw_import_s") is not None:
         print(f"    raw file in 8 MiB parts, imported by reference: {r['raw_import_s']} s")
+    if r.get("cold_import_s") is not None:
+        c = r["cold_import_mb_s"]
+        print(f"    cold import (the uploaded file's pages dropped from the page cache first): "
+              f"{r['cold_import_s']} s = {c} MB/s ({c/dd:.2f} x dd, {c/copy:.2f} x copy)")
 PY
