@@ -2,9 +2,7 @@
 the IMS SDK imports it (create_image with image_url) and exports it back (qcow2, which shares
 the image's chunks, then vhd, which streams every byte through the writer), and the job
 times are compared with `dd` sequential write speed measured in the same run. Peak RSS is the
-server's VmHWM, per phase (upload, import, export; reset between phases). The import reads a
-file just uploaded, as users do (upload, then register); for the small image a second file is
-also imported "cold", after its pages were dropped from the page cache. Usage: bench.py WORKDIR OPENIMS_BIN VIRTUAL_GIB DATA_GIB"""
+server's VmHWM, per phase (upload, import, export; reset between phases). Usage: bench.py WORKDIR OPENIMS_BIN VIRTUAL_GIB DATA_GIB"""
 
 import json
 import os
@@ -31,9 +29,9 @@ work.mkdir(parents=True, exist_ok=True)
 data_bytes = int(dgib * GiB)
 
 
-def make_source(tag):
-    """A raw file and its qcow2 conversion (qemu-img), with fresh random data."""
-    raw = work / f"{tag}-{vgib}.raw"
+def make_source():
+    """The raw file and its qcow2 conversion (qemu-img)."""
+    raw = work / f"src-{vgib}.raw"
     runs = data_bytes // (64 * MiB)
     with open(raw, "wb") as f:
         f.truncate(vgib * GiB)
@@ -42,27 +40,13 @@ def make_source(tag):
         for i in range(runs):
             f.seek(i * step)
             f.write(blk[i % 7:] + blk[:i % 7])
-    qcow2 = work / f"{tag}-{vgib}.qcow2"
+    qcow2 = work / f"src-{vgib}.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
     os.sync()  # the kernel would otherwise write these 2 GiB back in the middle of a phase
     return raw, qcow2
 
 
-def evict(root):
-    """Drops the page-cache pages of every file under root (POSIX_FADV_DONTNEED)."""
-    for dirpath, _, files in os.walk(root):
-        for n in files:
-            try:
-                fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-raw, src = make_source("src")
+raw, src = make_source()
 with_raw = vgib <= 4  # the raw import (uploads every byte, zeros too) only for the small image
 if not with_raw:
     raw.unlink()
@@ -110,7 +94,7 @@ try:
     job, vhd_s = run_job(t.ims.export_image(ExportImageRequest(image_id=image_id, body=ExportImageRequestBody(
         bucket_url="bench:out.vhd", file_format="vhd"))).job_id)
     vhd_rss = hwm_mib()
-    raw_import_s = cold_import_s = None
+    raw_import_s = None
     if with_raw:
         # A raw file uploaded in boto3's 8 MiB parts: imported by reference to its chunks.
         s3.upload_file(str(raw), "bench", "src.raw",
@@ -118,18 +102,6 @@ try:
         raw.unlink()
         job, raw_import_s = run_job(t.ims.create_image(CreateImageRequest(body=CreateImageRequestBody(
             name="bench-raw", image_url="bench:src.raw", min_disk=max(1, vgib)))).job_id)
-        # Cold: another qcow2 file (other data, so nothing deduplicates with the image above),
-        # uploaded, then every page of the data dir dropped from the page cache before the
-        # import, which then reads the object from the disk.
-        raw2, src2 = make_source("cold")
-        raw2.unlink()
-        s3.upload_file(str(src2), "bench", "cold.qcow2",
-                       Config=TransferConfig(multipart_chunksize=64 * MiB, max_concurrency=2))
-        src2.unlink()
-        time.sleep(1)  # let the prefetch of the upload's last chunks finish, or they stay cached
-        evict(srv.data_dir)
-        job, cold_import_s = run_job(t.ims.create_image(CreateImageRequest(body=CreateImageRequestBody(
-            name="bench-cold", image_url="bench:cold.qcow2", min_disk=max(1, vgib)))).job_id)
 finally:
     srv.terminate()
 print(json.dumps({
@@ -140,7 +112,5 @@ print(json.dumps({
     "peak_rss_mib": max(upload_rss, import_rss, export_rss, vhd_rss),
     "upload_rss_mib": upload_rss, "import_rss_mib": import_rss, "export_rss_mib": export_rss,
     "vhd_rss_mib": vhd_rss, "raw_import_s": raw_import_s and round(raw_import_s, 3),
-    "cold_import_s": cold_import_s and round(cold_import_s, 2),
-    "cold_import_mb_s": cold_import_s and round(data_bytes / cold_import_s / 1e6, 1),
 }))
 src.unlink()

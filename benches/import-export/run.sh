@@ -38,8 +38,4 @@ for l in open(sys.argv[1]):
           f"(upload {r['upload_rss_mib']}, import {r['import_rss_mib']}, export {r['export_rss_mib']}, vhd {r['vhd_rss_mib']})")
     if r.get("raw_import_s") is not None:
         print(f"    raw file in 8 MiB parts, imported by reference: {r['raw_import_s']} s")
-    if r.get("cold_import_s") is not None:
-        c = r["cold_import_mb_s"]
-        print(f"    cold import (the uploaded file's pages dropped from the page cache first): "
-              f"{r['cold_import_s']} s = {c} MB/s ({c/dd:.2f} x dd, {c/copy:.2f} x copy)")
 PY

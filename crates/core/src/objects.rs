@@ -75,16 +75,7 @@ impl PartWriter {
     }
 
     /// A writer of at most `max_size` bytes that tags the part as `tag` says.
-    ///
-    /// The chunks of a client's body ([`PartTag::Md5`]) are kept in the page cache
-    /// ([`Store::put_chunk_cached`]): an uploaded image file is usually imported right away,
-    /// and the import then reads it from memory (measured: a 1 GiB qcow2 import took
-    /// 0.66-0.87 s instead of 1.18-1.84 s, the upload unchanged). The service's own parts
-    /// (exports, [`PartTag::ContentId`]) are not: an export is bound by the disk, and
-    /// reading its parts back would compete with it (written through the page cache, the
-    /// vhd export took twice as long).
     pub fn tagged(store: Arc<Store>, max_size: u64, tag: PartTag) -> PartWriter {
-        let cached = tag == PartTag::Md5;
         let chunk_size = store.config().chunk_size as usize;
         let nworkers = store.config().ingest_workers.max(1);
         let (job_tx, job_rx) = sync_channel::<ChunkJob>(nworkers);
@@ -97,9 +88,7 @@ impl PartWriter {
                 let job_rx = Arc::clone(&job_rx);
                 let done_tx: Sender<ChunkDone> = done_tx.clone();
                 let pool_tx = pool_tx.clone();
-                std::thread::spawn(move || {
-                    chunk_worker(&store, cached, &job_rx, &done_tx, &pool_tx)
-                })
+                std::thread::spawn(move || chunk_worker(&store, &job_rx, &done_tx, &pool_tx))
             })
             .collect();
         PartWriter {
@@ -296,7 +285,6 @@ impl Write for PartWriter {
 
 fn chunk_worker(
     store: &Store,
-    cached: bool,
     jobs: &Mutex<Receiver<ChunkJob>>,
     done: &Sender<ChunkDone>,
     pool: &Sender<Vec<u8>>,
@@ -310,12 +298,10 @@ fn chunk_worker(
         let r = if is_all_zero(&buf) {
             Ok((index, None))
         } else {
-            let put = if cached {
-                store.put_chunk_cached(&buf)
-            } else {
-                store.put_chunk(&buf)
-            };
-            put.map(|id| (index, Some(id))).map_err(CoreError::from)
+            store
+                .put_chunk(&buf)
+                .map(|id| (index, Some(id)))
+                .map_err(CoreError::from)
         };
         buf.clear();
         let _ = pool.send(buf);

@@ -527,7 +527,7 @@ fn worker(
             let first = claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
             if first {
                 store
-                    .put_chunk_as(id, data, false)
+                    .put_chunk_as(id, data)
                     .map(|(id, new)| Outcome::Stored { id, new })
             } else {
                 // Repeated within this ingest: another worker handles (or handled) it.

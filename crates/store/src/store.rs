@@ -205,27 +205,15 @@ impl Store {
         Ok(self.put_chunk_inner(data)?.0)
     }
 
-    /// Like [`Store::put_chunk`] for a chunk likely to be read again soon: a bucket object's
-    /// (often imported right after its upload, or downloaded right after an export). The
-    /// backend keeps it in the page cache if it has one ([`Backend::put_cached`]).
-    pub fn put_chunk_cached(&self, data: &[u8]) -> Result<ChunkId> {
-        Ok(self.put_chunk_as(ChunkId::hash(data), data, true)?.0)
-    }
-
     /// Stores a chunk unless present (touching it if present); returns its id and whether it
     /// was newly written.
     pub(crate) fn put_chunk_inner(&self, data: &[u8]) -> Result<(ChunkId, bool)> {
-        self.put_chunk_as(ChunkId::hash(data), data, false)
+        self.put_chunk_as(ChunkId::hash(data), data)
     }
 
     /// [`Store::put_chunk_inner`] for `data` whose content id the caller has computed
-    /// (`id` must be `ChunkId::hash(data)`); `cached` as [`Store::put_chunk_cached`].
-    pub(crate) fn put_chunk_as(
-        &self,
-        id: ChunkId,
-        data: &[u8],
-        cached: bool,
-    ) -> Result<(ChunkId, bool)> {
+    /// (`id` must be `ChunkId::hash(data)`), so it is not hashed twice.
+    pub(crate) fn put_chunk_as(&self, id: ChunkId, data: &[u8]) -> Result<(ChunkId, bool)> {
         if data.is_empty() || data.len() > MAX_CHUNK_SIZE as usize {
             return Err(StoreError::Invalid(format!(
                 "chunk of {} bytes (must be 1..={MAX_CHUNK_SIZE})",
@@ -243,11 +231,7 @@ impl Store {
         if b.touch(&key)? {
             return Ok((id, false));
         }
-        if cached {
-            b.put_cached(&key, data)?;
-        } else {
-            b.put(&key, data)?;
-        }
+        b.put(&key, data)?;
         Ok((id, true))
     }
 
@@ -353,7 +337,7 @@ impl Store {
                 "received chunk does not hash to its id",
             ));
         }
-        Ok(self.put_chunk_as(*id, data, false)?.1)
+        Ok(self.put_chunk_as(*id, data)?.1)
     }
 
     /// The stored object of chunk `id` of a plaintext or encrypted manifest, unverified.

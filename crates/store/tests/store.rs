@@ -988,23 +988,3 @@ fn read_all_of(d: &mut MemDisk) -> Vec<u8> {
     d.read_at(0, &mut v).expect("read");
     v
 }
-
-#[test]
-fn a_cached_chunk_is_the_same_chunk_as_one_written_directly() {
-    let (_dir, b, s) = local_store();
-    let data: Vec<u8> = (0..(1usize << 20) + 68)
-        .map(|i| (i * 131 % 251) as u8)
-        .collect();
-    let id = s.put_chunk_cached(&data).expect("put cached");
-    assert_eq!(id, ChunkId::hash(&data));
-    assert_eq!(s.get_chunk(&id).expect("get"), data);
-    assert_eq!(&s.get_chunk_buf(&id).expect("get buf")[..], &data[..]);
-    // Stored once: a second write (either way) finds it.
-    assert_eq!(s.put_chunk(&data).expect("put"), id);
-    assert_eq!(b.list("chunks/").expect("list").count(), 1);
-    s.sync().expect("sync");
-    // Another chunk through the direct path reads back the same through the cache-aware read.
-    let other: Vec<u8> = data.iter().map(|x| x ^ 0x5a).collect();
-    let id2 = s.put_chunk(&other).expect("put");
-    assert_eq!(&s.get_chunk_buf(&id2).expect("get buf")[..], &other[..]);
-}

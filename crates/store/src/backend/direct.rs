@@ -20,18 +20,6 @@
 //! as the largest single cost (12-38 % of cycles) of streaming encryption; the direct read
 //! costs the disk read only. Writers can also fill the aligned buffer in place
 //! ([`write_with`]): an encrypted chunk is encrypted straight into the buffer that is written.
-//!
-//! A file whose pages are all in the page cache is read from there instead (a memory copy
-//! rather than a disk read; `cachestat(2)` tells, see [`read_file`]). Bucket objects put
-//! there on purpose: after an object's chunk is written (with `O_DIRECT`, as any other) the
-//! kernel is asked to read it back in the background ([`prefetch`]), because an uploaded
-//! image file is usually imported right away (S4: upload, then register). An upload is
-//! bound by the network and the hashing of the request, and leaves the disk idle most of the
-//! time; the import then reads the object from memory and only writes. Measured (1 GiB of
-//! data in a 4 GiB qcow2 file, boto3 upload then `create_image`): import 0.66-0.87 s instead
-//! of 1.18-1.84 s, upload unchanged within the noise (3.0-3.6 s). Writing the object through
-//! the page cache instead (buffered writes) cached it too, but its copy cost the upload
-//! 10-40 % (4.3-5.5 s).
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::{File, OpenOptions};
@@ -39,7 +27,6 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Alignment of buffer, offsets and lengths: 4096 covers 512- and 4096-byte sector devices.
@@ -176,16 +163,10 @@ pub fn write_with<E: From<std::io::Error>>(
     res
 }
 
-/// Reads the whole file `path` into a pooled aligned buffer: from the page cache if all of
-/// it is there, else with `O_DIRECT`. Files smaller
+/// Reads the whole file `path` with `O_DIRECT` into a pooled aligned buffer. Files smaller
 /// than [`MIN_DIRECT`] are read buffered (they may well be in the page cache). An `EINVAL`
 /// error means the file system refused direct reads; the caller reads buffered instead.
 pub fn read_file(path: &Path) -> std::io::Result<ObjectBuf> {
-    read_file_from(path).map(|(buf, _)| buf)
-}
-
-/// [`read_file`], and whether the bytes came from the page cache.
-fn read_file_from(path: &Path) -> std::io::Result<(ObjectBuf, bool)> {
     use std::os::unix::fs::FileExt;
     let f = File::open(path)?;
     let size = f.metadata()?.len();
@@ -193,30 +174,19 @@ fn read_file_from(path: &Path) -> std::io::Result<(ObjectBuf, bool)> {
     if size < MIN_DIRECT {
         let mut v = Vec::with_capacity(size);
         std::io::Read::read_to_end(&mut &f, &mut v)?;
-        return Ok((ObjectBuf::from(v), false));
+        return Ok(ObjectBuf::from(v));
     }
-    // Objects never change once written, so the size read above is the size to read.
-    let padded = size.div_ceil(ALIGN) * ALIGN;
-    let mut buf = take_buf(padded).ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
-    if read_cached(&f, buf.as_mut_slice(size)) {
-        let buf = ObjectBuf {
-            mem: Mem::Aligned(Some(buf)),
-            start: 0,
-            end: size,
-        };
-        return Ok((buf, true));
-    }
-    // Not (all) in the page cache: switch the open file to direct I/O (Linux allows it with
-    // F_SETFL).
+    // Switch the open file to direct I/O (Linux allows it with F_SETFL).
     // SAFETY: `f` is an open descriptor for the duration of the calls.
     unsafe {
         let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
         if flags < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) < 0 {
-            let e = std::io::Error::last_os_error();
-            give_buf(buf);
-            return Err(e);
+            return Err(std::io::Error::last_os_error());
         }
     }
+    // Objects never change once written, so the size read above is the size to read.
+    let padded = size.div_ceil(ALIGN) * ALIGN;
+    let mut buf = take_buf(padded).ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
     let mut done = 0usize;
     let res = (|| {
         let b = buf.as_mut_slice(padded);
@@ -233,107 +203,15 @@ fn read_file_from(path: &Path) -> std::io::Result<(ObjectBuf, bool)> {
         Ok(())
     })();
     match res {
-        Ok(()) => Ok((
-            ObjectBuf {
-                mem: Mem::Aligned(Some(buf)),
-                start: 0,
-                end: done,
-            },
-            false,
-        )),
+        Ok(()) => Ok(ObjectBuf {
+            mem: Mem::Aligned(Some(buf)),
+            start: 0,
+            end: done,
+        }),
         Err(e) => {
             give_buf(buf);
             Err(e)
         }
-    }
-}
-
-/// Asks the kernel to read the file `path` into the page cache in the background
-/// (`POSIX_FADV_WILLNEED`); errors are ignored (it is only a hint).
-pub fn prefetch(path: &Path) {
-    if let Ok(f) = File::open(path) {
-        // SAFETY: `f` is an open descriptor for the duration of the call.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-    }
-}
-
-/// `cachestat(2)` (Linux 6.5): how many pages of a file range are in the page cache. The
-/// number is the same on every architecture (the unified syscall table from 424 on).
-const SYS_CACHESTAT: libc::c_long = 451;
-/// Cleared when the kernel (or a seccomp filter) refuses `cachestat`: reads then go to the
-/// disk directly, as before it existed.
-static CACHESTAT: AtomicBool = AtomicBool::new(true);
-
-#[repr(C)]
-struct CachestatRange {
-    off: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Cachestat {
-    nr_cache: u64,
-    nr_dirty: u64,
-    nr_writeback: u64,
-    nr_evicted: u64,
-    nr_recently_evicted: u64,
-}
-
-/// Reads all of `out.len()` bytes of `f` from the page cache if every page of the file is
-/// there; `false` otherwise (the caller then reads from the disk with `O_DIRECT`). Bucket
-/// objects are written through the page cache ([`crate::Backend::put_cached`]), so an object
-/// read soon after its upload costs a memory copy instead of a disk read.
-///
-/// The check comes first because a buffered read that misses starts a readahead, so a cold
-/// file would be read from the disk twice (measured with `preadv2(RWF_NOWAIT)` as the check,
-/// which starts that readahead too: 0.7 GB/s instead of 1.2-1.5 GB/s for cold 4 MiB files).
-fn read_cached(f: &File, out: &mut [u8]) -> bool {
-    if !CACHESTAT.load(Ordering::Relaxed) {
-        return false;
-    }
-    let range = CachestatRange { off: 0, len: 0 }; // len 0: to the end of the file
-    let mut cs = Cachestat::default();
-    // SAFETY: both pointers are valid for the call; flags must be 0.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            f.as_raw_fd(),
-            &range as *const CachestatRange,
-            &mut cs as *mut Cachestat,
-            0u32,
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
-        ) {
-            CACHESTAT.store(false, Ordering::Relaxed);
-        }
-        return false;
-    }
-    if (cs.nr_cache as usize).saturating_mul(page_size()) < out.len() {
-        return false;
-    }
-    // Every page is there, though perhaps still being read in by a prefetch: a plain read
-    // waits for it rather than reading the disk a second time.
-    let mut done = 0usize;
-    while done < out.len() {
-        match std::os::unix::fs::FileExt::read_at(f, &mut out[done..], done as u64) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => done += n,
-        }
-    }
-    true
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as usize,
-        _ => 4096,
     }
 }
 
@@ -423,74 +301,6 @@ impl std::fmt::Debug for ObjectBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Pages of `f` in the page cache, `None` where the kernel has no `cachestat`.
-    fn cached_pages(f: &File) -> Option<u64> {
-        let range = CachestatRange { off: 0, len: 0 };
-        let mut cs = Cachestat::default();
-        // SAFETY: as in `read_cached`.
-        let rc = unsafe {
-            libc::syscall(
-                SYS_CACHESTAT,
-                f.as_raw_fd(),
-                &range as *const CachestatRange,
-                &mut cs as *mut Cachestat,
-                0u32,
-            )
-        };
-        (rc == 0).then_some(cs.nr_cache)
-    }
-
-    #[test]
-    fn a_read_takes_the_page_cache_only_when_the_whole_file_is_there() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        if !supported(dir.path()) {
-            return; // tmpfs and the like: no direct I/O, everything is cached.
-        }
-        let len = (4 << 20) + 68;
-        let data: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
-        let (cold, warm, half) = (
-            dir.path().join("cold"),
-            dir.path().join("warm"),
-            dir.path().join("half"),
-        );
-        write_file(&cold, &data, true).expect("direct write");
-        std::fs::write(&warm, &data).expect("buffered write");
-        write_file(&half, &data, true).expect("direct write");
-        // Half of `half` read buffered, without readahead (which would read it all).
-        let mut head = vec![0u8; len / 2];
-        let mut h = File::open(&half).expect("open");
-        // SAFETY: `h` is open for the call.
-        unsafe { libc::posix_fadvise(h.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        std::io::Read::read_exact(&mut h, &mut head).expect("read");
-        let Some(n) = cached_pages(&File::open(&warm).expect("open")) else {
-            return; // No cachestat (kernel < 6.5 or filtered): every read is direct.
-        };
-        assert!(
-            n * page_size() as u64 >= len as u64,
-            "a buffered write is cached"
-        );
-
-        for (path, want_cached) in [(&cold, false), (&warm, true), (&half, false)] {
-            let (buf, from_cache) = read_file_from(path).expect("read");
-            assert_eq!(&buf[..], &data[..], "{}", path.display());
-            assert_eq!(from_cache, want_cached, "{}", path.display());
-        }
-        // A cold file asked for is read into the cache in the background, then served
-        // from there.
-        prefetch(&cold);
-        let f = File::open(&cold).expect("open");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while cached_pages(&f).unwrap_or(0) * (page_size() as u64) < len as u64 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "prefetch never completed"
-            );
-            std::thread::yield_now();
-        }
-        let (buf, from_cache) = read_file_from(&cold).expect("read");
-        assert!(from_cache && buf[..] == data[..]);
-    }
 
     #[test]
     fn direct_writes_keep_exact_content_and_length() {

@@ -257,36 +257,10 @@ impl LocalBackend {
         }
         let mut data = vec![0u8; len];
         fill(&mut data)?;
-        self.write_buffered(tmp, &data)
-    }
-
-    /// Writes a new file through the page cache (`fdatasync`ed in [`SyncMode::FsyncEach`]).
-    fn write_buffered(&self, tmp: &Path, data: &[u8]) -> Result<()> {
         let mut f = File::create(tmp)?;
-        f.write_all(data)?;
-        if self.mode == SyncMode::FsyncEach {
+        f.write_all(&data)?;
+        if sync {
             f.sync_data()?;
-        }
-        Ok(())
-    }
-
-    /// Stores an object: `write` writes its temp file, which is then renamed into place and
-    /// listed for the next [`Backend::sync`].
-    fn put_via(&self, key: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-        let path = self.path_of(key)?;
-        let parent = self.ensure_parent(&path)?;
-        let tmp = self.temp_path("put");
-        let res = write(&tmp).and_then(|()| fs::rename(&tmp, &path).map_err(StoreError::from));
-        if let Err(e) = res {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        if self.mode != SyncMode::Syncfs {
-            let mut p = lock(&self.pending);
-            if self.mode == SyncMode::FsyncAtSync {
-                p.files.push(path);
-            }
-            p.dirs.insert(parent);
         }
         Ok(())
     }
@@ -349,21 +323,24 @@ impl Backend for LocalBackend {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
     ) -> Result<()> {
-        self.put_via(key, |tmp| self.write_with(tmp, len, fill))
-    }
-
-    /// Written as [`Backend::put`] does, then read back into the page cache in the
-    /// background ([`super::direct::prefetch`]); [`Backend::get_buf`] reads an object whose
-    /// pages are all cached from there instead of from the disk (see [`super::direct`]).
-    fn put_cached(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.put_via(key, |tmp| {
-            self.write_with(tmp, data.len(), &mut |b| {
-                b.copy_from_slice(data);
-                Ok(())
-            })?;
-            super::direct::prefetch(tmp);
-            Ok(())
-        })
+        let path = self.path_of(key)?;
+        let parent = self.ensure_parent(&path)?;
+        let tmp = self.temp_path("put");
+        let res = self
+            .write_with(&tmp, len, fill)
+            .and_then(|()| fs::rename(&tmp, &path).map_err(StoreError::from));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if self.mode != SyncMode::Syncfs {
+            let mut p = lock(&self.pending);
+            if self.mode == SyncMode::FsyncAtSync {
+                p.files.push(path);
+            }
+            p.dirs.insert(parent);
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {

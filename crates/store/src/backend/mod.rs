@@ -61,12 +61,6 @@ pub trait Backend: Send + Sync {
         fill(&mut v)?;
         self.put(key, &v)
     }
-    /// Like [`Backend::put`] for an object likely to be read again soon (a bucket object is
-    /// often imported right after its upload, and an export downloaded right after it is
-    /// written): a backend with a page cache keeps the bytes there.
-    fn put_cached(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.put(key, data)
-    }
     /// Reads up to `len` bytes at `offset` (fewer at the end of the object, none past it).
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
     /// Whether the object exists.
@@ -113,9 +107,6 @@ macro_rules! forward_backend {
                 fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
             ) -> Result<()> {
                 (**self).put_with(key, len, fill)
-            }
-            fn put_cached(&self, key: &str, data: &[u8]) -> Result<()> {
-                (**self).put_cached(key, data)
             }
             fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
                 (**self).get_range(key, offset, len)
