@@ -25,28 +25,20 @@ work, vgib, dgib = Path(sys.argv[1]), int(sys.argv[3]), float(sys.argv[4])
 GiB, MiB = 1 << 30, 1 << 20
 work.mkdir(parents=True, exist_ok=True)
 
-# The source: VIRTUAL_GIB virtual, DATA_GIB of random data in 64 MiB runs spread over the disk.
+# The source: VIRTUAL_GIB virtual, DATA_GIB of random data in 64 MiB runs spread over the disk,
+# each run its own random bytes (so every data chunk is distinct: nothing deduplicates).
+raw = work / f"src-{vgib}.raw"
 data_bytes = int(dgib * GiB)
-
-
-def make_source():
-    """The raw file and its qcow2 conversion (qemu-img)."""
-    raw = work / f"src-{vgib}.raw"
-    runs = data_bytes // (64 * MiB)
-    with open(raw, "wb") as f:
-        f.truncate(vgib * GiB)
-        step = (vgib * GiB) // runs
-        blk = os.urandom(64 * MiB)
-        for i in range(runs):
-            f.seek(i * step)
-            f.write(blk[i % 7:] + blk[:i % 7])
-    qcow2 = work / f"src-{vgib}.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
-    os.sync()  # the kernel would otherwise write these 2 GiB back in the middle of a phase
-    return raw, qcow2
-
-
-raw, src = make_source()
+runs = data_bytes // (64 * MiB)
+with open(raw, "wb") as f:
+    f.truncate(vgib * GiB)
+    step = (vgib * GiB) // runs
+    for i in range(runs):
+        f.seek(i * step)
+        f.write(os.urandom(64 * MiB))
+src = work / f"src-{vgib}.qcow2"
+subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(src)], check=True)
+os.sync()  # the kernel would otherwise write these 2 GiB back in the middle of a phase
 with_raw = vgib <= 4  # the raw import (uploads every byte, zeros too) only for the small image
 if not with_raw:
     raw.unlink()
