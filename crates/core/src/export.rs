@@ -819,10 +819,15 @@ impl PartSequence {
         Ok(())
     }
 
+    /// Stores the open part, if any, and waits until every closed part is recorded.
+    fn flush(&mut self) -> Result<()> {
+        self.close_part()?;
+        self.settle()
+    }
+
     /// Stores the open part and returns every recorded part.
     fn finish(mut self) -> Result<Vec<UploadedPart>> {
-        self.close_part()?;
-        self.settle()?;
+        self.flush()?;
         Ok(self.parts)
     }
 
@@ -869,8 +874,7 @@ struct UploadSink {
 impl UploadSink {
     /// Stores the last body part and the header part; returns every part.
     fn close(mut self) -> Result<Vec<UploadedPart>> {
-        self.body.close_part()?;
-        self.body.settle()?;
+        self.body.flush()?;
         let mut w = PartWriter::tagged(
             Arc::clone(self.body.objects.store()),
             self.body_start,
@@ -950,7 +954,7 @@ impl ImageSink for UploadSink {
         if open > 0 && open < MIN_PART_SIZE {
             return Ok(false);
         }
-        let r = self.body.close_part().and_then(|()| self.body.settle());
+        let r = self.body.flush();
         self.io(r)?;
         let stored = self
             .head_manifest
