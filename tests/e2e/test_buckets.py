@@ -331,6 +331,67 @@ def test_other_project_denied_until_bucket_policy_allows(server, tenant, tenant_
     expect_error("AccessDenied", other.get_object, Bucket=b, Key="Windows Server 2012.qcow2")
 
 
+def signed_head(server, tenant, method: str, bucket: str, key: str, body: bytes, **headers) -> bytes:
+    """The request line and headers of a SigV4-signed S3 request, for a raw socket."""
+    from urllib.parse import quote, urlsplit
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    url = f"{server.s3_endpoint}/{bucket}/{quote(key)}"
+    req = AWSRequest(method=method, url=url, data=body, headers=headers)
+    S3SigV4Auth(Credentials(tenant.ak, tenant.sk), "s3", REGION).add_auth(req)
+    u = urlsplit(url)
+    lines = [f"{method} {u.path} HTTP/1.1", f"Host: {u.netloc}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in req.headers.items() if k.lower() not in ("host", "content-length")]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_response(f) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 response (status, lower-case headers, body) from a socket file."""
+    status = int(f.readline().split()[1])
+    headers = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        k, _, v = line.decode().partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, f.read(int(headers.get("content-length", 0)))
+
+
+def test_refused_upload_keeps_the_connection_in_step(server, tenant, tenant_b):
+    """A refused PutObject sent with `Expect: 100-continue` (as boto3 sends it) must not leave the
+    connection out of step. A small body is read before the answer, so the connection stays usable
+    and the next request on it is parsed whole; a large unread body makes the answer say
+    `Connection: close`. (Before, a client that got the early 403, sent no body and reused the
+    connection could lose the first byte of its next request to the server's late drain: a
+    `DELETE` arrived as `ELETE` and failed its signature.)"""
+    import socket
+    a = s3_client(server, tenant)
+    b = bucket_name("expect")
+    a.create_bucket(Bucket=b)
+    a.put_object(Bucket=b, Key="Windows Server 2012.qcow2", Body=b"owned by A")
+    host, port = server.s3_endpoint.removeprefix("http://").rsplit(":", 1)
+
+    with socket.create_connection((host, int(port)), timeout=30) as sock, sock.makefile("rb") as f:
+        sock.sendall(signed_head(server, tenant_b, "PUT", b, "from-b", b"x", Expect="100-continue"))
+        assert f.readline().split()[1] == b"100", "a small body is read before the answer"
+        assert f.readline() == b"\r\n"
+        sock.sendall(b"x")
+        status, headers, body = read_response(f)
+        assert (status, headers.get("connection")) == (403, None), (status, headers, body)
+        assert b"<Code>AccessDenied</Code>" in body, body
+        sock.sendall(signed_head(server, tenant_b, "DELETE", b, "Windows Server 2012.qcow2", b""))
+        status, headers, body = read_response(f)
+        assert status == 403 and b"<Code>AccessDenied</Code>" in body, (status, body)
+
+    big = b"y" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=30) as sock, sock.makefile("rb") as f:
+        sock.sendall(signed_head(server, tenant_b, "PUT", b, "from-b", big, Expect="100-continue"))
+        status, headers, body = read_response(f)
+        assert status == 403 and b"<Code>AccessDenied</Code>" in body, (status, body)
+        assert headers.get("connection") == "close", headers
+        assert f.read() == b"", "the server closes the connection after the answer"
+    assert [o["Key"] for o in a.list_objects_v2(Bucket=b)["Contents"]] == ["Windows Server 2012.qcow2"]
+
+
 def test_identical_data_is_stored_once(server, s3, tenant, tmp_path):
     b = bucket_name("dedup")
     s3.create_bucket(Bucket=b)

@@ -5,13 +5,19 @@
 //! HTTP server then drains only what has already arrived of the body and otherwise closes the
 //! connection after the response, without saying so. A client that sent its headers and body in
 //! two writes (Python's `http.client` does) may get the answer, put the connection back in its pool,
-//! and lose its next request to that silent close.
+//! and lose its next request to that silent close. Worse, a client that sent `Expect: 100-continue`
+//! and got a final answer sends no body at all and reuses the connection (botocore does): when the
+//! server's drain runs after that client's next request has arrived, it takes the first bytes of
+//! that request as the unread body (a `DELETE` is then parsed as `ELETE` and fails its signature).
 //!
 //! [`settle_body`] removes the race: a body whose declared length is at most [`PREREAD_MAX`] is
 //! read in full before the request goes on (every JSON request of the API is that small), so the
 //! connection stays reusable whatever the answer; a larger or unsized body (an image upload) is
 //! streamed as before, and if the handler answers without reading it to its end the response says
 //! `Connection: close`, so the client opens a new connection instead of reusing a dying one.
+//!
+//! Both endpoints use it: the API through [`settle_body`], the S3 endpoint through [`settle`] with
+//! an S3-shaped error for a body that cannot be read.
 
 use crate::error::ApiError;
 use axum::body::Body;
@@ -27,8 +33,25 @@ use std::sync::Arc;
 /// Largest declared body read in full before the request is handled.
 pub const PREREAD_MAX: u64 = 256 * 1024;
 
-/// Middleware: see the module documentation.
+/// Middleware for the API: see the module documentation.
 pub async fn settle_body(req: Request, next: Next) -> Response {
+    settle(req, next, |e| {
+        ApiError::bad_request(
+            "IMG.0001",
+            format!("The request body could not be read: {e}"),
+        )
+        .into_response()
+    })
+    .await
+}
+
+/// Reads a small body in full before running `next`, or tracks a larger one (module
+/// documentation); `unreadable` answers a small body that could not be read.
+pub async fn settle(
+    req: Request,
+    next: Next,
+    unreadable: impl FnOnce(axum::Error) -> Response,
+) -> Response {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -48,11 +71,7 @@ pub async fn settle_body(req: Request, next: Next) -> Response {
                     next.run(Request::from_parts(parts, Body::from(c.to_bytes())))
                         .await
                 }
-                Err(e) => ApiError::bad_request(
-                    "IMG.0001",
-                    format!("The request body could not be read: {e}"),
-                )
-                .into_response(),
+                Err(e) => unreadable(axum::Error::new(e)),
             }
         }
         Some(_) => tracked(req, next).await,

@@ -51,21 +51,44 @@ pub fn router(svc: Arc<Service>) -> Router {
         resp
     });
     let request_id = http::HeaderName::from_static("x-request-id");
-    Router::new().fallback_service(service).layer(
-        tower::ServiceBuilder::new()
-            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-            .layer(
-                TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
-                    let id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    tracing::info_span!("s3", method = %req.method(), path = %req.uri().path(), request_id = %id)
-                }),
-            )
-            .layer(PropagateRequestIdLayer::new(request_id)),
-    )
+    let traced = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("s3", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id));
+    Router::new()
+        .fallback_service(service)
+        .layer(axum::middleware::from_fn(settle_body))
+        .layer(traced)
+}
+
+/// [`crate::conn::settle`] for the S3 endpoint: a request body that arrives incomplete gets the
+/// S3 `IncompleteBody` error.
+async fn settle_body(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    crate::conn::settle(req, next, |e| {
+        tracing::warn!(error = %e, "S3 request body could not be read");
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>IncompleteBody</Code>\
+                   <Message>The request body could not be read.</Message></Error>";
+        let mut resp = axum::response::Response::new(axum::body::Body::from(xml));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/xml"),
+        );
+        resp
+    })
+    .await
 }
 
 /// SigV4 secrets from the AK/SK keys table.
