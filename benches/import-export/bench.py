@@ -73,9 +73,25 @@ try:
                 return j, time.monotonic() - t0
             time.sleep(0.05)
 
+    def cpu_s():
+        """The server's CPU time so far (user + system), in seconds."""
+        f = open(f"/proc/{srv.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    # PERF_OUT=FILE records a profile of the server during the import (perf record -g).
+    perf = None
+    if os.environ.get("PERF_OUT"):
+        perf = subprocess.Popen(["perf", "record", "-g", "-F", "999", "-p", str(srv.pid), "-o", os.environ["PERF_OUT"]],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)  # perf attaches before the import starts
+    cpu0 = cpu_s()
     job, import_s = run_job(t.ims.create_image(CreateImageRequest(body=CreateImageRequestBody(
         name="bench", image_url="bench:src.qcow2", min_disk=max(1, vgib)))).job_id)
     image_id = job.entities.image_id
+    import_cpu_s = cpu_s() - cpu0
+    if perf:
+        perf.send_signal(2)
+        perf.wait()
     import_rss = hwm_mib(reset=True)
     job, export_s = run_job(t.ims.export_image(ExportImageRequest(image_id=image_id, body=ExportImageRequestBody(
         bucket_url="bench:out.qcow2", file_format="qcow2"))).job_id)
@@ -98,7 +114,7 @@ finally:
     srv.terminate()
 print(json.dumps({
     "virtual_gib": vgib, "data_bytes": data_bytes, "file_bytes": src.stat().st_size, "export_bytes": out_size,
-    "upload_s": round(upload_s, 2), "import_s": round(import_s, 2), "export_s": round(export_s, 2),
+    "upload_s": round(upload_s, 2), "import_s": round(import_s, 2), "import_cpu_s": round(import_cpu_s, 2), "export_s": round(export_s, 2),
     "import_mb_s": round(data_bytes / import_s / 1e6, 1), "export_mb_s": round(data_bytes / export_s / 1e6, 1),
     "vhd_s": round(vhd_s, 2), "vhd_mb_s": round(data_bytes / vhd_s / 1e6, 1),
     "peak_rss_mib": max(upload_rss, import_rss, export_rss, vhd_rss),

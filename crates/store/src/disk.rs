@@ -12,19 +12,41 @@ use openims_format::{FormatError, VirtualDisk};
 use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Stored chunks a sequential reader has fetched and verified ahead of the one it reads.
 const READ_AHEAD_CHUNKS: usize = 2;
+/// Threads of one read-ahead: with two, one chunk is read from the disk while the other is
+/// verified, instead of the disk waiting for each verification.
+const READ_AHEAD_THREADS: usize = 2;
 
-/// The read-ahead of a [`ManifestDisk`]: one thread, started at the first sequential read,
-/// that fetches and verifies the next stored chunks (I/O, BLAKE3 or AES-GCM) while the
-/// reader's thread consumes the current one. Results come back in request order.
+/// The read-ahead of a [`ManifestDisk`]: [`READ_AHEAD_THREADS`] threads, started at the first
+/// sequential read, that fetch and verify the next stored chunks (I/O, BLAKE3 or AES-GCM) while
+/// the reader's thread consumes the current one. Results may come back out of order.
 struct ReadAhead {
     requests: Sender<usize>,
     results: Receiver<(usize, Result<ObjectBuf>)>,
-    /// Requested chunk indexes whose results have not been taken yet, in order.
+    /// Requested chunk indexes whose results have not been taken yet, in request order.
     pending: VecDeque<usize>,
+    /// Results received before the chunks requested ahead of them.
+    early: Vec<(usize, Result<ObjectBuf>)>,
+}
+
+impl ReadAhead {
+    /// The result for chunk `index` (requested and not yet taken): stashed, or the next one
+    /// for it from the threads. `None` if the threads are gone.
+    fn result_for(&mut self, index: usize) -> Option<Result<ObjectBuf>> {
+        if let Some(k) = self.early.iter().position(|(i, _)| *i == index) {
+            return Some(self.early.swap_remove(k).1);
+        }
+        loop {
+            let (i, r) = self.results.recv().ok()?;
+            if i == index {
+                return Some(r);
+            }
+            self.early.push((i, r));
+        }
+    }
 }
 
 impl std::fmt::Debug for ReadAhead {
@@ -124,14 +146,13 @@ impl ManifestDisk {
         let mut found = None;
         if ahead.pending.contains(&index) {
             while let Some(front) = ahead.pending.pop_front() {
-                match ahead.results.recv() {
-                    Ok((i, r)) if i == front => {
-                        if front == index {
-                            found = Some(r);
-                            break;
-                        }
+                match ahead.result_for(front) {
+                    Some(r) if front == index => {
+                        found = Some(r);
+                        break;
                     }
-                    _ => break,
+                    Some(_) => {}
+                    None => break,
                 }
             }
         }
@@ -146,29 +167,39 @@ impl ManifestDisk {
         if self.ahead.is_none() {
             let (req_tx, req_rx) = channel::<usize>();
             let (res_tx, res_rx) = channel();
-            let (store, id, manifest, dek) = (
-                self.store.clone(),
-                self.id,
-                Arc::clone(&self.manifest),
-                self.dek.clone(),
-            );
-            let spawned = std::thread::Builder::new()
-                .name("chunk-read-ahead".into())
-                .spawn(move || {
-                    for i in req_rx.iter() {
+            let req_rx = Arc::new(Mutex::new(req_rx));
+            let mut started = 0;
+            for _ in 0..READ_AHEAD_THREADS {
+                let (store, id, manifest, dek, req_rx, res_tx) = (
+                    self.store.clone(),
+                    self.id,
+                    Arc::clone(&self.manifest),
+                    self.dek.clone(),
+                    Arc::clone(&req_rx),
+                    res_tx.clone(),
+                );
+                let spawned = std::thread::Builder::new()
+                    .name("chunk-read-ahead".into())
+                    .spawn(move || loop {
+                        let next = req_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(i) = next else { return };
                         let r = Self::fetch(&store, &id, &manifest, dek.as_ref(), i);
                         if res_tx.send((i, r)).is_err() {
                             return;
                         }
-                    }
-                });
-            if spawned.is_err() {
+                    });
+                if spawned.is_ok() {
+                    started += 1;
+                }
+            }
+            if started == 0 {
                 return; // No thread: read synchronously.
             }
             self.ahead = Some(ReadAhead {
                 requests: req_tx,
                 results: res_rx,
                 pending: VecDeque::new(),
+                early: Vec::new(),
             });
         }
         let mut from = index;
@@ -382,5 +413,34 @@ impl Store {
     /// The raw virtual disk bytes of a stored plaintext image, in order.
     pub fn stream_raw(&self, id: &ManifestId) -> Result<ManifestReader> {
         Ok(ManifestReader::new(self.open_disk(id)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two read-ahead threads may finish out of order: each request still gets its own
+    /// result, and one that arrives early waits for its turn.
+    #[test]
+    fn read_ahead_results_are_matched_to_their_requests() {
+        let (requests, _unused) = channel();
+        let (tx, results) = channel();
+        let mut ahead = ReadAhead {
+            requests,
+            results,
+            pending: VecDeque::from([4, 5, 6]),
+            early: Vec::new(),
+        };
+        for i in [6usize, 4, 5] {
+            tx.send((i, Ok(ObjectBuf::from(vec![i as u8; 3])))).unwrap();
+        }
+        for i in [4usize, 5, 6] {
+            let got = ahead.result_for(i).expect("a result").expect("ok");
+            assert_eq!(&got[..], &[i as u8; 3][..]);
+        }
+        assert!(ahead.early.is_empty());
+        drop(tx);
+        assert!(ahead.result_for(7).is_none(), "threads gone");
     }
 }
