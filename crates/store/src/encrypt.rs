@@ -100,12 +100,15 @@ impl Store {
             let stop = &stop_flag;
             let seen = &seen;
 
-            // Reader: in order, from the checkpoint.
-            {
+            // Readers: from the checkpoint, reader k taking every READERS-th chunk from
+            // `start + k`, so that one chunk is read while the other reader waits to hand its
+            // chunk over (the disk does not wait for the channel).
+            for k in 0..READERS {
                 let m = Arc::clone(&m);
                 let done_tx = done_tx.clone();
+                let work_tx = work_tx.clone();
                 s.spawn(move || {
-                    for i in start..total {
+                    for i in (start + k..total).step_by(READERS as usize) {
                         if stop.load(std::sync::atomic::Ordering::Relaxed) {
                             return;
                         }
@@ -132,6 +135,7 @@ impl Store {
                     }
                 });
             }
+            drop(work_tx);
             // Workers: encrypt and write.
             for _ in 0..workers {
                 let work_rx = Arc::clone(&work_rx);
@@ -225,6 +229,9 @@ impl Store {
         self.put_manifest(&out)
     }
 }
+
+/// Reader threads of [`Store::reencrypt`].
+const READERS: u64 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
