@@ -40,6 +40,15 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
 }
 
+/// The request's `X-Request-Id` (set by `SetRequestIdLayer`), or `-`, for the trace spans of
+/// both endpoints.
+pub(crate) fn request_id_of<B>(req: &Request<B>) -> &str {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+}
+
 /// The whole API.
 pub fn router(svc: Arc<Service>) -> Router {
     let state = AppState {
@@ -74,12 +83,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .layer(middleware::from_fn(conn::settle_body))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %request_id_of(req))
             }),
         )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))

@@ -55,12 +55,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("s3", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                tracing::info_span!("s3", method = %req.method(), path = %req.uri().path(), request_id = %crate::request_id_of(req))
             }),
         )
         .layer(PropagateRequestIdLayer::new(request_id));
