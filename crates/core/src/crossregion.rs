@@ -366,15 +366,39 @@ struct XrCheckpoint {
     next_chunk: usize,
 }
 
-/// How a source manifest's chunks are sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a source manifest's chunks are sent, with the data key the copy is made under.
+#[derive(Clone)]
 enum SendMode {
     /// Plaintext chunks, sent as they are.
     Plain,
-    /// Encrypted chunks, sent as stored (ciphertext).
-    Encrypted,
+    /// Encrypted chunks, sent as stored (ciphertext) under the source's data key.
+    Encrypted(Dek),
     /// Plaintext chunks encrypted under the job's fresh data key on the way.
-    Encrypt,
+    Encrypt(Dek),
+}
+
+impl SendMode {
+    /// The data key of the copy (sealed for the target at commit), if it is encrypted.
+    fn dek(&self) -> Option<&Dek> {
+        match self {
+            SendMode::Plain => None,
+            SendMode::Encrypted(k) | SendMode::Encrypt(k) => Some(k),
+        }
+    }
+
+    /// True when the chunks travel (and are stored at the target) encrypted.
+    fn encrypted_out(&self) -> bool {
+        !matches!(self, SendMode::Plain)
+    }
+
+    /// Target id of a source chunk: the same, except when encrypting on the way, where it is
+    /// the keyed hash of the source id under the new data key (no chunk is read).
+    fn target_id(&self, id: ChunkId) -> ChunkId {
+        match self {
+            SendMode::Encrypt(k) => openims_store::crypto::encrypted_id_of(k, &id),
+            _ => id,
+        }
+    }
 }
 
 impl Service {
@@ -570,14 +594,19 @@ impl Service {
                 None => return Err(CoreError::ImageNotFound(src_id)),
             },
         };
-        let mode = match get("mode").as_deref() {
-            Some("encrypted") => SendMode::Encrypted,
-            Some("encrypt") => SendMode::Encrypt,
-            _ => SendMode::Plain,
-        };
         let dek = match get("work_dek") {
             Some(w) => Some(self.root_unwrap(&w)?),
             None => None,
+        };
+        let mode = match (get("mode").as_deref(), dek) {
+            (Some("encrypted"), Some(k)) => SendMode::Encrypted(k),
+            (Some("encrypt"), Some(k)) => SendMode::Encrypt(k),
+            (Some("encrypted" | "encrypt"), None) => {
+                return Err(CoreError::Internal(
+                    "encrypted copy job without a data key".into(),
+                ))
+            }
+            _ => SendMode::Plain,
         };
         let store = self.data.store.clone();
         let mut manifests = Vec::new();
@@ -646,18 +675,18 @@ impl Service {
             } else {
                 0
             };
-            out_manifests.push(ctx.send_manifest(m, mode, dek.as_ref(), skip).await?);
+            out_manifests.push(ctx.send_manifest(m, &mode, skip).await?);
             ctx.cp.stage = stage + 1;
             ctx.cp.next_chunk = 0;
         }
         // Commit; chunks the target reports missing (lost by a crash of the target) are sent
         // again, a bounded number of times.
-        let key = match (&dek, mode) {
-            (Some(d), SendMode::Encrypted | SendMode::Encrypt) => Some(json!({
+        let key = match mode.dek() {
+            Some(d) => Some(json!({
                 "sealed_dek": seal_dek_for_peer(&peer.secret_key, job.id.as_str(), &new_id, d)?,
                 "cmk_id": get("cmk_id"),
             })),
-            _ => None,
+            None => None,
         };
         let body = json!({
             "transfer_id": job.id.as_str(),
@@ -704,7 +733,7 @@ impl Service {
                         "the target lacks chunks at commit; sending them again");
                     let lost: HashSet<ChunkId> = missing.iter().map(|(_, c)| *c).collect();
                     for m in &manifests {
-                        ctx.resend(m, mode, dek.as_ref(), &lost).await?;
+                        ctx.resend(m, &mode, &lost).await?;
                     }
                 }
                 _ => return Err(peer_error(&reply)),
@@ -1084,42 +1113,22 @@ impl SendCtx<'_> {
     }
 
     /// Reads chunk `id` of a source manifest as it will travel: `(target id, bytes)`.
-    async fn load(
-        &self,
-        mode: SendMode,
-        dek: Option<&Dek>,
-        id: ChunkId,
-    ) -> Result<(ChunkId, Vec<u8>)> {
+    async fn load(&self, mode: &SendMode, id: ChunkId) -> Result<(ChunkId, Vec<u8>)> {
         let st = self.svc.data.store.clone();
-        let dek = dek.cloned();
+        let mode = mode.clone();
         tokio::task::spawn_blocking(move || -> Result<(ChunkId, Vec<u8>)> {
-            Ok(match (mode, dek) {
-                (SendMode::Plain, _) => (id, st.get_chunk(&id)?),
-                (SendMode::Encrypted, _) => (id, st.encrypted_object(&id)?),
-                (SendMode::Encrypt, Some(k)) => {
+            Ok(match mode {
+                SendMode::Plain => (id, st.get_chunk(&id)?),
+                SendMode::Encrypted(_) => (id, st.encrypted_object(&id)?),
+                SendMode::Encrypt(k) => {
                     // `get_chunk` verified the bytes against `id`.
                     let plain = st.get_chunk(&id)?;
                     openims_store::crypto::encrypt_chunk_of(&k, &id, &plain)?
-                }
-                (SendMode::Encrypt, None) => {
-                    return Err(CoreError::Internal("encrypting copy without a key".into()))
                 }
             })
         })
         .await
         .map_err(|e| CoreError::Internal(format!("task failed: {e}")))?
-    }
-
-    /// Target id of a source chunk: the same, except when encrypting on the way, where it is
-    /// the keyed hash of the source id under the new data key (no chunk is read).
-    fn target_id(mode: SendMode, dek: Option<&Dek>, id: ChunkId) -> Result<ChunkId> {
-        match (mode, dek) {
-            (SendMode::Encrypt, Some(k)) => Ok(openims_store::crypto::encrypted_id_of(k, &id)),
-            (SendMode::Encrypt, None) => {
-                Err(CoreError::Internal("encrypting copy without a key".into()))
-            }
-            _ => Ok(id),
-        }
     }
 
     /// One peer call; while the peer cannot be reached (restarting, network down) it is
@@ -1175,11 +1184,10 @@ impl SendCtx<'_> {
     async fn send_manifest(
         &mut self,
         m: &Manifest,
-        mode: SendMode,
-        dek: Option<&Dek>,
+        mode: &SendMode,
         skip: usize,
     ) -> Result<Manifest> {
-        let encrypted_out = mode != SendMode::Plain;
+        let encrypted_out = mode.encrypted_out();
         let chunks = m.stored_chunks_with_len();
         let skip = skip.min(chunks.len());
         // Batches before the checkpoint were offered to the target already (their chunks are
@@ -1188,10 +1196,7 @@ impl SendCtx<'_> {
         let mut offered = skip;
         for batch in chunks[skip..].chunks(BATCH) {
             let src_ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
-            let tgt_ids = src_ids
-                .iter()
-                .map(|c| Self::target_id(mode, dek, *c))
-                .collect::<Result<Vec<_>>>()?;
+            let tgt_ids: Vec<ChunkId> = src_ids.iter().map(|c| mode.target_id(*c)).collect();
             let reply = self
                 .call(
                     "POST",
@@ -1209,7 +1214,7 @@ impl SendCtx<'_> {
                 parse_ids(&reply.json()["missing"])?.into_iter().collect();
             for ((src, len), tgt) in batch.iter().zip(&tgt_ids) {
                 if missing.contains(tgt) {
-                    let (id, data) = self.load(mode, dek, *src).await?;
+                    let (id, data) = self.load(mode, *src).await?;
                     if id != *tgt {
                         return Err(CoreError::Internal(
                             "a chunk's id changed while it was sent".into(),
@@ -1226,15 +1231,15 @@ impl SendCtx<'_> {
             self.cp.next_chunk = offered;
             self.beat("sending chunks", true).await?;
         }
-        if mode != SendMode::Encrypt {
+        if !matches!(mode, SendMode::Encrypt(_)) {
             return Ok(m.clone());
         }
         // Every chunk's target id, those of batches offered before a resume included.
         let mapped = m
             .chunks()
             .iter()
-            .map(|c| c.map(|c| Self::target_id(mode, dek, c)).transpose())
-            .collect::<Result<Vec<_>>>()?;
+            .map(|c| c.map(|c| mode.target_id(c)))
+            .collect();
         Ok(Manifest::new_encrypted(
             m.virtual_size(),
             m.chunk_size(),
@@ -1246,16 +1251,15 @@ impl SendCtx<'_> {
     async fn resend(
         &mut self,
         m: &Manifest,
-        mode: SendMode,
-        dek: Option<&Dek>,
+        mode: &SendMode,
         lost: &HashSet<ChunkId>,
     ) -> Result<()> {
-        let encrypted_out = mode != SendMode::Plain;
+        let encrypted_out = mode.encrypted_out();
         let mut done = HashSet::new();
         for (src, _) in m.stored_chunks_with_len() {
-            let tgt = Self::target_id(mode, dek, src)?;
+            let tgt = mode.target_id(src);
             if lost.contains(&tgt) && done.insert(tgt) {
-                let (id, data) = self.load(mode, dek, src).await?;
+                let (id, data) = self.load(mode, src).await?;
                 self.put(encrypted_out, id, data).await?;
             }
         }
