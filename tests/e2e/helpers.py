@@ -19,14 +19,14 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
-from urllib.parse import quote
 
+import boto3
 import requests
+from botocore.config import Config
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.http.http_config import HttpConfig
 from huaweicloudsdkcore.sdk_request import SdkRequest
@@ -49,6 +49,7 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 JSON_PATCH_V21 = "application/openstack-images-v2.1-json-patch"
 OCTET = "application/octet-stream"
+S3_REGION = "local-1"  # the embedded bucket endpoint's region (SigV4 scope)
 _UNSET = object()
 
 
@@ -581,6 +582,18 @@ class Tenant:
 
     def token_client(self) -> RawClient:
         return RawClient(self.endpoint, token=self.token())
+
+    def s3(self, region: str = S3_REGION, **config):
+        """boto3 for this tenant on its server's embedded bucket endpoint."""
+        return s3_client(self.server.s3_endpoint, self.ak, self.sk, region, **config)
+
+
+def s3_client(endpoint: str, ak: str, sk: str, region: str = S3_REGION, **config):
+    """boto3 on an S3 endpoint (path-style, SigV4, no retries: a refused request is seen as is)."""
+    opts = {"s3": {"addressing_style": "path"}, "signature_version": "s3v4",
+            "retries": {"max_attempts": 1}, **config}
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ak, aws_secret_access_key=sk,
+                        region_name=region, config=Config(**opts))
 
 
 def make_tenant(server: Server, prefix: str = "t") -> Tenant:

@@ -13,10 +13,8 @@ import secrets
 import subprocess
 from pathlib import Path
 
-import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 import helpers
@@ -27,15 +25,7 @@ MiB = 1024 * 1024
 
 
 def s3_client(server, tenant, **config):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.s3_endpoint,
-        aws_access_key_id=tenant.ak,
-        aws_secret_access_key=tenant.sk,
-        region_name=REGION,
-        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4",
-                      retries={"max_attempts": 1}, **config),
-    )
+    return helpers.s3_client(server.s3_endpoint, tenant.ak, tenant.sk, REGION, **config)
 
 
 def bucket_name(prefix: str = "b") -> str:

@@ -27,9 +27,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 
 import helpers
 
@@ -38,7 +36,6 @@ CONSOLE = ROOT / "console"
 SCRIPT = CONSOLE / "tests" / "browser.mjs"
 SCREENSHOTS = ROOT / "target" / "console-screenshots"
 CHROMIUM = os.environ.get("OPENIMS_CHROMIUM", "/usr/bin/chromium")
-S3_REGION = "local-1"
 MIB = 1024 * 1024
 
 
@@ -68,44 +65,6 @@ def run_group(group: str, cfg: dict, timeout: float = 280) -> dict:
 
 def token_client(t: helpers.Tenant) -> helpers.RawClient:
     return t.token_client()
-
-
-def served(t: helpers.Tenant, method: str, path: str, body=None) -> bool:
-    """False when the server has no such route (the router's fallback 404, or 405)."""
-    r = t.raw.request(method, path, json_body=body if body is not None else {})
-    if r.status_code == 405:
-        return False
-    if r.status_code == 404:
-        try:
-            return r.json()["error"]["message"] != "The requested resource does not exist."
-        except Exception:
-            return True
-    return True
-
-
-def needs(t: helpers.Tenant, branch: str, *routes: tuple[str, str]):
-    for method, path in routes:
-        if not served(t, method, path):
-            pytest.skip(f"needs branch {branch}: {method} {path} is not served by this build")
-
-
-def needs_io_import(t):
-    needs(t, "io", ("POST", "/v2/cloudimages/action"))
-
-
-def needs_io_export(t):
-    needs(t, "io", ("POST", f"/v1/cloudimages/{uuid.uuid4()}/file"))
-
-
-def needs_share(t):
-    needs(t, "share", ("POST", "/v1/cloudimages/members"), ("PUT", "/v1/cloudimages/members"))
-
-
-def s3_of(server, t: helpers.Tenant):
-    return boto3.client("s3", endpoint_url=server.s3_endpoint, aws_access_key_id=t.ak,
-                        aws_secret_access_key=t.sk, region_name=S3_REGION,
-                        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4",
-                                      retries={"max_attempts": 1}))
 
 
 def jobs_of(t: helpers.Tenant) -> list:
@@ -212,7 +171,7 @@ def test_console_keys_replicate_jobs_usage_delete(ta, base_image):
 # ---- step groups that need the io / share branches -----------------------------------------
 
 def _bucket_with_image(server, t, tmp_path) -> tuple[str, str, bytes]:
-    s3 = s3_of(server, t)
+    s3 = t.s3()
     bucket = f"console-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
     data = helpers.raw_bytes(6 * MIB)
@@ -222,13 +181,12 @@ def _bucket_with_image(server, t, tmp_path) -> tuple[str, str, bytes]:
 
 
 def test_console_import_from_bucket(server, ta, tmp_path):
-    needs_io_import(ta)
     bucket, obj, data = _bucket_with_image(server, ta, tmp_path)
     # A qcow2 whose backing file is on the server's disk: refused by inspection, in the job.
     hostile = tmp_path / "hostile.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw",
                     str(hostile), "64M"], check=True)
-    s3_of(server, ta).put_object(Bucket=bucket, Key="images/hostile.qcow2", Body=hostile.read_bytes())
+    ta.s3().put_object(Bucket=bucket, Key="images/hostile.qcow2", Body=hostile.read_bytes())
     name = helpers.unique("imported")
     out = run_group("import_from_bucket", {"endpoint": ta.endpoint, "users": {"a": user_of(ta)},
                                            "import": {"name": name, "bucket": bucket, "object": obj,
@@ -241,7 +199,6 @@ def test_console_import_from_bucket(server, ta, tmp_path):
 
 
 def test_console_share_accept_replicate(ta, tb, base_image):
-    needs_share(ta)
     b_copy = helpers.unique("b-copy")
     out = run_group("share_accept_replicate", {
         "endpoint": ta.endpoint, "users": {"a": user_of(ta), "b": user_of(tb)},
@@ -252,8 +209,7 @@ def test_console_share_accept_replicate(ta, tb, base_image):
 
 
 def test_console_export(server, ta, base_image):
-    needs_io_export(ta)
-    s3 = s3_of(server, ta)
+    s3 = ta.s3()
     bucket = f"console-exp-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     before_jobs = {j["job_id"] for j in jobs_of(ta)}
@@ -268,9 +224,6 @@ def test_console_export(server, ta, base_image):
 
 def test_console_full_flow_import_share_accept_replicate_export(server, ta, tb, tmp_path):
     """The whole S8 story: import from a bucket, share to B, B accepts and replicates, export."""
-    needs_io_import(ta)
-    needs_share(ta)
-    needs_io_export(ta)
     bucket, obj, data = _bucket_with_image(server, ta, tmp_path)
     name = helpers.unique("flow")
     users = {"a": user_of(ta), "b": user_of(tb)}
@@ -279,9 +232,9 @@ def test_console_full_flow_import_share_accept_replicate_export(server, ta, tb, 
     shared = run_group("share_accept_replicate", {"endpoint": ta.endpoint, "users": users,
                                                   "image_name": name, "b_copy_name": name + "-b"})
     out_bucket = f"console-flow-{uuid.uuid4().hex[:10]}"
-    s3_of(server, tb).create_bucket(Bucket=out_bucket)
+    tb.s3().create_bucket(Bucket=out_bucket)
     run_group("export", {"endpoint": ta.endpoint, "users": users, "export": {
         "user": "b", "image_name": name + "-b", "bucket": out_bucket,
         "missing_bucket": f"missing-{uuid.uuid4().hex[:10]}", "object": "flow.qcow2"}})
     assert imp["image_id"] != shared["b_copy_id"]
-    assert s3_of(server, tb).head_object(Bucket=out_bucket, Key="flow.qcow2")["ContentLength"] > 0
+    assert tb.s3().head_object(Bucket=out_bucket, Key="flow.qcow2")["ContentLength"] > 0

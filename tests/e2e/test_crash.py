@@ -171,7 +171,7 @@ def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
     checkpoint, and both member images equal their files."""
     from conftest import _start, _stop_checked
     from helpers import admin, wait_job
-    from test_import_export import bucket_for, s3
+    from test_import_export import bucket_for
     from test_whole_image import whole
 
     srv = _start(tmp_path, "whole", extra=("--import-checkpoint-mib", "16"))
@@ -182,7 +182,7 @@ def test_kill9_mid_whole_image_import_resumes_per_disk(tmp_path):
         want = {}
         for name, size in sizes.items():
             want[name] = sparse_disk(tmp_path / name, size)
-            s3(t).upload_file(str(tmp_path / name), bucket, name, Config=STREAMED_PARTS)
+            t.s3().upload_file(str(tmp_path / name), bucket, name, Config=STREAMED_PARTS)
         job_id = whole(t, f"{bucket}:system.raw", [{"name": unique("data"), "image_url": f"{bucket}:data.raw",
                                                     "min_disk": 1}])
         total = sum(sizes.values())
@@ -211,7 +211,7 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
     equals the file."""
     from conftest import _start, _stop_checked
     from helpers import admin
-    from test_import_export import bucket_for, create_image, s3
+    from test_import_export import bucket_for, create_image
 
     # A checkpoint every 16 MiB of virtual disk, so one exists long before the end.
     srv = _start(tmp_path, "imp", extra=("--import-checkpoint-mib", "16"))
@@ -222,7 +222,7 @@ def test_kill9_mid_import_resumes_from_its_checkpoint(tmp_path):
         total = 768 * MiB
         path = tmp_path / "disk.raw"
         want = sparse_disk(path, total)
-        s3(t).upload_file(str(path), bucket, "disk.raw", Config=STREAMED_PARTS)
+        t.s3().upload_file(str(path), bucket, "disk.raw", Config=STREAMED_PARTS)
         job_id = create_image(t, f"{bucket}:disk.raw")
         job = kill_mid_job_and_see_it_resume(srv, t, job_id, total, "import")
         image_id = job.entities.image_id
@@ -243,7 +243,7 @@ def test_kill9_mid_export_resumes_from_its_checkpoint(tmp_path):
 
     from conftest import _start, _stop_checked
     from helpers import admin, wait_job
-    from test_import_export import bucket_for, create_image, export, s3
+    from test_import_export import bucket_for, create_image, export
 
     # Checkpoints every 16 MiB of output, so one exists long before the end.
     srv = _start(tmp_path, "exp", extra=("--import-checkpoint-mib", "16"))
@@ -253,18 +253,18 @@ def test_kill9_mid_export_resumes_from_its_checkpoint(tmp_path):
         total = 768 * MiB
         path = tmp_path / "disk.raw"
         sparse_disk(path, total)
-        s3(t).upload_file(str(path), bucket, "disk.raw")
+        t.s3().upload_file(str(path), bucket, "disk.raw")
         job = wait_job(t.ims, create_image(t, f"{bucket}:disk.raw"), timeout=120)
         assert job.status == "SUCCESS", job
         image_id = job.entities.image_id
         job_id = export(t, image_id, f"{bucket}:out/disk.vhd", fmt="vhd")
         kill_mid_job_and_see_it_resume(srv, t, job_id, total, "export")
         out = tmp_path / "disk.vhd"
-        s3(t).download_file(bucket, "out/disk.vhd", str(out))
+        t.s3().download_file(bucket, "out/disk.vhd", str(out))
         r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", str(path), str(out)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert s3(t).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        assert t.s3().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
         fsck = admin(srv.data_dir, "fsck", binary=srv.binary)
         assert fsck["clean"], fsck
     finally:

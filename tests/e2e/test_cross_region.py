@@ -17,7 +17,7 @@ from huaweicloudsdkcore.exceptions import exceptions as sdk_exc
 from huaweicloudsdkims.v2 import CopyImageCrossRegionRequest, CopyImageCrossRegionRequestBody
 
 from helpers import (
-    OCTET, Server, Tenant, admin, describe, glance_create, make_active_image, unique, wait_job,
+    Server, Tenant, describe, glance_create, make_active_image, unique, wait_job,
 )
 from test_kms_copy import copy_ok, create_key, disable
 

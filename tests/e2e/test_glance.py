@@ -1,8 +1,6 @@
 """Glance v2 compatibility: openstacksdk, the `openstack` CLI, and raw HTTP checks of
 /work/shared/spec/glance-behaviour.md (token auth, `Accept: application/json`)."""
 
-import hashlib
-import io
 import json
 import secrets
 import uuid
@@ -10,7 +8,7 @@ import uuid
 import pytest
 
 from helpers import (
-    JSON_PATCH_V21, OCTET, UUID4, assert_glance_error, describe, glance_create, glance_upload,
+    JSON_PATCH_V21, OCTET, UUID4, assert_glance_error, describe,
     make_qcow2, md5_hex, raw_bytes, sha512_hex, unique,
 )
 

@@ -4,7 +4,6 @@ compression bombs, encrypted containers, ...) is refused by `PUT /v2/images/{id}
 named reason, and the image stays `queued` with nothing stored."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 

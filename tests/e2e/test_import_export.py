@@ -16,9 +16,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 from huaweicloudsdkcore.exceptions import exceptions as sdk_exc
 from huaweicloudsdkims.v2 import (
     CreateDataImageRequest,
@@ -45,13 +43,6 @@ REGION = "local-1"
 MiB = 1 << 20
 
 
-def s3(t):
-    return boto3.client(
-        "s3", endpoint_url=t.server.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
-        region_name=REGION,
-        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1}))
-
-
 def qemu(*args):
     p = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -75,12 +66,12 @@ def make_disk(tmp: Path, fmt: str, size="48M") -> Path:
 
 
 def upload(t, bucket, key, path: Path):
-    s3(t).upload_file(str(path), bucket, key)
+    t.s3().upload_file(str(path), bucket, key)
 
 
 def bucket_for(t) -> str:
     b = f"io-{secrets.token_hex(5)}"
-    s3(t).create_bucket(Bucket=b)
+    t.s3().create_bucket(Bucket=b)
     return b
 
 
@@ -160,7 +151,7 @@ def test_import_every_format_and_export_to_every_format(site, tmp_path):
             job = job_ok(t, export(t, image_id, f"{bucket}:{key}", out_fmt, v21=(i == 1)))
             assert job.job_type == "imsNativeExportImageJob", job
             local = tmp_path / f"dl-{src_fmt}-{out_fmt}.{out_fmt}"
-            s3(t).download_file(bucket, key, str(local))
+            t.s3().download_file(bucket, key, str(local))
             info = json.loads(qemu("info", "--output=json", str(local)))
             assert info["format"] == {"vhd": "vpc"}.get(out_fmt, out_fmt), info
             if out_fmt == "vmdk":
@@ -174,11 +165,11 @@ def test_quick_export_and_quick_import_round_trip(site, tmp_path):
     upload(t, bucket, "q/src.qcow2", src)
     image_id = job_ok(t, create_image(t, f"{bucket}:q/src.qcow2")).entities.image_id
     job_ok(t, export(t, image_id, f"{bucket}:q/quick.raw", quick=True))
-    heads = {k: s3(t).head_object(Bucket=bucket, Key=k) for k in ("q/quick.raw", "q/quick.raw.bitmap")}
+    heads = {k: t.s3().head_object(Bucket=bucket, Key=k) for k in ("q/quick.raw", "q/quick.raw.bitmap")}
     assert heads["q/quick.raw"]["ContentLength"] == 48 * MiB
     assert heads["q/quick.raw"]["Metadata"]["openims-disk-digest"].startswith("blake3-manifest:")
     local = tmp_path / "quick.raw"
-    s3(t).download_file(bucket, "q/quick.raw", str(local))
+    t.s3().download_file(bucket, "q/quick.raw", str(local))
     same_disk(src, local)
     # Quick import of the pair (bitmap used) and of a plain raw file (no bitmap).
     body = QuickImportImageByFileRequestBody(name=unique("quick"), image_url=f"{bucket}:q/quick.raw", min_disk=10,
@@ -188,7 +179,7 @@ def test_quick_export_and_quick_import_round_trip(site, tmp_path):
     assert img["status"] == "active" and img["__lazyloading"] == "true", img
     # The same content gives the same disk digest whichever way it came in.
     assert img["__disk_digest"] == glance_show(t.raw, image_id)["__disk_digest"]
-    s3(t).copy_object(Bucket=bucket, Key="q/plain.raw", CopySource={"Bucket": bucket, "Key": "q/quick.raw"})
+    t.s3().copy_object(Bucket=bucket, Key="q/plain.raw", CopySource={"Bucket": bucket, "Key": "q/quick.raw"})
     body = QuickImportImageByFileRequestBody(name=unique("quickdata"), image_url=f"{bucket}:q/plain.raw",
                                              min_disk=10, type="DataImage", os_type="Linux")
     job = job_ok(t, t.ims.import_image_quick(ImportImageQuickRequest(body=body)).job_id)
@@ -248,7 +239,7 @@ def test_encrypted_import_with_cmk(site, tmp_path):
     img = glance_show(t.raw, job.entities.image_id)
     assert img["__system__cmkid"] == key and img["status"] == "active", img
     job_ok(t, export(t, img["id"], f"{bucket}:k/out.qcow2", "qcow2"))
-    s3(t).download_file(bucket, "k/out.qcow2", str(tmp_path / "out.qcow2"))
+    t.s3().download_file(bucket, "k/out.qcow2", str(tmp_path / "out.qcow2"))
     same_disk(src, tmp_path / "out.qcow2")
     refused("IMG.0071", export, t, img["id"], f"{bucket}:k/quick.raw", quick=True)
     refused("IMG.0095", create_image, t, f"{bucket}:k/src.qcow2", cmk_id="0" * 8 + "-0000-0000-0000-" + "0" * 12)

@@ -5,7 +5,6 @@ Every copy's disk is downloaded through Glance (`GET /v2/images/{id}/file`) and 
 byte for byte with the source."""
 
 import json
-import time
 
 import pytest
 from huaweicloudsdkcore.auth.credentials import BasicCredentials

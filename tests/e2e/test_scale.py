@@ -134,8 +134,7 @@ def make_import_source(tmp: Path, fmt: str, seed: int) -> tuple:
 
 def embedded_s3(t, node):
     """boto3 for tenant `t` on `node`'s embedded S3 endpoint."""
-    return boto3.client("s3", endpoint_url=node.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
-                        region_name="local-1", config=Config(s3={"addressing_style": "path"}))
+    return helpers.s3_client(node.s3_endpoint, t.ak, t.sk, retries={"mode": "legacy"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +159,8 @@ def test_s3_store_images_and_bucket_objects(tmp_path, moto):
         assert not [p for p in (srv.data_dir / "store").rglob("*") if p.is_file()]
         # An object in the embedded S3 endpoint lands in the external store too.
         c = srv.credentials()
-        s3 = boto3.client("s3", endpoint_url=srv.s3_endpoint, aws_access_key_id=c["OPENIMS_ACCESS_KEY"],
-                          aws_secret_access_key=c["OPENIMS_SECRET_KEY"], region_name="local-1",
-                          config=Config(s3={"addressing_style": "path"}))
+        s3 = helpers.s3_client(srv.s3_endpoint, c["OPENIMS_ACCESS_KEY"], c["OPENIMS_SECRET_KEY"],
+                               retries={"mode": "legacy"})
         s3.create_bucket(Bucket="ext-store")
         body = raw_bytes(5 * MiB + 7, seed=b"s3-object")
         s3.put_object(Bucket="ext-store", Key="disk.raw", Body=body)

@@ -12,22 +12,13 @@ changes and finally the owner's delete run last."""
 import json
 import uuid
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from helpers import JSON_PATCH_V21, describe, error_code, make_active_image, make_tenant, unique, wait_job
 from sharing_helpers import JSON_UTF8, add_members, answer, job_ok, make_project_in, remove_members
 
 RELATIONS = ["owner", "pending", "accepted", "rejected", "removed", "unrelated", "other_domain"]
 MEMBERS = {"pending", "accepted", "rejected"}
-
-
-def s3_client(t):
-    return boto3.client(
-        "s3", endpoint_url=t.server.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
-        region_name="local-1",
-        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1}))
 
 
 def listed(r, iid):
@@ -137,7 +128,7 @@ def op_export(c, rel, t, iid):
     """Export to a bucket of the caller's own: only the owner may export (spec C.6)."""
     if rel not in c.buckets:
         c.buckets[rel] = f"mx-{rel.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
-        s3_client(t).create_bucket(Bucket=c.buckets[rel])
+        t.s3().create_bucket(Bucket=c.buckets[rel])
     r = t.raw.post(f"/v1/cloudimages/{iid}/file",
                    json_body={"bucket_url": f"{c.buckets[rel]}:{uuid.uuid4().hex}.qcow2", "file_format": "qcow2"})
     return job_success(t, r)

@@ -13,21 +13,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 
 import helpers
 from helpers import OPENIMS_BIN, Server, default_tenant, glance_show, unique, wait_job
 from huaweicloudsdkims.v2 import CreateImageRequest, CreateImageRequestBody
 
 MiB = 1 << 20
-
-
-def s3(t, region):
-    return boto3.client(
-        "s3", endpoint_url=t.server.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
-        region_name=region, config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
 
 
 @pytest.fixture
@@ -55,7 +47,7 @@ def wait_for(pred, what, timeout=120):
 def test_transfer_resumes_after_kills_and_verifies(two_sites, tmp_path):
     a, b = two_sites
     ta, tb = default_tenant(a), default_tenant(b)
-    sa, sb = s3(ta, "region-a"), s3(tb, "region-b")
+    sa, sb = ta.s3("region-a"), tb.s3("region-b")
     sa.create_bucket(Bucket="src-bucket")
     sb.create_bucket(Bucket="dst-bucket")
     # A 160 MiB disk with 96 MiB of incompressible data.

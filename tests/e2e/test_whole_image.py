@@ -12,9 +12,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 from huaweicloudsdkcore.exceptions import exceptions as sdk_exc
 from huaweicloudsdkims.v2 import (
     CopyImageInRegionRequest,
@@ -52,13 +50,6 @@ class ImageWithDataFilesBody(CreateImageRequestBody):
     """The SDK's create_image body, whose `data_images` entries carry files (spec A.1)."""
 
     openapi_types = dict(CreateImageRequestBody.openapi_types, data_images="list[object]")
-
-
-def s3(t):
-    return boto3.client(
-        "s3", endpoint_url=t.server.s3_endpoint, aws_access_key_id=t.ak, aws_secret_access_key=t.sk,
-        region_name=REGION,
-        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1}))
 
 
 def qemu(*args):
@@ -109,7 +100,7 @@ def refused(code, fn, *args, status=400, **kw):
 def site(server):
     t = helpers.make_tenant(server, "whole")
     b = f"wh-{secrets.token_hex(5)}"
-    s3(t).create_bucket(Bucket=b)
+    t.s3().create_bucket(Bucket=b)
     return t, b
 
 
@@ -117,8 +108,8 @@ def test_whole_image_from_qcow2_system_and_vhd_data_disk(site, tmp_path):
     t, bucket = site
     sys_file, sys_raw = make_disk(tmp_path, "qcow2", 40)
     data_file, data_raw = make_disk(tmp_path, "vhd", 24)
-    s3(t).upload_file(str(sys_file), bucket, "w/system.qcow2")
-    s3(t).upload_file(str(data_file), bucket, "w/data disk.vhd")
+    t.s3().upload_file(str(sys_file), bucket, "w/system.qcow2")
+    t.s3().upload_file(str(data_file), bucket, "w/data disk.vhd")
     name = unique("whole")
     job = wait_job(t.ims, whole(t, f"{bucket}:w/system.qcow2",
                                 [{"name": unique("data"), "image_url": f"{bucket}:w/data disk.vhd", "min_disk": 1}],
@@ -163,8 +154,8 @@ def test_create_image_with_data_image_files(site, tmp_path):
     t, bucket = site
     sys_file, sys_raw = make_disk(tmp_path, "qcow2", 16)
     data_file, data_raw = make_disk(tmp_path, "qcow2", 8)
-    s3(t).upload_file(str(sys_file), bucket, "c/sys.qcow2")
-    s3(t).upload_file(str(data_file), bucket, "c/data.qcow2")
+    t.s3().upload_file(str(sys_file), bucket, "c/sys.qcow2")
+    t.s3().upload_file(str(data_file), bucket, "c/data.qcow2")
     dname = unique("cdata")
     body = ImageWithDataFilesBody(name=unique("csys"), image_url=f"{bucket}:c/sys.qcow2", min_disk=1,
                                   data_images=[{"name": dname, "image_url": f"{bucket}:c/data.qcow2", "min_disk": 1}])
@@ -181,10 +172,10 @@ def test_create_image_with_data_image_files(site, tmp_path):
 def test_hostile_second_file_fails_the_job_and_nothing_becomes_active(site, tmp_path):
     t, bucket = site
     sys_file, _ = make_disk(tmp_path, "qcow2", 8)
-    s3(t).upload_file(str(sys_file), bucket, "h/sys.qcow2")
+    t.s3().upload_file(str(sys_file), bucket, "h/sys.qcow2")
     hostile = tmp_path / "backing.qcow2"  # a backing file would read the host's /etc/passwd
     qemu("create", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", str(hostile), "8M")
-    s3(t).upload_file(str(hostile), bucket, "h/hostile.qcow2")
+    t.s3().upload_file(str(hostile), bucket, "h/hostile.qcow2")
     name, dname = unique("hwhole"), unique("hdata")
     job = wait_job(t.ims, whole(t, f"{bucket}:h/sys.qcow2",
                                 [{"name": dname, "image_url": f"{bucket}:h/hostile.qcow2", "min_disk": 1}],
@@ -199,7 +190,7 @@ def test_hostile_second_file_fails_the_job_and_nothing_becomes_active(site, tmp_
     # A second disk larger than its min_disk fails the job too.
     big, _ = make_disk(tmp_path, "qcow2", 8)
     qemu("resize", str(big), "2G")
-    s3(t).upload_file(str(big), bucket, "h/big.qcow2")
+    t.s3().upload_file(str(big), bucket, "h/big.qcow2")
     name2 = unique("bwhole")
     job = wait_job(t.ims, whole(t, f"{bucket}:h/sys.qcow2",
                                 [{"name": unique("b"), "image_url": f"{bucket}:h/big.qcow2", "min_disk": 1}],
