@@ -168,9 +168,9 @@ def test_console_keys_replicate_jobs_usage_delete(ta, base_image):
     assert out["image_count"] >= 2
 
 
-# ---- step groups that need the io / share branches -----------------------------------------
+# ---- step groups of import from a bucket, sharing and export ------------------------------
 
-def _bucket_with_image(server, t, tmp_path) -> tuple[str, str, bytes]:
+def _bucket_with_image(t, tmp_path) -> tuple[str, str, bytes]:
     s3 = t.s3()
     bucket = f"console-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
@@ -180,8 +180,8 @@ def _bucket_with_image(server, t, tmp_path) -> tuple[str, str, bytes]:
     return bucket, obj, data
 
 
-def test_console_import_from_bucket(server, ta, tmp_path):
-    bucket, obj, data = _bucket_with_image(server, ta, tmp_path)
+def test_console_import_from_bucket(ta, tmp_path):
+    bucket, obj, data = _bucket_with_image(ta, tmp_path)
     # A qcow2 whose backing file is on the server's disk: refused by inspection, in the job.
     hostile = tmp_path / "hostile.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw",
@@ -208,7 +208,7 @@ def test_console_share_accept_replicate(ta, tb, base_image):
     assert shown["owner"] == tb.project_id and shown["status"] == "active"
 
 
-def test_console_export(server, ta, base_image):
+def test_console_export(ta, base_image):
     s3 = ta.s3()
     bucket = f"console-exp-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
@@ -222,9 +222,9 @@ def test_console_export(server, ta, base_image):
     assert head["ContentLength"] > 0
 
 
-def test_console_full_flow_import_share_accept_replicate_export(server, ta, tb, tmp_path):
+def test_console_full_flow_import_share_accept_replicate_export(ta, tb, tmp_path):
     """The whole S8 story: import from a bucket, share to B, B accepts and replicates, export."""
-    bucket, obj, data = _bucket_with_image(server, ta, tmp_path)
+    bucket, obj, data = _bucket_with_image(ta, tmp_path)
     name = helpers.unique("flow")
     users = {"a": user_of(ta), "b": user_of(tb)}
     imp = run_group("import_from_bucket", {"endpoint": ta.endpoint, "users": users,
