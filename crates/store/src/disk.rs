@@ -181,7 +181,7 @@ impl ManifestDisk {
                 let spawned = std::thread::Builder::new()
                     .name("chunk-read-ahead".into())
                     .spawn(move || loop {
-                        let next = req_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let next = crate::lock(&req_rx).recv();
                         let Ok(i) = next else { return };
                         let r = Self::fetch(&store, &id, &manifest, dek.as_ref(), i);
                         if res_tx.send((i, r)).is_err() {

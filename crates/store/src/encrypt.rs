@@ -1,16 +1,17 @@
 //! `Store::reencrypt`: a stored manifest (plaintext, or encrypted under one data key) ->
 //! a new encrypted manifest under another data key, streaming, resumable.
 //!
-//! A reader thread fetches source chunk objects in order (I/O only); worker threads verify
-//! (or decrypt) them, encrypt and write them; the caller's thread puts the results back in order and
-//! reports progress. Zero chunks stay zero chunks; a source chunk repeated in the disk is
-//! read and encrypted once. Encryption is deterministic per data key (see [`crate::crypto`]),
+//! Two reader threads fetch source chunk objects, alternate chunks each (I/O only); worker
+//! threads verify (or decrypt) them, encrypt and write them; the caller's thread puts the
+//! results back in order and reports progress. Zero chunks stay zero chunks; a source chunk
+//! repeated in the disk is not read again once its first copy is encrypted. Encryption is deterministic per data key (see [`crate::crypto`]),
 //! so a resumed run writes byte-identical objects: every step is idempotent.
 
 use crate::backend::ObjectBuf;
 use crate::crypto::Dek;
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
+use crate::lock;
 use crate::manifest::Manifest;
 use crate::store::Store;
 use std::collections::{BTreeMap, HashMap};
@@ -232,10 +233,6 @@ impl Store {
 
 /// Reader threads of [`Store::reencrypt`].
 const READERS: u64 = 2;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Encrypts one source object read by the reader under `dek` and stores it: a plaintext
 /// source is verified against its id (its new id derives from that id, see

@@ -510,10 +510,7 @@ fn worker(
     abort: &AtomicBool,
 ) {
     loop {
-        let job = {
-            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
-            rx.recv()
-        };
+        let job = crate::lock(jobs).recv();
         let Ok(job) = job else { return };
         if abort.load(Ordering::Relaxed) {
             let _ = pool.send(job.buf);

@@ -69,3 +69,9 @@ pub use id::{ChunkId, ManifestId};
 pub use ingest::{is_all_zero, Checkpointing, IngestCheckpoint, IngestProgress, IngestReport};
 pub use manifest::Manifest;
 pub use store::{Store, StoreConfig, Usage, CHUNK_SIZE};
+
+/// Locks `m`, going on with the data of a poisoned mutex: the store's mutexes guard plain
+/// sets, queues and buffer pools that a panicking holder cannot leave half-updated.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

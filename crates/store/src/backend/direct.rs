@@ -82,7 +82,7 @@ static POOL: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
 
 fn take_buf(len: usize) -> Option<AlignedBuf> {
     let len = len.max(ALIGN);
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pool = crate::lock(&POOL);
     if let Some(i) = pool.iter().position(|b| b.cap >= len) {
         return Some(pool.swap_remove(i));
     }
@@ -92,7 +92,7 @@ fn take_buf(len: usize) -> Option<AlignedBuf> {
 }
 
 fn give_buf(b: AlignedBuf) {
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pool = crate::lock(&POOL);
     if pool.len() < POOL_MAX {
         pool.push(b);
     }

@@ -2,6 +2,7 @@
 
 use super::{validate_key, Backend, ObjectBuf, ObjectIter, ObjectMeta};
 use crate::error::{Result, StoreError};
+use crate::lock;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::{self, File};
@@ -77,11 +78,6 @@ impl std::fmt::Debug for LocalBackend {
             .field("mode", &self.mode)
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these locks cannot leave the data inconsistent (plain sets).
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn fsync_dir(path: &Path) -> std::io::Result<()> {

@@ -22,7 +22,7 @@ impl MemBackend {
     }
 
     fn lock(&self) -> MutexGuard<'_, Objects> {
-        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.objects)
     }
 
     /// Sets an object's modification time (tests use it to age objects past a GC grace
