@@ -77,7 +77,7 @@ try:
 
     def cpu_s():
         """The server's CPU time so far (user + system), in seconds."""
-        f = open(f"/proc/{srv.pid}/stat").read().rsplit(")", 1)[1].split()
+        f = Path(f"/proc/{srv.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
     # PERF_OUT=FILE records a profile of the server during the import (perf record -g).
