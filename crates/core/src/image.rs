@@ -849,11 +849,7 @@ impl Db {
         // the write lock and the quota check counts the new row too.
         let mut tx = crate::db::begin_write(&self.pool).await?;
         insert_image_row(&mut tx, img).await?;
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
-            .bind(img.owner.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        if n as u64 > quota {
+        if count_images_in(&mut tx, &img.owner).await? > quota {
             // Dropping the transaction rolls the insert back.
             return Err(CoreError::ImageQuotaExceeded(quota));
         }
@@ -1238,6 +1234,34 @@ impl Db {
         }
         Ok(live)
     }
+}
+
+/// The images of `owner`, counted inside `tx` (after an insert, so it includes the new one).
+pub(crate) async fn count_images_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    owner: &ProjectId,
+) -> Result<u64> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
+        .bind(owner.as_str())
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(n as u64)
+}
+
+/// Whether image `id` exists and is active, locking its row until `tx` ends (a no-op write:
+/// PostgreSQL holds the row lock, SQLite the database write lock), so that it cannot be
+/// deleted or change status before `tx` commits.
+pub(crate) async fn lock_active_image(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &ImageId,
+) -> Result<bool> {
+    let r = sqlx::query(
+        "UPDATE images SET updated_at = updated_at WHERE id = $1 AND status = 'active'",
+    )
+    .bind(id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 pub(crate) async fn insert_image_row(

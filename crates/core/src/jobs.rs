@@ -251,7 +251,7 @@ pub struct NewJob<'a> {
     pub image_name: Option<String>,
 }
 
-/// Inserts a job inside the caller's transaction (with the intent of its effects).
+/// Inserts a queued job inside the caller's transaction (with the intent of its effects).
 pub async fn insert_job(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     job: NewJob<'_>,
@@ -261,6 +261,32 @@ pub async fn insert_job(
     sqlx::query(
         "INSERT INTO jobs (id, project_id, job_type, status, params, image_id, image_name, \
          current_task, created_at, updated_at) VALUES ($1, $2, $3, 'INIT', $4, $5, $6, 'queued', $7, $7)",
+    )
+    .bind(id.as_str())
+    .bind(job.project_id.as_str())
+    .bind(job.job_type.as_str())
+    .bind(job.params.to_string())
+    .bind(job.image_id)
+    .bind(job.image_name)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(id)
+}
+
+/// Inserts a job that already succeeded, inside the transaction that made its effects: for
+/// work done within the request itself (an in-region copy that only shares manifests), so the
+/// job and its result commit together and no worker has to pick it up.
+pub async fn insert_done_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job: NewJob<'_>,
+) -> Result<JobId> {
+    let id = JobId::generate();
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO jobs (id, project_id, job_type, status, params, image_id, image_name, \
+         current_task, process_percent, attempts, created_at, begin_time, end_time, updated_at) \
+         VALUES ($1, $2, $3, 'SUCCESS', $4, $5, $6, 'done', 100, 1, $7, $7, $7, $7)",
     )
     .bind(id.as_str())
     .bind(job.project_id.as_str())

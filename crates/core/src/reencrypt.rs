@@ -4,7 +4,9 @@
 //! - **share** (O(1)): the copy references the source's manifests. For an encrypted source
 //!   (unchanged key holder, re-key, or decryption) only the data key is re-wrapped: under the
 //!   new CMK, or under the service root key for an "unencrypted" copy, whose data therefore
-//!   stays encrypted at rest. Nothing is read or written in the store.
+//!   stays encrypted at rest. Nothing is read or written in the store, and the copy is made
+//!   within the request: the new image and its job, already SUCCESS, commit in one
+//!   transaction.
 //! - **encrypt** (streaming job): the source's chunks are plaintext (an unencrypted image
 //!   being encrypted), or a full re-encryption was asked for (`__reencrypt_data`, or the
 //!   `reencrypt_on_rekey` policy): every chunk goes through AES-256-GCM under a fresh DEK.
@@ -33,17 +35,29 @@ const CHECKPOINT_EVERY_CHUNKS: u64 = 16;
 /// Least time between two progress-only heartbeats.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 
-/// What a copy does with keys and data (stored in the job's parameters).
+/// What a copy does with keys and data.
 #[derive(Debug, Clone)]
-pub struct CopyKeyPlan {
-    /// "share" (O(1)) or "encrypt" (streaming job).
-    pub mode: &'static str,
-    /// The new image's key row: `{"cmk_id", "wrapped_dek"}`, or null for plaintext data.
-    pub image_key: Value,
-    /// encrypt: the new DEK wrapped by the root key.
-    pub work_dek: Option<String>,
-    /// encrypt: the source's DEK wrapped by the root key (encrypted sources).
-    pub src_dek: Option<String>,
+pub enum CopyKeyPlan {
+    /// O(1): the copy references the source's manifests, made within the request. `image_key`
+    /// is the copy's key row (the source's DEK re-wrapped), `None` for plaintext data.
+    Share { image_key: Option<ImageKey> },
+    /// Streaming job: every chunk is encrypted under a fresh DEK.
+    Encrypt {
+        /// The copy's key row (the fresh DEK wrapped by the target key or the root key).
+        image_key: ImageKey,
+        /// The fresh DEK wrapped by the root key, for the job.
+        work_dek: String,
+        /// The source's DEK wrapped by the root key (encrypted sources).
+        src_dek: Option<String>,
+    },
+}
+
+/// A key row as stored in a copy job's parameters.
+pub fn image_key_json(key: Option<&ImageKey>) -> Value {
+    match key {
+        Some(k) => json!({"cmk_id": k.cmk_id, "wrapped_dek": k.wrapped_dek}),
+        None => Value::Null,
+    }
 }
 
 /// The new image's key row from a copy job's parameters.
@@ -108,37 +122,31 @@ impl Service {
             Some(k) => Some(self.usable_key(caller, k, KeyRole::Target).await?),
             None => None,
         };
-        let wrap_new = |dek: &Dek| -> Result<Value> {
-            let wrapped = match (&target, &target_material) {
+        let wrap_new = |dek: &Dek| -> Result<ImageKey> {
+            let wrapped_dek = match (&target, &target_material) {
                 (Some(id), Some(m)) => self.cmk_wrap(id, m, dek)?,
                 _ => self.root_wrap(dek)?,
             };
-            Ok(json!({"cmk_id": target, "wrapped_dek": wrapped}))
+            Ok(ImageKey {
+                cmk_id: target.clone(),
+                wrapped_dek,
+            })
         };
         let rekey = src_cmk.is_some() && target.is_some();
         let reencrypt = req.reencrypt_data || (self.config.reencrypt_on_rekey && rekey);
         Ok(match (&src_dek, reencrypt, &target) {
             // Plaintext source, no key asked: share everything.
-            (None, _, None) => CopyKeyPlan {
-                mode: "share",
-                image_key: Value::Null,
-                work_dek: None,
-                src_dek: None,
-            },
+            (None, _, None) => CopyKeyPlan::Share { image_key: None },
             // Encrypted source, same data key re-wrapped: share the manifests.
-            (Some(dek), false, _) => CopyKeyPlan {
-                mode: "share",
-                image_key: wrap_new(dek)?,
-                work_dek: None,
-                src_dek: None,
+            (Some(dek), false, _) => CopyKeyPlan::Share {
+                image_key: Some(wrap_new(dek)?),
             },
             // Plaintext source encrypted, or full re-encryption: a fresh DEK, streamed.
             _ => {
                 let fresh = Dek::generate();
-                CopyKeyPlan {
-                    mode: "encrypt",
+                CopyKeyPlan::Encrypt {
                     image_key: wrap_new(&fresh)?,
-                    work_dek: Some(self.root_wrap(&fresh)?),
+                    work_dek: self.root_wrap(&fresh)?,
                     src_dek: match &src_dek {
                         Some(d) => Some(self.root_wrap(d)?),
                         None => None,

@@ -13,7 +13,9 @@ use crate::image::{
     Page, CONTAINER_FORMATS, DISK_FORMATS, READ_ONLY,
 };
 use crate::jobs::{failure_of, insert_job, Job, JobType, NewJob, Progress};
+use crate::kms::ImageKey;
 use crate::members::{Access, MemberStatus, Need, Recipient};
+use crate::reencrypt::{image_key_json, CopyKeyPlan};
 use crate::tags::TagChange;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -814,6 +816,18 @@ impl Service {
             return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
         }
         let new_id = ImageId::generate();
+        let (image_key, work_dek, src_dek) = match plan {
+            CopyKeyPlan::Share { image_key } => {
+                return self
+                    .share_copy(caller, &src, new_id, &req, image_key.as_ref())
+                    .await
+            }
+            CopyKeyPlan::Encrypt {
+                image_key,
+                work_dek,
+                src_dek,
+            } => (image_key, work_dek, src_dek),
+        };
         let mut tx = crate::db::begin_write(&self.db.pool).await?;
         // The per-project limit holds across nodes: counting and inserting happen under the
         // project's row lock (PostgreSQL) / the write lock (SQLite).
@@ -840,10 +854,10 @@ impl Service {
                     "new_image_id": new_id.to_string(),
                     "name": req.name,
                     "description": req.description,
-                    "mode": plan.mode,
-                    "image_key": plan.image_key,
-                    "work_dek": plan.work_dek,
-                    "src_dek": plan.src_dek,
+                    "mode": "encrypt",
+                    "image_key": image_key_json(Some(&image_key)),
+                    "work_dek": work_dek,
+                    "src_dek": src_dek,
                 }),
                 image_id: Some(new_id.to_string()),
                 image_name: Some(req.name.clone()),
@@ -858,6 +872,63 @@ impl Service {
         Ok(job_id)
     }
 
+    /// An in-region copy that shares the source's manifests (and, for encrypted data, holds
+    /// the source's data key re-wrapped at request time): made here, in one transaction with
+    /// its job, which is recorded as already succeeded. Nothing runs in the background, so it
+    /// never counts against the per-project limit of running replications.
+    async fn share_copy(
+        &self,
+        caller: &Caller,
+        src: &Image,
+        new_id: ImageId,
+        req: &CopyRequest,
+        image_key: Option<&ImageKey>,
+    ) -> Result<crate::ids::JobId> {
+        let img = copied_image(
+            src,
+            new_id,
+            &caller.project_id,
+            &req.name,
+            req.description.as_deref(),
+            image_key,
+        );
+        let mut tx = crate::db::begin_write(&self.db.pool).await?;
+        // The source must still be active when the copy commits: its row stays locked until
+        // then (PostgreSQL; SQLite holds the write lock), so a concurrent delete waits and its
+        // manifests stay referenced by the copy.
+        if !crate::image::lock_active_image(&mut tx, &src.id).await? {
+            return Err(CoreError::ImageNotFound(src.id.to_string()));
+        }
+        crate::kms::insert_image_with_key_in(&mut tx, &img, image_key).await?;
+        if crate::image::count_images_in(&mut tx, &caller.project_id).await?
+            > self.config.image_quota
+        {
+            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+        }
+        let job_id = crate::jobs::insert_done_job(
+            &mut tx,
+            NewJob {
+                project_id: &caller.project_id,
+                job_type: JobType::CopyImageInRegion,
+                params: json!({
+                    "source_image_id": src.id.to_string(),
+                    "new_image_id": new_id.to_string(),
+                    "name": req.name,
+                    "description": req.description,
+                    "mode": "share",
+                }),
+                image_id: Some(new_id.to_string()),
+                image_name: Some(req.name.clone()),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(job_id = %job_id, image_id = %new_id, source = %src.id, "image copied (manifests shared)");
+        Ok(job_id)
+    }
+
+    /// The encrypting copy job (and share jobs queued before copies sharing manifests were
+    /// made within the request).
     async fn run_copy(&self, job: &Job) -> Result<Option<Value>> {
         let p = &job.params;
         let get = |k: &str| p.get(k).and_then(|v| v.as_str()).map(str::to_string);
@@ -888,47 +959,23 @@ impl Service {
         if src.status != ImageStatus::Active {
             return Err(CoreError::ImageNotActive(src.status.as_str().into()));
         }
-        let mut img = src.clone();
-        img.access = Access::Owner;
-        img.shared_out = false;
-        img.id = new_iid;
-        img.owner = job.project_id.clone();
-        img.name = get("name");
-        img.origin = Origin::Copy;
-        img.protected = false;
-        img.visibility = "private".into();
-        img.tags = Vec::new();
-        let now = crate::time::now_ms();
-        img.created_at = now;
-        img.updated_at = now;
-        img.active_at = Some(now);
-        img.properties
-            .insert("__originalimagename".into(), json!(src.id.to_string()));
-        img.properties
-            .insert("__data_origin".into(), json!(format!("image,{}", src.id)));
-        img.properties
-            .insert("__imagetype".into(), json!("private"));
-        img.properties.insert(
-            "__description".into(),
-            json!(get("description").unwrap_or_default()),
-        );
         let image_key = crate::reencrypt::job_image_key(p)?;
-        match image_key.as_ref().and_then(|k| k.cmk_id.clone()) {
-            Some(cmk) => {
-                img.properties.insert("__system__cmkid".into(), json!(cmk));
-            }
-            None => {
-                img.properties.remove("__system__cmkid");
-            }
-        }
+        let name = get("name").unwrap_or_default();
+        let description = get("description");
+        let mut img = copied_image(
+            &src,
+            new_iid,
+            &job.project_id,
+            &name,
+            description.as_deref(),
+            image_key.as_ref(),
+        );
         if get("mode").as_deref() == Some("encrypt") {
             // Plaintext (or re-keyed) chunks are streamed through AES under a fresh DEK.
             let (disk, file) = self.encrypt_image_data(job, &src).await?;
             img.disk_manifest = Some(disk);
             img.file_manifest = file;
         }
-        // Otherwise the manifests are immutable and shared, and only the data key was
-        // re-wrapped (at request time): no chunk is read or written.
         match self
             .db
             .insert_image_with_key(&img, image_key.as_ref())
@@ -1200,4 +1247,49 @@ fn node_id(config: &ServiceConfig) -> Result<String> {
     let id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     std::fs::write(&path, &id)?;
     Ok(id)
+}
+
+/// The row of an in-region copy of `src` owned by `owner`: a new private image with the
+/// source's data (manifests) and attributes, and the copy's own name, description and key.
+fn copied_image(
+    src: &Image,
+    id: ImageId,
+    owner: &ProjectId,
+    name: &str,
+    description: Option<&str>,
+    key: Option<&ImageKey>,
+) -> Image {
+    let mut img = src.clone();
+    img.access = Access::Owner;
+    img.shared_out = false;
+    img.id = id;
+    img.owner = owner.clone();
+    img.name = Some(name.to_string());
+    img.origin = Origin::Copy;
+    img.protected = false;
+    img.visibility = "private".into();
+    img.tags = Vec::new();
+    let now = crate::time::now_ms();
+    img.created_at = now;
+    img.updated_at = now;
+    img.active_at = Some(now);
+    img.properties
+        .insert("__originalimagename".into(), json!(src.id.to_string()));
+    img.properties
+        .insert("__data_origin".into(), json!(format!("image,{}", src.id)));
+    img.properties
+        .insert("__imagetype".into(), json!("private"));
+    img.properties.insert(
+        "__description".into(),
+        json!(description.unwrap_or_default()),
+    );
+    match key.and_then(|k| k.cmk_id.clone()) {
+        Some(cmk) => {
+            img.properties.insert("__system__cmkid".into(), json!(cmk));
+        }
+        None => {
+            img.properties.remove("__system__cmkid");
+        }
+    }
+    img
 }

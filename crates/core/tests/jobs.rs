@@ -4,6 +4,7 @@
 
 use openims_core::image::{Image, ImageStatus, Origin};
 use openims_core::jobs::JobStatus;
+use openims_core::kms::NewKey;
 use openims_core::service::CopyRequest;
 use openims_core::{Caller, Service, ServiceConfig};
 use std::sync::Arc;
@@ -58,18 +59,58 @@ async fn active_image(svc: &Service, c: &Caller) -> Image {
         .expect("exists")
 }
 
-/// Requests an in-region copy of `src` named "copy".
-async fn request_copy(svc: &Service, c: &Caller, src: &Image) -> openims_core::ids::JobId {
+/// A new enabled master key of the caller's project.
+async fn new_key(svc: &Service, c: &Caller) -> String {
+    svc.kms_create_key(
+        c,
+        NewKey {
+            alias: format!("k-{}", uuid::Uuid::new_v4().simple()),
+            ..NewKey::default()
+        },
+    )
+    .await
+    .expect("key created")
+    .id
+}
+
+/// Requests an encrypting in-region copy of the plaintext `src` named `name`: a job that
+/// queues and runs on a worker (a copy that only shares manifests is made within the request).
+async fn request_copy_named(
+    svc: &Service,
+    c: &Caller,
+    src: &Image,
+    name: &str,
+) -> openims_core::ids::JobId {
+    let key = new_key(svc, c).await;
     svc.copy_image_in_region(
         c,
         &src.id.to_string(),
         CopyRequest {
-            name: "copy".into(),
+            name: name.into(),
+            cmk_id: Some(key),
             ..Default::default()
         },
     )
     .await
     .expect("copy accepted")
+}
+
+async fn request_copy(svc: &Service, c: &Caller, src: &Image) -> openims_core::ids::JobId {
+    request_copy_named(svc, c, src, "copy").await
+}
+
+/// The bytes of an image's disk, decrypted with its data key when it is encrypted.
+async fn image_bytes(svc: &Service, c: &Caller, img: &Image) -> Vec<u8> {
+    let manifest = img.disk_manifest.as_deref().expect("image data");
+    let dek = svc.image_dek(c, img).await.expect("data key");
+    let mut disk = svc
+        .data
+        .store
+        .open_disk_with(&manifest.parse().expect("manifest id"), dek)
+        .expect("open");
+    let mut buf = vec![0u8; openims_format::VirtualDisk::virtual_size(&disk) as usize];
+    openims_format::VirtualDisk::read_at(&mut disk, 0, &mut buf).expect("read");
+    buf
 }
 
 async fn wait_status(svc: &Service, c: &Caller, job: &str, want: JobStatus) {
@@ -115,8 +156,9 @@ async fn a_job_of_a_dead_node_is_taken_over_and_finishes_once() {
     let copy = svc.image(&c, &copy_id).await.expect("copy exists");
     assert_eq!(copy.status, ImageStatus::Active);
     assert_eq!(
-        copy.disk_manifest, src.disk_manifest,
-        "the copy shares the source's data"
+        image_bytes(&svc, &c, &copy).await,
+        image_bytes(&svc, &c, &src).await,
+        "the copy holds the source's data"
     );
     // The dead node coming back cannot finish the job a second time.
     assert!(!svc
@@ -206,17 +248,7 @@ async fn the_job_list_is_newest_first_filtered_and_project_scoped() {
     let src = active_image(&svc, &c).await;
     let mut made = Vec::new();
     for n in 0..3 {
-        let job = svc
-            .copy_image_in_region(
-                &c,
-                &src.id.to_string(),
-                CopyRequest {
-                    name: format!("copy-{n}"),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("copy");
+        let job = request_copy_named(&svc, &c, &src, &format!("copy-{n}")).await;
         made.push(job.as_str().to_string());
         // created_at has millisecond resolution: keep the three apart.
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -263,23 +295,13 @@ fn age_files(dir: &std::path::Path, age: Duration) {
     }
 }
 
-/// The whole virtual disk behind `manifest`.
-fn disk_bytes(svc: &Service, manifest: &str) -> Vec<u8> {
-    let id = manifest.parse().expect("manifest id");
-    let mut disk = svc.data.store.open_disk_with(&id, None).expect("open");
-    let mut buf = vec![0u8; openims_format::VirtualDisk::virtual_size(&disk) as usize];
-    openims_format::VirtualDisk::read_at(&mut disk, 0, &mut buf).expect("read");
-    buf
-}
-
 #[tokio::test]
 async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let svc = open(dir.path(), 5_000).await;
     let c = caller(&svc).await;
     let src = active_image(&svc, &c).await;
-    let manifest = src.disk_manifest.clone().expect("source data");
-    let want = disk_bytes(&svc, &manifest);
+    let want = image_bytes(&svc, &c, &src).await;
     // The source's data is old: only the job's pin, not its age, can keep it from GC.
     age_files(dir.path(), Duration::from_secs(3600));
     let job = request_copy(&svc, &c, &src).await;
@@ -305,7 +327,7 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
         .await
         .expect("copy exists");
     assert_eq!(copy.status, ImageStatus::Active);
-    assert_eq!(copy.disk_manifest.as_deref(), Some(manifest.as_str()));
+    assert_ne!(copy.disk_manifest, src.disk_manifest, "encrypted anew");
     assert_eq!(
         copy.properties.get("__originalimagename"),
         Some(&serde_json::json!(src.id.to_string()))
@@ -314,19 +336,23 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
     for w in workers {
         w.await.expect("worker stops");
     }
-    // The job ended: its pin is gone, the copy alone keeps the data, which GC leaves intact.
+    // The job ended: its pin is gone, so the deleted source's plaintext data is collected,
+    // and the copy's own data is left intact.
     let gc = svc
         .collect_garbage(Duration::ZERO)
         .await
         .expect("gc")
         .expect("this node collects");
-    assert_eq!(gc.chunks_deleted, 0);
+    assert!(
+        gc.manifests_deleted >= 1 && gc.chunks_deleted >= 1,
+        "{gc:?}"
+    );
     assert_eq!(
-        disk_bytes(&svc, &manifest),
+        image_bytes(&svc, &c, &copy).await,
         want,
         "the copy reads the source's bytes"
     );
-    // Once the copy goes too, nothing holds the data and it is collected: no leak.
+    // Once the copy goes too, nothing holds its data and it is collected: no leak.
     svc.delete_image(&c, &copy.id.to_string())
         .await
         .expect("copy deleted");
@@ -340,6 +366,81 @@ async fn deleting_the_source_of_a_queued_copy_does_not_break_it() {
         "{gc:?}"
     );
     assert_eq!(job_sources(&svc).await, 0, "an ended job keeps no snapshot");
+}
+
+#[tokio::test]
+async fn a_copy_that_shares_manifests_is_made_within_the_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No workers run here: the copy must not need one.
+    let svc = open(dir.path(), 30_000).await;
+    let c = caller(&svc).await;
+    let src = active_image(&svc, &c).await;
+    let job = svc
+        .copy_image_in_region(
+            &c,
+            &src.id.to_string(),
+            CopyRequest {
+                name: "shared".into(),
+                description: Some("a copy".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("copy accepted");
+    let done = svc.job(&c, job.as_str()).await.expect("job");
+    assert_eq!(done.status, JobStatus::Success);
+    assert_eq!(done.process_percent, 100.0);
+    assert_eq!(done.queue_position, None);
+    assert!(done.begin_time.is_some() && done.end_time.is_some());
+    let copy = svc
+        .image(&c, &done.image_id.expect("copy id"))
+        .await
+        .expect("copy exists");
+    assert_eq!(copy.status, ImageStatus::Active);
+    assert_eq!(copy.name.as_deref(), Some("shared"));
+    assert_eq!(
+        copy.disk_manifest, src.disk_manifest,
+        "the copy shares the source's data"
+    );
+    assert_eq!(
+        copy.properties.get("__description"),
+        Some(&serde_json::json!("a copy"))
+    );
+    assert_eq!(
+        job_sources(&svc).await,
+        0,
+        "nothing is pinned for a done job"
+    );
+    // It never counts against the limit of running replications.
+    let open_jobs = svc
+        .db
+        .count_open_jobs(
+            &c.project_id,
+            openims_core::jobs::JobType::CopyImageInRegion,
+        )
+        .await
+        .expect("count");
+    assert_eq!(open_jobs, 0);
+    // A source deleted before the request gives no copy and no job.
+    svc.delete_image(&c, &src.id.to_string())
+        .await
+        .expect("source deleted");
+    let err = svc
+        .copy_image_in_region(
+            &c,
+            &src.id.to_string(),
+            CopyRequest {
+                name: "late".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("source gone");
+    assert!(
+        matches!(err, openims_core::CoreError::ImageNotFound(_)),
+        "{err:?}"
+    );
+    assert_eq!(svc.list_jobs(&c, None, 100).await.expect("list").len(), 1);
 }
 
 /// A node claims the queued job with a lease that is over at once, and the job has no
