@@ -256,22 +256,7 @@ pub async fn insert_job(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     job: NewJob<'_>,
 ) -> Result<JobId> {
-    let id = JobId::generate();
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO jobs (id, project_id, job_type, status, params, image_id, image_name, \
-         current_task, created_at, updated_at) VALUES ($1, $2, $3, 'INIT', $4, $5, $6, 'queued', $7, $7)",
-    )
-    .bind(id.as_str())
-    .bind(job.project_id.as_str())
-    .bind(job.job_type.as_str())
-    .bind(job.params.to_string())
-    .bind(job.image_id)
-    .bind(job.image_name)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(id)
+    insert_job_row(tx, job, false).await
 }
 
 /// Inserts a job that already succeeded, inside the transaction that made its effects: for
@@ -281,22 +266,34 @@ pub async fn insert_done_job(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     job: NewJob<'_>,
 ) -> Result<JobId> {
+    insert_job_row(tx, job, true).await
+}
+
+async fn insert_job_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job: NewJob<'_>,
+    done: bool,
+) -> Result<JobId> {
     let id = JobId::generate();
     let now = now_ms();
-    sqlx::query(
+    let sql = if done {
         "INSERT INTO jobs (id, project_id, job_type, status, params, image_id, image_name, \
          current_task, process_percent, attempts, created_at, begin_time, end_time, updated_at) \
-         VALUES ($1, $2, $3, 'SUCCESS', $4, $5, $6, 'done', 100, 1, $7, $7, $7, $7)",
-    )
-    .bind(id.as_str())
-    .bind(job.project_id.as_str())
-    .bind(job.job_type.as_str())
-    .bind(job.params.to_string())
-    .bind(job.image_id)
-    .bind(job.image_name)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
+         VALUES ($1, $2, $3, 'SUCCESS', $4, $5, $6, 'done', 100, 1, $7, $7, $7, $7)"
+    } else {
+        "INSERT INTO jobs (id, project_id, job_type, status, params, image_id, image_name, \
+         current_task, created_at, updated_at) VALUES ($1, $2, $3, 'INIT', $4, $5, $6, 'queued', $7, $7)"
+    };
+    sqlx::query(sql)
+        .bind(id.as_str())
+        .bind(job.project_id.as_str())
+        .bind(job.job_type.as_str())
+        .bind(job.params.to_string())
+        .bind(job.image_id)
+        .bind(job.image_name)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
     Ok(id)
 }
 

@@ -844,26 +844,19 @@ impl Service {
                 self.config.max_copy_jobs_per_project
             )));
         }
-        let job_id = insert_job(
-            &mut tx,
-            NewJob {
-                project_id: &caller.project_id,
-                job_type: JobType::CopyImageInRegion,
-                params: json!({
-                    "source_image_id": src.id.to_string(),
-                    "new_image_id": new_id.to_string(),
-                    "name": req.name,
-                    "description": req.description,
-                    "mode": "encrypt",
-                    "image_key": image_key_json(Some(&image_key)),
-                    "work_dek": work_dek,
-                    "src_dek": src_dek,
-                }),
-                image_id: Some(new_id.to_string()),
-                image_name: Some(req.name.clone()),
-            },
-        )
-        .await?;
+        let job = copy_job(
+            caller,
+            src.id,
+            new_id,
+            &req,
+            json!({
+                "mode": "encrypt",
+                "image_key": image_key_json(Some(&image_key)),
+                "work_dek": work_dek,
+                "src_dek": src_dek,
+            }),
+        );
+        let job_id = insert_job(&mut tx, job).await?;
         if !crate::jobs::pin_job_source(&mut tx, &job_id, &src.id).await? {
             return Err(CoreError::ImageNotFound(src.id.to_string()));
         }
@@ -905,23 +898,8 @@ impl Service {
         {
             return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
         }
-        let job_id = crate::jobs::insert_done_job(
-            &mut tx,
-            NewJob {
-                project_id: &caller.project_id,
-                job_type: JobType::CopyImageInRegion,
-                params: json!({
-                    "source_image_id": src.id.to_string(),
-                    "new_image_id": new_id.to_string(),
-                    "name": req.name,
-                    "description": req.description,
-                    "mode": "share",
-                }),
-                image_id: Some(new_id.to_string()),
-                image_name: Some(req.name.clone()),
-            },
-        )
-        .await?;
+        let job = copy_job(caller, src.id, new_id, req, json!({"mode": "share"}));
+        let job_id = crate::jobs::insert_done_job(&mut tx, job).await?;
         tx.commit().await?;
         tracing::info!(job_id = %job_id, image_id = %new_id, source = %src.id, "image copied (manifests shared)");
         Ok(job_id)
@@ -1247,6 +1225,33 @@ fn node_id(config: &ServiceConfig) -> Result<String> {
     let id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     std::fs::write(&path, &id)?;
     Ok(id)
+}
+
+/// The job of an in-region copy of `src` into the new image `new_id`: its parameters are the
+/// request's plus `extra` (the mode, and what an encrypting copy needs).
+fn copy_job<'a>(
+    caller: &'a Caller,
+    src: ImageId,
+    new_id: ImageId,
+    req: &CopyRequest,
+    extra: Value,
+) -> NewJob<'a> {
+    let mut params = json!({
+        "source_image_id": src.to_string(),
+        "new_image_id": new_id.to_string(),
+        "name": req.name,
+        "description": req.description,
+    });
+    if let (Some(p), Value::Object(extra)) = (params.as_object_mut(), extra) {
+        p.extend(extra);
+    }
+    NewJob {
+        project_id: &caller.project_id,
+        job_type: JobType::CopyImageInRegion,
+        params,
+        image_id: Some(new_id.to_string()),
+        image_name: Some(req.name.clone()),
+    }
 }
 
 /// The row of an in-region copy of `src` owned by `owner`: a new private image with the
