@@ -844,26 +844,8 @@ pub(crate) fn image_from_row(r: &sqlx::any::AnyRow) -> Result<Image> {
 impl Db {
     /// Inserts a new image, refusing it when the owner's private-image quota is used up.
     pub async fn insert_image(&self, img: &Image, quota: u64) -> Result<()> {
-        // Write first, then check: on SQLite a transaction that reads before it writes cannot
-        // wait for a concurrent writer (its lock upgrade fails at once), so the insert takes
-        // the write lock and the quota check counts the new row too.
         let mut tx = crate::db::begin_write(&self.pool).await?;
-        insert_image_row(&mut tx, img).await?;
-        if count_images_in(&mut tx, &img.owner).await? > quota {
-            // Dropping the transaction rolls the insert back.
-            return Err(CoreError::ImageQuotaExceeded(quota));
-        }
-        for (k, v) in &img.tags {
-            sqlx::query(
-                "INSERT INTO image_tags (image_id, tag_key, tag_value, created_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(img.id.to_string())
-            .bind(k)
-            .bind(v)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_image_in(&mut tx, img, quota).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1236,16 +1218,37 @@ impl Db {
     }
 }
 
-/// The images of `owner`, counted inside `tx` (after an insert, so it includes the new one).
-pub(crate) async fn count_images_in(
+/// [`Db::insert_image`] inside the caller's transaction: the image and its tags, or
+/// `ImageQuotaExceeded` when the owner's images, the new one included, exceed `quota` (the
+/// caller then drops `tx`, which rolls the insert back).
+pub(crate) async fn insert_image_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    owner: &ProjectId,
-) -> Result<u64> {
+    img: &Image,
+    quota: u64,
+) -> Result<()> {
+    // Write first, then check: on SQLite a transaction that reads before it writes cannot
+    // wait for a concurrent writer (its lock upgrade fails at once), so the insert takes the
+    // write lock and the quota check counts the new row too.
+    insert_image_row(tx, img).await?;
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
-        .bind(owner.as_str())
+        .bind(img.owner.as_str())
         .fetch_one(&mut **tx)
         .await?;
-    Ok(n as u64)
+    if n as u64 > quota {
+        return Err(CoreError::ImageQuotaExceeded(quota));
+    }
+    for (k, v) in &img.tags {
+        sqlx::query(
+            "INSERT INTO image_tags (image_id, tag_key, tag_value, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(img.id.to_string())
+        .bind(k)
+        .bind(v)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Whether image `id` exists and is active, locking its row until `tx` ends (a no-op write:

@@ -452,30 +452,30 @@ impl Db {
     /// Inserts a new image and, for encrypted manifests, its wrapped data key, atomically.
     pub async fn insert_image_with_key(&self, img: &Image, key: Option<&ImageKey>) -> Result<()> {
         let mut tx = crate::db::begin_write(&self.pool).await?;
-        insert_image_with_key_in(&mut tx, img, key).await?;
+        crate::image::insert_image_row(&mut tx, img).await?;
+        if let Some(k) = key {
+            insert_image_key_in(&mut tx, &img.id, k).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
 }
 
-/// [`Db::insert_image_with_key`] inside the caller's transaction.
-pub(crate) async fn insert_image_with_key_in(
+/// Records an image's wrapped data key inside the caller's transaction.
+pub(crate) async fn insert_image_key_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    img: &Image,
-    key: Option<&ImageKey>,
+    image: &crate::ids::ImageId,
+    key: &ImageKey,
 ) -> Result<()> {
-    crate::image::insert_image_row(tx, img).await?;
-    if let Some(k) = key {
-        sqlx::query(
-            "INSERT INTO image_keys (image_id, cmk_id, wrapped_dek, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(img.id.to_string())
-        .bind(&k.cmk_id)
-        .bind(&k.wrapped_dek)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
-    }
+    sqlx::query(
+        "INSERT INTO image_keys (image_id, cmk_id, wrapped_dek, created_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(image.to_string())
+    .bind(&key.cmk_id)
+    .bind(&key.wrapped_dek)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -812,9 +812,6 @@ impl Service {
         self.check_shared_copy(caller, &src, req.cmk_id.as_deref())
             .await?;
         let plan = self.plan_copy_keys(caller, &src, &req).await?;
-        if self.db.count_images(&caller.project_id).await? >= self.config.image_quota {
-            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
-        }
         let new_id = ImageId::generate();
         let (image_key, work_dek, src_dek) = match plan {
             CopyKeyPlan::Share { image_key } => {
@@ -828,6 +825,10 @@ impl Service {
                 src_dek,
             } => (image_key, work_dek, src_dek),
         };
+        // The image is inserted when the job ends; a project already at its quota is told now.
+        if self.db.count_images(&caller.project_id).await? >= self.config.image_quota {
+            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+        }
         let mut tx = crate::db::begin_write(&self.db.pool).await?;
         // The per-project limit holds across nodes: counting and inserting happen under the
         // project's row lock (PostgreSQL) / the write lock (SQLite).
@@ -892,11 +893,9 @@ impl Service {
         if !crate::image::lock_active_image(&mut tx, &src.id).await? {
             return Err(CoreError::ImageNotFound(src.id.to_string()));
         }
-        crate::kms::insert_image_with_key_in(&mut tx, &img, image_key).await?;
-        if crate::image::count_images_in(&mut tx, &caller.project_id).await?
-            > self.config.image_quota
-        {
-            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
+        crate::image::insert_image_in(&mut tx, &img, self.config.image_quota).await?;
+        if let Some(k) = image_key {
+            crate::kms::insert_image_key_in(&mut tx, &img.id, k).await?;
         }
         let job = copy_job(caller, src.id, new_id, req, json!({"mode": "share"}));
         let job_id = crate::jobs::insert_done_job(&mut tx, job).await?;

@@ -4,8 +4,9 @@
 //! Two reader threads fetch source chunk objects, alternate chunks each (I/O only); worker
 //! threads verify (or decrypt) them, encrypt and write them; the caller's thread puts the
 //! results back in order and reports progress. Zero chunks stay zero chunks; a source chunk
-//! repeated in the disk is not read again once its first copy is encrypted. Encryption is deterministic per data key (see [`crate::crypto`]),
-//! so a resumed run writes byte-identical objects: every step is idempotent.
+//! repeated in the disk is not read again once its first copy is encrypted. Encryption is
+//! deterministic per data key (see [`crate::crypto`]), so a resumed run writes
+//! byte-identical objects: every step is idempotent.
 
 use crate::backend::ObjectBuf;
 use crate::crypto::Dek;
