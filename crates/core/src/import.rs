@@ -439,30 +439,12 @@ impl Service {
                 });
             }
         } else {
-            crate::image::insert_image_row(&mut tx, &img).await?;
+            crate::image::insert_image_in(&mut tx, &img, self.config.image_quota).await?;
             sqlx::query("UPDATE images SET upload_token = $1 WHERE id = $2")
                 .bind(&token)
                 .bind(img.id.to_string())
                 .execute(&mut *tx)
                 .await?;
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
-                .bind(img.owner.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-            if n as u64 > self.config.image_quota {
-                return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
-            }
-            for (k, v) in &img.tags {
-                sqlx::query(
-                    "INSERT INTO image_tags (image_id, tag_key, tag_value, created_at) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(img.id.to_string())
-                .bind(k)
-                .bind(v)
-                .bind(crate::time::now_ms())
-                .execute(&mut *tx)
-                .await?;
-            }
         }
         tx.commit().await?;
         self.job_ready.notify_one();
@@ -1285,31 +1267,15 @@ impl Service {
         )
         .await?;
         let token = upload_token(job_id.as_str());
+        // Every image of the set counts against the quota (checked after each insert; the
+        // count only grows, so this refuses exactly when the whole set does not fit).
         for img in disks.iter().chain(whole_img.iter()) {
-            crate::image::insert_image_row(&mut tx, img).await?;
+            crate::image::insert_image_in(&mut tx, img, self.config.image_quota).await?;
             sqlx::query("UPDATE images SET upload_token = $1 WHERE id = $2")
                 .bind(&token)
                 .bind(img.id.to_string())
                 .execute(&mut *tx)
                 .await?;
-            for (k, v) in &img.tags {
-                sqlx::query(
-                    "INSERT INTO image_tags (image_id, tag_key, tag_value, created_at) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(img.id.to_string())
-                .bind(k)
-                .bind(v)
-                .bind(crate::time::now_ms())
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM images WHERE owner = $1")
-            .bind(caller.project_id.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        if n as u64 > self.config.image_quota {
-            return Err(CoreError::ImageQuotaExceeded(self.config.image_quota));
         }
         tx.commit().await?;
         self.job_ready.notify_one();
