@@ -17,6 +17,7 @@ use crate::ids::ProjectId;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use md5::{Digest, Md5};
+use openims_format::io::StoredSlice;
 use openims_format::ReadAt;
 use openims_store::{is_all_zero, ChunkId, Manifest, ManifestDisk, ManifestId, Store};
 use std::io::Write;
@@ -402,6 +403,9 @@ pub struct ObjectReader {
     parts: Vec<PartRef>,
     store: Arc<Store>,
     open: Mutex<Option<(usize, ManifestDisk)>>,
+    /// The manifest of the part last asked about by `stored_chunk`/`stored_slices` (kept apart
+    /// from `open`, so those questions do not stop the open part's read-ahead).
+    mapped: Mutex<Option<(usize, Arc<Manifest>)>>,
 }
 
 impl std::fmt::Debug for ObjectReader {
@@ -437,6 +441,7 @@ impl ObjectReader {
             parts,
             store,
             open: Mutex::new(None),
+            mapped: Mutex::new(None),
         })
     }
 
@@ -455,6 +460,33 @@ impl ObjectReader {
         self.info.size == 0
     }
 
+    /// The id of part `index`'s manifest.
+    fn part_manifest_id(&self, index: usize) -> Result<ManifestId> {
+        self.parts[index].manifest.parse().map_err(|_| {
+            CoreError::Internal(format!("bad manifest id {}", self.parts[index].manifest))
+        })
+    }
+
+    /// The plaintext manifest of the part holding byte `offset`, with the part's start; `None`
+    /// past the end, for an encrypted part or one that cannot be loaded.
+    fn mapped_part(&self, offset: u64) -> Option<(u64, Arc<Manifest>)> {
+        let i = self
+            .parts
+            .partition_point(|p| p.offset <= offset)
+            .checked_sub(1)?;
+        let part = self.parts.get(i)?;
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if mapped.as_ref().map(|m| m.0) != Some(i) {
+            let m = self.store.manifest(&self.part_manifest_id(i).ok()?).ok()?;
+            if m.virtual_size() != part.size {
+                return None;
+            }
+            *mapped = Some((i, Arc::new(m)));
+        }
+        let m = &mapped.as_ref()?.1;
+        (!m.is_encrypted()).then(|| (part.offset, Arc::clone(m)))
+    }
+
     /// Runs `f` on part `index`, opened (and kept open for the next call).
     fn with_part<T>(
         &self,
@@ -463,9 +495,7 @@ impl ObjectReader {
     ) -> Result<T> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.as_ref().map(|o| o.0) != Some(index) {
-            let id: ManifestId = self.parts[index].manifest.parse().map_err(|_| {
-                CoreError::Internal(format!("bad manifest id {}", self.parts[index].manifest))
-            })?;
+            let id = self.part_manifest_id(index)?;
             let disk = self.store.open_disk(&id)?;
             if disk.manifest().virtual_size() != self.parts[index].size {
                 return Err(CoreError::Internal(format!(
@@ -515,23 +545,40 @@ impl ReadAt for ObjectReader {
     }
     /// A range that is exactly one plaintext chunk of one part's manifest.
     fn stored_chunk(&self, offset: u64, len: u64) -> Option<Option<[u8; 32]>> {
-        let i = self
-            .parts
-            .partition_point(|p| p.offset <= offset)
-            .checked_sub(1)?;
-        let within = offset - self.parts.get(i)?.offset;
-        self.with_part(i, |disk| {
-            let m = disk.manifest();
+        let (start, m) = self.mapped_part(offset)?;
+        let within = offset - start;
+        let cs = u64::from(m.chunk_size());
+        let k = (within / cs) as usize;
+        (within.is_multiple_of(cs) && k < m.chunks().len() && m.chunk_len(k) == len)
+            .then(|| m.chunks()[k].map(|id| *id.as_bytes()))
+    }
+    /// The chunks (whole or in part) of the plaintext parts holding `[offset, offset + len)`.
+    fn stored_slices(&self, offset: u64, len: u64) -> Option<Vec<StoredSlice>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.info.size)?;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (start, m) = self.mapped_part(pos)?;
+            let within = pos - start;
             let cs = u64::from(m.chunk_size());
             let k = (within / cs) as usize;
-            Ok((!m.is_encrypted()
-                && within.is_multiple_of(cs)
-                && k < m.chunks().len()
-                && m.chunk_len(k) == len)
-                .then(|| m.chunks()[k].map(|id| *id.as_bytes())))
-        })
-        .ok()
-        .flatten()
+            let at = within % cs;
+            let n = (m.chunk_len(k).checked_sub(at)?).min(end - pos);
+            if n == 0 {
+                return None;
+            }
+            let slice = match m.chunks().get(k)? {
+                Some(id) => StoredSlice::Chunk {
+                    chunk: *id.as_bytes(),
+                    offset: at as u32,
+                    len: n as u32,
+                },
+                None => StoredSlice::Zero { len: n as u32 },
+            };
+            StoredSlice::push(&mut out, slice);
+            pos += n;
+        }
+        Some(out)
     }
     fn size(&self) -> std::io::Result<u64> {
         Ok(self.info.size)

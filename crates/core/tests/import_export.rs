@@ -149,6 +149,12 @@ async fn a_replaced_object_fails_the_import_and_an_unchanged_one_imports_and_exp
 
 /// Chunk files in the store of a service whose data dir is `dir`.
 fn stored_chunks(dir: &std::path::Path) -> usize {
+    store_files(dir, "chunks")
+}
+
+/// Files under the store directory `sub` (`chunks`, `composed`) of a service whose data dir
+/// is `dir`.
+fn store_files(dir: &std::path::Path, sub: &str) -> usize {
     fn walk(p: &std::path::Path) -> usize {
         std::fs::read_dir(p)
             .map(|rd| {
@@ -161,7 +167,7 @@ fn stored_chunks(dir: &std::path::Path) -> usize {
             })
             .unwrap_or(0)
     }
-    walk(&dir.join("store").join("chunks"))
+    walk(&dir.join("store").join(sub))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,4 +270,81 @@ async fn imports_and_exports_of_unencrypted_images_reference_chunks_instead_of_c
         let chunk = bit / per_chunk;
         assert_eq!(bm.get(bit), matches!(chunk, 0 | 2 | 4 | 5), "bit {bit}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qcow2_import_composes_the_image_from_the_uploaded_objects_chunks() {
+    const MIB: usize = 1 << 20;
+    let (dir, svc, c) = service_with_bucket().await;
+    // 13 MiB of data from 0.5 MiB on in a 24 MiB disk, as a compact qcow2 (64 KiB clusters
+    // after the header and tables): no data cluster of the file is chunk-aligned.
+    let mut raw = vec![0u8; 24 * MIB];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in &mut raw[MIB / 2..MIB / 2 + 13 * MIB] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let mut sink = openims_format::MemSink::default();
+    openims_format::write_image(
+        &mut openims_format::read::open(Arc::new(raw.clone()), openims_format::DiskFormat::Raw)
+            .expect("raw"),
+        openims_format::OutputFormat::Qcow2,
+        &openims_format::WriteOptions::default(),
+        &mut sink,
+        &mut |_| {},
+    )
+    .expect("qcow2");
+    put(&svc, &c, "src.qcow2", sink.data).await;
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let _workers = svc.spawn_workers(1, stop);
+
+    let before = stored_chunks(dir.path());
+    let job = svc
+        .import_image(&c, ImportKind::System, None, request("src.qcow2"))
+        .await
+        .expect("import accepted");
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    assert_eq!(
+        stored_chunks(dir.path()),
+        before,
+        "the import wrote chunk bytes"
+    );
+    // 14 MiB touched by data in 4 MiB chunks: chunks 0 to 3 hold data.
+    assert_eq!(store_files(dir.path(), "composed"), 4);
+    let image_id = j.image_id.expect("image id");
+
+    // The uploaded object goes and GC runs: the image's compositions keep its bytes.
+    assert!(svc
+        .buckets()
+        .delete_object(&c.project_id, "bkt1", "src.qcow2")
+        .await
+        .expect("delete"));
+    svc.collect_garbage(Duration::ZERO).await.expect("gc");
+    let job = svc
+        .export_image(
+            &c,
+            &image_id,
+            ExportRequest {
+                bucket_url: "bkt1:back.qcow2".into(),
+                file_format: Some("qcow2".into()),
+                is_quick_export: false,
+            },
+        )
+        .await
+        .expect("export accepted");
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let reader = svc
+        .buckets()
+        .open_object_reader(&c.project_id, "bkt1", "back.qcow2")
+        .await
+        .expect("exported object");
+    let mut d = openims_format::read::open(Arc::new(reader), openims_format::DiskFormat::Qcow2)
+        .expect("qcow2");
+    let mut back = vec![0u8; raw.len()];
+    d.read_at(0, &mut back).expect("read");
+    assert!(back == raw, "the image differs from the uploaded disk");
 }

@@ -28,6 +28,14 @@ pub trait ReadAt: Send + Sync {
         None
     }
 
+    /// `[offset, offset + len)` as runs of chunks a content-addressed store holds (and runs of
+    /// zeros), in order, when the storage knows it without reading; `None` when it does not
+    /// (the default). Lets a store compose a chunk of a disk image from byte ranges of chunks
+    /// it already holds instead of copying them (see [`VirtualDisk::stored_slices`]).
+    fn stored_slices(&self, _offset: u64, _len: u64) -> Option<Vec<StoredSlice>> {
+        None
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
         while !buf.is_empty() {
@@ -129,6 +137,9 @@ impl ReadAt for Vec<u8> {
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
+    fn stored_slices(&self, offset: u64, len: u64) -> Option<Vec<StoredSlice>> {
+        (**self).stored_slices(offset, len)
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         (**self).read_at(buf, offset)
     }
@@ -144,6 +155,9 @@ impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
+    fn stored_slices(&self, offset: u64, len: u64) -> Option<Vec<StoredSlice>> {
+        (**self).stored_slices(offset, len)
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         (**self).read_at(buf, offset)
     }
@@ -155,6 +169,54 @@ impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
     }
     fn stored_chunk(&self, offset: u64, len: u64) -> Option<Option<[u8; 32]>> {
         (**self).stored_chunk(offset, len)
+    }
+}
+
+/// A run of bytes as a content-addressed chunk store holds it ([`ReadAt::stored_slices`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredSlice {
+    /// `len` bytes of the stored chunk whose content address (BLAKE3) is `chunk`, from
+    /// byte `offset` of that chunk.
+    Chunk {
+        chunk: [u8; 32],
+        offset: u32,
+        len: u32,
+    },
+    /// `len` zero bytes.
+    Zero { len: u32 },
+}
+
+impl StoredSlice {
+    /// Bytes the slice stands for.
+    pub fn len(&self) -> u32 {
+        match self {
+            StoredSlice::Chunk { len, .. } | StoredSlice::Zero { len } => *len,
+        }
+    }
+
+    /// True for a slice of no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `s` to `v`, merging it into the last slice when it continues it (the next
+    /// bytes of the same chunk, or more zeros); empty slices are dropped.
+    pub fn push(v: &mut Vec<StoredSlice>, s: StoredSlice) {
+        if s.is_empty() {
+            return;
+        }
+        match (v.last_mut(), s) {
+            (
+                Some(StoredSlice::Chunk { chunk, offset, len }),
+                StoredSlice::Chunk {
+                    chunk: c,
+                    offset: o,
+                    len: l,
+                },
+            ) if *chunk == c && offset.checked_add(*len) == Some(o) => *len += l,
+            (Some(StoredSlice::Zero { len }), StoredSlice::Zero { len: l }) => *len += l,
+            _ => v.push(s),
+        }
     }
 }
 
@@ -197,6 +259,18 @@ pub trait VirtualDisk: Send {
     fn stored_chunk(&mut self, _offset: u64, _len: u64) -> crate::Result<Option<Option<[u8; 32]>>> {
         Ok(None)
     }
+
+    /// The virtual range `[offset, offset + len)` as byte ranges of chunks the image's source
+    /// holds in a content-addressed store ([`ReadAt::stored_slices`]) and runs of zeros, when
+    /// the image stores every cluster of the range verbatim (no compression) or as a hole;
+    /// `None` otherwise (read the range). Answered from metadata only. Default: `None`.
+    fn stored_slices(
+        &mut self,
+        _offset: u64,
+        _len: u64,
+    ) -> crate::Result<Option<Vec<StoredSlice>>> {
+        Ok(None)
+    }
 }
 
 impl<T: VirtualDisk + ?Sized> VirtualDisk for Box<T> {
@@ -211,6 +285,9 @@ impl<T: VirtualDisk + ?Sized> VirtualDisk for Box<T> {
     }
     fn stored_chunk(&mut self, offset: u64, len: u64) -> crate::Result<Option<Option<[u8; 32]>>> {
         (**self).stored_chunk(offset, len)
+    }
+    fn stored_slices(&mut self, offset: u64, len: u64) -> crate::Result<Option<Vec<StoredSlice>>> {
+        (**self).stored_slices(offset, len)
     }
 }
 

@@ -11,6 +11,11 @@
 //! - manifests not (yet) in the live set but younger than the grace period are kept and
 //!   their chunks marked.
 //!
+//! - a composed chunk ([`crate::compose`]) that GC keeps (referenced, young, or refreshed
+//!   before its conditional delete) keeps its source chunks: compositions are swept before
+//!   chunks, and the sources of every kept one are marked; an ingest touches a composition's
+//!   sources before writing it.
+//!
 //! So `grace` must exceed the longest ingest (a chunk written at its start must survive until
 //! its manifest exists) and the longest GC run. Hours are reasonable; tests use seconds.
 //!
@@ -38,6 +43,7 @@
 //! any loss (`missing_chunks`).
 
 use crate::backend::{chunk_key, manifest_key, CHUNK_PREFIX, MANIFEST_PREFIX};
+use crate::compose::{composed_key, sources, COMPOSED_PREFIX};
 use crate::crypto::{check_encrypted_chunk, echunk_key, ECHUNK_PREFIX};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
@@ -223,6 +229,12 @@ fn parse_echunk_key(key: &str) -> Option<ChunkId> {
     (echunk_key(&id) == key).then_some(id)
 }
 
+/// The composed chunk id named by a key, if it is exactly a composed chunk key.
+fn parse_composed_key(key: &str) -> Option<ChunkId> {
+    let id = ChunkId::from_hex(key.rsplit('/').next()?).ok()?;
+    (composed_key(&id) == key).then_some(id)
+}
+
 /// The two chunk namespaces: plaintext (`chunks/`) and encrypted (`echunks/`).
 const NAMESPACES: [(bool, &str); 2] = [(false, CHUNK_PREFIX), (true, ECHUNK_PREFIX)];
 
@@ -296,7 +308,39 @@ impl Store {
             marked[usize::from(m.is_encrypted())].extend(m.chunks().iter().flatten().copied());
         }
 
-        // 3. Sweep chunks of both namespaces.
+        // 3. Composed chunks: sweep the unmarked old ones; a kept one keeps its sources.
+        for meta in b.list(COMPOSED_PREFIX)? {
+            let meta = meta?;
+            let Some(id) = parse_composed_key(&meta.key) else {
+                report.foreign_keys += 1;
+                continue;
+            };
+            if marked[0].contains(&id) {
+                report.chunks_live += 1;
+            } else if meta.modified >= cutoff {
+                report.chunks_young += 1;
+            } else {
+                marker.before_delete()?;
+                if let Some(size) = b.delete_if_older(&meta.key, cutoff)? {
+                    report.chunks_deleted += 1;
+                    report.chunk_bytes_freed += size;
+                    continue;
+                }
+                report.chunks_young += 1;
+            }
+            match self.composition(&id) {
+                Ok(Some(slices)) => marked[0].extend(sources(&slices)),
+                // Deleted meanwhile by a concurrent GC: it keeps nothing.
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(StoreError::Invalid(format!(
+                        "gc refused: composed chunk {id} cannot be read ({e}); run fsck"
+                    )))
+                }
+            }
+        }
+
+        // 4. Sweep chunks of both namespaces.
         for (encrypted, prefix) in NAMESPACES {
             let marked = &marked[usize::from(encrypted)];
             for meta in b.list(prefix)? {
@@ -412,6 +456,22 @@ impl Store {
         report.missing_chunks.sort();
         report.corrupt_chunks.sort();
 
+        // Composed chunks: referenced ones hold their sources (checked above by the read of
+        // the composed chunk); unreferenced ones are orphans.
+        let mut held: HashSet<ChunkId> = HashSet::new();
+        for meta in b.list(COMPOSED_PREFIX)? {
+            let meta = meta?;
+            match parse_composed_key(&meta.key) {
+                Some(id) if expected.contains_key(&(id, false)) => {
+                    if let Ok(Some(slices)) = self.composition(&id) {
+                        held.extend(sources(&slices));
+                    }
+                }
+                Some(id) => report.orphan_chunks.push(id),
+                None => report.foreign_keys.push(meta.key),
+            }
+        }
+
         for meta in b.list(MANIFEST_PREFIX)? {
             let meta = meta?;
             match parse_manifest_key(&meta.key) {
@@ -424,7 +484,10 @@ impl Store {
             for meta in b.list(prefix)? {
                 let meta = meta?;
                 match parse_key(encrypted, &meta.key) {
-                    Some(id) if !expected.contains_key(&(id, encrypted)) => {
+                    Some(id)
+                        if !expected.contains_key(&(id, encrypted))
+                            && (encrypted || !held.contains(&id)) =>
+                    {
                         report.orphan_chunks.push(id)
                     }
                     Some(_) => {}

@@ -8,8 +8,8 @@
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{chunk_count, Manifest, MAX_CHUNKS};
-use crate::store::Store;
-use openims_format::io::{Extent, ExtentKind};
+use crate::store::{Put, Store};
+use openims_format::io::{Extent, ExtentKind, StoredSlice};
 use openims_format::VirtualDisk;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +53,9 @@ pub struct IngestReport {
     pub new_chunks: u64,
     /// Bytes this ingest wrote (chunk payloads).
     pub new_bytes: u64,
+    /// Of the new chunks, those stored as compositions of chunks the store held (bytes of an
+    /// uploaded file, see [`crate::compose`]): counted in `new_chunks`, not in `new_bytes`.
+    pub composed_chunks: u64,
     /// All-zero chunks (holes or zero data), not stored.
     pub zero_chunks: u64,
     /// Chunks taken over from a resume checkpoint (not read by this run).
@@ -114,13 +117,15 @@ fn range_is_hole(extents: &[Extent], start: u64, end: u64) -> bool {
 
 enum Outcome {
     Zero,
-    Stored { id: ChunkId, new: bool },
+    Stored { id: ChunkId, put: Put },
 }
 
 struct Job {
     index: usize,
     buf: Vec<u8>,
     len: usize,
+    /// Where the chunk's bytes already are in the store, if the disk knows.
+    slices: Option<Vec<StoredSlice>>,
 }
 
 struct Done {
@@ -137,6 +142,7 @@ struct Tally {
     prefix: usize,
     progress: IngestProgress,
     zero_chunks: u64,
+    composed_chunks: u64,
     zeros_unreported: u64,
 }
 
@@ -157,13 +163,20 @@ impl Tally {
                 self.zeros_unreported += 1;
                 self.zeros_unreported >= ZERO_PROGRESS_EVERY
             }
-            Outcome::Stored { id, new } => {
+            Outcome::Stored { id, put } => {
                 if let Some(slot) = self.chunks.get_mut(d.index) {
                     *slot = Some(id);
                 }
-                if new {
-                    p.new_chunks += 1;
-                    p.new_bytes += d.len;
+                match put {
+                    Put::Present => {}
+                    Put::Written => {
+                        p.new_chunks += 1;
+                        p.new_bytes += d.len;
+                    }
+                    Put::Composed => {
+                        p.new_chunks += 1;
+                        self.composed_chunks += 1;
+                    }
                 }
                 true
             }
@@ -229,6 +242,7 @@ impl Store {
                 new_bytes: 0,
             },
             zero_chunks: 0,
+            composed_chunks: 0,
             zeros_unreported: 0,
         };
         let resumed = match resume {
@@ -312,6 +326,7 @@ impl Store {
             stored_chunks,
             new_chunks: tally.progress.new_chunks,
             new_bytes: tally.progress.new_bytes,
+            composed_chunks: tally.composed_chunks,
             zero_chunks: tally.zero_chunks,
             resumed_chunks: resumed,
         })
@@ -447,9 +462,21 @@ impl Store {
                 Some(None) => Some(Outcome::Zero),
                 Some(Some(h)) if self.has_chunk(&ChunkId(h))? => Some(Outcome::Stored {
                     id: ChunkId(h),
-                    new: false,
+                    put: Put::Present,
                 }),
                 _ => None,
+            };
+            // Where the chunk's bytes lie in chunks the store holds: it is read (to hash it)
+            // but, if new, stored as a composition of those ranges instead of written again.
+            let slices = match known {
+                None if self.composes() => disk.stored_slices(start, len)?,
+                _ => None,
+            };
+            let known = match &slices {
+                Some(s) if s.iter().all(|s| matches!(s, StoredSlice::Zero { .. })) => {
+                    Some(Outcome::Zero)
+                }
+                _ => known,
             };
             if let Some(outcome) = known {
                 tally.record(
@@ -491,6 +518,7 @@ impl Store {
                     index: index as usize,
                     buf,
                     len: n,
+                    slices,
                 })
                 .is_err()
             {
@@ -524,11 +552,14 @@ fn worker(
             let first = claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
             if first {
                 store
-                    .put_chunk_as(id, data)
-                    .map(|(id, new)| Outcome::Stored { id, new })
+                    .put_chunk_from(id, data, job.slices.as_deref())
+                    .map(|put| Outcome::Stored { id, put })
             } else {
                 // Repeated within this ingest: another worker handles (or handled) it.
-                Ok(Outcome::Stored { id, new: false })
+                Ok(Outcome::Stored {
+                    id,
+                    put: Put::Present,
+                })
             }
         };
         let len = job.len as u64;

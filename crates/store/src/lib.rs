@@ -23,9 +23,10 @@
 //! and nothing GC deletes can be referenced by a manifest written concurrently (see [`gc`]).
 //!
 //! ## Design notes
-//! - Keys: `chunks/ab/cd/<hex>`, `echunks/ab/cd/<hex>` (encrypted chunks, see [`crypto`]) and
-//!   `manifests/<hex>`; the serialized manifest format is in [`manifest`] (version 2 marks a
-//!   manifest of encrypted chunks).
+//! - Keys: `chunks/ab/cd/<hex>`, `echunks/ab/cd/<hex>` (encrypted chunks, see [`crypto`]),
+//!   `composed/ab/cd/<hex>` (a plaintext chunk kept as byte ranges of other chunks, see
+//!   [`compose`]) and `manifests/<hex>`; the serialized manifest format is in [`manifest`]
+//!   (version 2 marks a manifest of encrypted chunks).
 //! - Envelope encryption: [`crypto`] encrypts chunk bytes under a data key ([`Dek`]) with
 //!   AES-256-GCM; the store never sees key-encryption keys (the core wraps DEKs).
 //!   [`Store::open_disk_with`] reads an encrypted manifest with its DEK;
@@ -33,7 +34,9 @@
 //!   resumable from an [`EncryptCheckpoint`].
 //! - Ingest pipeline: the caller's thread asks the disk for its allocation map (64 chunks at a
 //!   time) and never reads chunks that are wholly holes; data chunks go through a pool of
-//!   `ingest_workers + 2` buffers to worker threads that zero-check, hash and write them.
+//!   `ingest_workers + 2` buffers to worker threads that zero-check, hash and write them. A
+//!   chunk the disk reports as byte ranges of chunks already stored (a disk image uploaded to
+//!   a bucket) is written as a small composition of those ranges instead of its bytes.
 //! - Dedup check = [`Backend::touch`]: "exists" and "refresh the modification time" in one
 //!   call, so a chunk reused by a running ingest looks young to GC. [`Store::put_manifest`]
 //!   touches every referenced chunk again (failing if one vanished) before `sync` and the
@@ -49,6 +52,7 @@
 //!   default because a surviving name must mean complete content).
 
 pub mod backend;
+pub mod compose;
 pub mod crypto;
 mod disk;
 mod encrypt;

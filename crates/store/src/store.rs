@@ -5,6 +5,7 @@ use crate::crypto::{self, Dek};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use openims_format::io::StoredSlice;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -24,6 +25,11 @@ pub struct StoreConfig {
     /// Largest virtual disk accepted by `ingest` (bounds the manifest: 32 bytes per chunk).
     /// Default 64 TiB.
     pub max_virtual_size: u64,
+    /// Store a chunk an ingest finds as byte ranges of chunks already stored (a disk image
+    /// imported from a bucket object) as a composition of those ranges instead of writing its
+    /// bytes again (see [`crate::compose`]; only on backends with an atomic conditional
+    /// delete). Default `true`.
+    pub compose: bool,
 }
 
 impl Default for StoreConfig {
@@ -32,8 +38,20 @@ impl Default for StoreConfig {
             chunk_size: CHUNK_SIZE,
             ingest_workers: 2,
             max_virtual_size: 64 << 40,
+            compose: true,
         }
     }
+}
+
+/// How [`Store::put_chunk_from`] stored a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Put {
+    /// It was stored already (and is touched).
+    Present,
+    /// Its bytes were written.
+    Written,
+    /// A composition of other chunks' bytes was written.
+    Composed,
 }
 
 /// Logical and physical size of a set of manifests (for metering).
@@ -48,6 +66,8 @@ pub struct Usage {
 pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) config: StoreConfig,
+    /// Source chunks of composed chunks read lately.
+    pub(crate) sources: crate::compose::SourceCache,
 }
 
 /// The content-addressed chunk store. Cheap to clone (shared state), `Send + Sync`; all
@@ -86,7 +106,11 @@ impl Store {
             )));
         }
         Ok(Store {
-            inner: Arc::new(Inner { backend, config }),
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                sources: Default::default(),
+            }),
         })
     }
 
@@ -122,11 +146,7 @@ impl Store {
     /// (`sync`) before the manifest is written, and the manifest is durable on return.
     pub fn put_manifest(&self, m: &Manifest) -> Result<ManifestId> {
         let b = &self.inner.backend;
-        let key_of = if m.is_encrypted() {
-            crate::crypto::echunk_key
-        } else {
-            chunk_key
-        };
+        let encrypted = m.is_encrypted();
         let missing = |id: &crate::ChunkId| {
             StoreError::NotFound(format!(
                 "chunk {id} referenced by the manifest is not stored"
@@ -134,7 +154,7 @@ impl Store {
         };
         let touching = std::time::Instant::now();
         for id in m.stored_chunks() {
-            if !b.touch(&key_of(&id))? {
+            if !self.touch_chunk(encrypted, &id)? {
                 return Err(missing(&id));
             }
         }
@@ -152,7 +172,12 @@ impl Store {
         {
             std::thread::sleep(crate::gc::SETTLE);
             for id in m.stored_chunks() {
-                if !b.exists(&key_of(&id))? {
+                let stored = if encrypted {
+                    self.has_encrypted_chunk(&id)?
+                } else {
+                    self.has_chunk(&id)?
+                };
+                if !stored {
                     return Err(missing(&id));
                 }
             }
@@ -165,9 +190,20 @@ impl Store {
         Ok(id)
     }
 
-    /// Whether a chunk is stored.
+    /// Whether a chunk is stored (its bytes, or a composition of other chunks).
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        self.inner.backend.exists(&chunk_key(id))
+        let b = &self.inner.backend;
+        Ok(b.exists(&chunk_key(id))? || b.exists(&crate::compose::composed_key(id))?)
+    }
+
+    /// Refreshes a stored chunk's modification time (see [`crate::gc`]): an encrypted chunk
+    /// object, or a plaintext chunk's bytes or composition. `false` if it is not stored.
+    pub(crate) fn touch_chunk(&self, encrypted: bool, id: &ChunkId) -> Result<bool> {
+        let b = &self.inner.backend;
+        if encrypted {
+            return b.touch(&crypto::echunk_key(id));
+        }
+        Ok(b.touch(&chunk_key(id))? || b.touch(&crate::compose::composed_key(id))?)
     }
 
     /// The ids in `ids` that are not stored (duplicates reported once, in input order).
@@ -182,7 +218,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Reads a chunk and verifies that its content hashes to `id` (`Corrupt` otherwise).
+    /// Reads a chunk (its bytes, or assembled from its composition) and verifies that its
+    /// content hashes to `id` (`Corrupt` otherwise).
     pub fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         self.get_chunk_buf(id).map(ObjectBuf::into_vec)
     }
@@ -214,6 +251,19 @@ impl Store {
     /// [`Store::put_chunk_inner`] for `data` whose content id the caller has computed
     /// (`id` must be `ChunkId::hash(data)`), so it is not hashed twice.
     pub(crate) fn put_chunk_as(&self, id: ChunkId, data: &[u8]) -> Result<(ChunkId, bool)> {
+        let put = self.put_chunk_from(id, data, None)?;
+        Ok((id, put == Put::Written))
+    }
+
+    /// Stores chunk `id` (`ChunkId::hash(data)`) unless it is stored (touching it then): as
+    /// a composition of `slices` of stored chunks when they are given and usable (see
+    /// [`crate::compose`]), else its bytes.
+    pub(crate) fn put_chunk_from(
+        &self,
+        id: ChunkId,
+        data: &[u8],
+        slices: Option<&[StoredSlice]>,
+    ) -> Result<Put> {
         if data.is_empty() || data.len() > MAX_CHUNK_SIZE as usize {
             return Err(StoreError::Invalid(format!(
                 "chunk of {} bytes (must be 1..={MAX_CHUNK_SIZE})",
@@ -226,13 +276,16 @@ impl Store {
                 "chunk hashes to the reserved id".into(),
             ));
         }
-        let key = chunk_key(&id);
-        let b = &self.inner.backend;
-        if b.touch(&key)? {
-            return Ok((id, false));
+        if self.touch_chunk(false, &id)? {
+            return Ok(Put::Present);
         }
-        b.put(&key, data)?;
-        Ok((id, true))
+        if let Some(slices) = slices.filter(|_| self.composes()) {
+            if self.put_composed(&id, data, slices)? {
+                return Ok(Put::Composed);
+            }
+        }
+        self.inner.backend.put(&chunk_key(&id), data)?;
+        Ok(Put::Written)
     }
 
     /// Encrypts `plaintext` under `dek` and stores it (unless an object with its id is
@@ -268,15 +321,15 @@ impl Store {
         id: &ChunkId,
         plaintext: &[u8],
     ) -> Result<bool> {
-        let key = crypto::echunk_key(id);
-        let b = &self.inner.backend;
-        if b.touch(&key)? {
+        if self.touch_chunk(true, id)? {
             return Ok(false);
         }
         let len = plaintext.len() + crypto::ECHUNK_OVERHEAD;
-        b.put_with(&key, len, &mut |out| {
-            crypto::encrypt_chunk_into(dek, id, plaintext, out)
-        })?;
+        self.inner
+            .backend
+            .put_with(&crypto::echunk_key(id), len, &mut |out| {
+                crypto::encrypt_chunk_into(dek, id, plaintext, out)
+            })?;
         Ok(true)
     }
 
@@ -319,12 +372,10 @@ impl Store {
             )));
         }
         crypto::check_encrypted_chunk(id, obj)?;
-        let key = crypto::echunk_key(id);
-        let b = &self.inner.backend;
-        if b.touch(&key)? {
+        if self.touch_chunk(true, id)? {
             return Ok(false);
         }
-        b.put(&key, obj)?;
+        self.inner.backend.put(&crypto::echunk_key(id), obj)?;
         Ok(true)
     }
 
@@ -340,8 +391,20 @@ impl Store {
         Ok(self.put_chunk_as(*id, data)?.1)
     }
 
-    /// The stored object of chunk `id` of a plaintext or encrypted manifest, unverified.
+    /// The stored object of chunk `id` of a plaintext or encrypted manifest, unverified; a
+    /// plaintext chunk stored as a composition is assembled from its (verified) sources.
     pub(crate) fn read_object(&self, encrypted: bool, id: &ChunkId) -> Result<ObjectBuf> {
+        match self.read_stored(encrypted, id) {
+            Err(StoreError::NotFound(what)) if !encrypted => match self.read_composed(id)? {
+                Some(data) => Ok(data),
+                None => Err(StoreError::NotFound(what)),
+            },
+            r => r,
+        }
+    }
+
+    /// The object stored under chunk `id`'s own key (no composition), unverified.
+    pub(crate) fn read_stored(&self, encrypted: bool, id: &ChunkId) -> Result<ObjectBuf> {
         let (key, what) = if encrypted {
             (crypto::echunk_key(id), "encrypted chunk")
         } else {

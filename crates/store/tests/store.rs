@@ -1,7 +1,7 @@
 mod common;
 
 use common::*;
-use openims_format::io::ExtentKind;
+use openims_format::io::{ExtentKind, StoredSlice};
 use openims_format::VirtualDisk;
 use openims_store::backend::{chunk_key, manifest_key};
 use openims_store::{
@@ -987,4 +987,192 @@ fn read_all_of(d: &mut MemDisk) -> Vec<u8> {
     let mut v = vec![0u8; d.virtual_size() as usize];
     d.read_at(0, &mut v).expect("read");
     v
+}
+
+/// A file this store holds as the chunks of a manifest of its bytes (as a bucket object's
+/// part is held): it answers `ReadAt::stored_slices` for any range and counts bytes read.
+struct SlicedFile {
+    data: Vec<u8>,
+    chunks: Vec<Option<ChunkId>>,
+}
+
+impl SlicedFile {
+    fn store(s: &Store, data: Vec<u8>) -> Arc<SlicedFile> {
+        let chunks = data
+            .chunks(CS as usize)
+            .map(|c| {
+                c.iter()
+                    .any(|&x| x != 0)
+                    .then(|| s.put_chunk(c).expect("put"))
+            })
+            .collect();
+        Arc::new(SlicedFile { data, chunks })
+    }
+}
+
+impl openims_format::ReadAt for SlicedFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.data.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+    fn stored_slices(&self, offset: u64, len: u64) -> Option<Vec<StoredSlice>> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.data.len() as u64)?;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let k = (pos / CS) as usize;
+            let at = pos % CS;
+            let chunk_end = ((k as u64 + 1) * CS).min(self.data.len() as u64);
+            let n = (chunk_end - pos).min(end - pos) as u32;
+            let s = match self.chunks[k] {
+                Some(id) => StoredSlice::Chunk {
+                    chunk: *id.as_bytes(),
+                    offset: at as u32,
+                    len: n,
+                },
+                None => StoredSlice::Zero { len: n },
+            };
+            StoredSlice::push(&mut out, s);
+            pos += u64::from(n);
+        }
+        Some(out)
+    }
+}
+
+/// The sample disk as a file of `fmt` (qcow2 with 512-byte clusters): the data of every
+/// format but raw lies at file offsets that are not chunk-aligned.
+fn sample_file(fmt: openims_format::OutputFormat) -> Vec<u8> {
+    let mut sink = openims_format::MemSink::default();
+    let opts = openims_format::WriteOptions {
+        cluster_size: 512,
+        threads: 1,
+        ..Default::default()
+    };
+    openims_format::write_image(&mut sample_disk(), fmt, &opts, &mut sink, &mut |_| {})
+        .expect("write");
+    sink.data
+}
+
+/// Stores `file` (a `fmt` image) as the chunks of its bytes in a new store, then ingests the
+/// disk it holds. Returns the store, its backend, the file, the report and the disk's bytes.
+fn ingest_held_file(
+    fmt: openims_format::DiskFormat,
+    file: Vec<u8>,
+    config: StoreConfig,
+) -> (
+    Store,
+    Arc<MemBackend>,
+    Arc<SlicedFile>,
+    openims_store::IngestReport,
+    Vec<u8>,
+) {
+    use openims_format::{read, ReadAt};
+    let b = Arc::new(MemBackend::new());
+    let s = Store::open(Arc::clone(&b), config).expect("store");
+    let file = SlicedFile::store(&s, file);
+    let src: Arc<dyn ReadAt> = file.clone();
+    let mut disk = read::open(src, fmt).expect("open");
+    let mut bytes = vec![0u8; disk.virtual_size() as usize];
+    disk.read_at(0, &mut bytes).expect("read");
+    let r = s.ingest(disk.as_mut(), &mut |_| {}).expect("ingest");
+    (s, b, file, r, bytes)
+}
+
+#[test]
+fn ingest_composes_chunks_from_byte_ranges_its_source_stores() {
+    use openims_format::{read, DiskFormat, OutputFormat, ReadAt};
+    for (out, fmt) in [
+        (OutputFormat::Qcow2, DiskFormat::Qcow2),
+        (OutputFormat::Vhd, DiskFormat::Vhd),
+        (OutputFormat::VhdFixed, DiskFormat::Vhd),
+    ] {
+        let file = sample_file(out);
+        let (s, b, _, r, bytes) = ingest_held_file(fmt, file.clone(), config());
+        // The same manifest as an ordinary ingest of the disk, in another store.
+        let other = Store::open(MemBackend::new(), config()).expect("store");
+        let mut plain = MemDisk::new(bytes.len() as u64);
+        plain.write(0, &bytes);
+        let want = other.ingest(&mut plain, &mut |_| {}).expect("ingest");
+        assert_eq!(
+            r.manifest_id, want.manifest_id,
+            "{fmt:?}: the same chunk ids"
+        );
+        // Every new chunk was composed: no chunk bytes written besides the file's (a chunk
+        // of the disk may happen to be one of the file's chunks: then it is reused).
+        assert_eq!(r.new_bytes, 0, "{fmt:?}: {r:?}");
+        assert_eq!(r.composed_chunks, r.new_chunks, "{fmt:?}: {r:?}");
+        assert!(r.composed_chunks >= 1, "{fmt:?}: {r:?}");
+        assert_eq!(keys(&*b, "composed/").len() as u64, r.composed_chunks);
+        assert_eq!(read_all(&s, &r.manifest_id), bytes, "{fmt:?}");
+    }
+    // A compressed file (streamOptimized VMDK) is read and written in full.
+    let (_, b, _, r, bytes) = ingest_held_file(
+        DiskFormat::Vmdk,
+        sample_file(OutputFormat::VmdkStream),
+        config(),
+    );
+    assert_eq!(r.composed_chunks, 0);
+    assert!(r.new_bytes > 0 && keys(&*b, "composed/").is_empty());
+    assert!(bytes.len() as u64 >= 10 * CS);
+
+    let (s, b, file, r, bytes) = ingest_held_file(
+        DiskFormat::Qcow2,
+        sample_file(OutputFormat::Qcow2),
+        config(),
+    );
+    // A second ingest of the same disk finds every chunk stored.
+    let src: Arc<dyn ReadAt> = file.clone();
+    let mut disk = read::open(src, DiskFormat::Qcow2).expect("qcow2");
+    let r2 = s.ingest(disk.as_mut(), &mut |_| {}).expect("ingest");
+    assert_eq!((r2.new_chunks, r2.composed_chunks), (0, 0));
+
+    // The file's chunks are in no manifest, but the compositions keep those they use: GC of
+    // everything old but the image keeps the image readable, and fsck calls nothing orphan.
+    // (Chunks of the file no composition uses, such as its header's, go.)
+    age_all(&b, Duration::from_secs(3600));
+    let grace = Duration::from_secs(600);
+    let composed = keys(&*b, "composed/");
+    let held = keys(&*b, "chunks/").len() as u64;
+    let rep = s.gc(&[r.manifest_id], grace).expect("gc");
+    assert!(rep.chunks_deleted < held, "{rep:?}");
+    assert_eq!(keys(&*b, "composed/"), composed);
+    assert_eq!(read_all(&s, &r.manifest_id), bytes);
+    let f = s.fsck(&[r.manifest_id]).expect("fsck");
+    assert!(f.is_clean(), "{f:?}");
+    assert_eq!(f.orphan_chunks, vec![], "{f:?}");
+
+    // A damaged composition is caught on read and by fsck, and GC refuses to sweep.
+    let key = keys(&*b, "composed/").remove(0);
+    let mut damaged = b.get(&key).expect("get");
+    damaged[20] ^= 1;
+    b.put(&key, &damaged).expect("put");
+    let id = ChunkId::from_hex(key.rsplit('/').next().expect("id")).expect("hex");
+    assert!(s.get_chunk(&id).expect_err("corrupt").is_corrupt());
+    assert!(!s.fsck(&[r.manifest_id]).expect("fsck").is_clean());
+    assert!(s.gc(&[r.manifest_id], grace).is_err(), "gc refuses");
+
+    // Nothing live: the compositions go, then their sources.
+    b.delete(&key).expect("delete");
+    age_all(&b, Duration::from_secs(3600));
+    s.gc(&[], grace).expect("gc");
+    assert!(b.is_empty(), "{:?}", keys(&*b, ""));
+}
+
+#[test]
+fn ingest_writes_chunk_bytes_when_composing_is_off() {
+    let (_, b, _, r, _) = ingest_held_file(
+        openims_format::DiskFormat::Qcow2,
+        sample_file(openims_format::OutputFormat::Qcow2),
+        StoreConfig {
+            compose: false,
+            ..config()
+        },
+    );
+    assert_eq!(r.composed_chunks, 0);
+    assert!(r.new_bytes > 0);
+    assert!(keys(&*b, "composed/").is_empty());
 }

@@ -7,7 +7,7 @@
 //! Readers refuse what they can't read on their own: backing files, external data files,
 //! encryption, differencing disks, unreplayed logs (`FormatError::Unsupported`).
 
-use crate::io::{Extent, ExtentKind, ReadAt, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ReadAt, StoredSlice, VirtualDisk};
 use crate::{DiskFormat, FormatError, Result};
 use std::sync::Arc;
 
@@ -261,6 +261,66 @@ pub(crate) fn read_mapped(
         read_or_zero(src, &mut buf[rb..rb + rl], ro)?;
     }
     Ok(())
+}
+
+/// Generic `stored_slices` for block-mapped formats: each block of
+/// `[offset, offset + len)` is a hole (zeros) or stored verbatim in the file, whose bytes the
+/// source is asked about once per run of blocks contiguous in the file. `map` answers `None`
+/// for a block that is neither (compressed, partly present): then the answer is `None`, as it
+/// is when the source does not know a range.
+pub(crate) fn slices_mapped(
+    src: &dyn ReadAt,
+    vsize: u64,
+    block: u64,
+    offset: u64,
+    len: u64,
+    mut map: impl FnMut(u64) -> Result<Option<BlockMap>>,
+) -> Result<Option<Vec<StoredSlice>>> {
+    let end = offset.saturating_add(len);
+    if len == 0 || len > u64::from(u32::MAX) || end > vsize {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    // The pending run of stored bytes: (file offset, length).
+    let mut run: Option<(u64, u64)> = None;
+    let flush = |run: &mut Option<(u64, u64)>, out: &mut Vec<StoredSlice>| match run.take() {
+        None => true,
+        Some((h, n)) => match src.stored_slices(h, n) {
+            Some(slices) => {
+                slices.into_iter().for_each(|s| StoredSlice::push(out, s));
+                true
+            }
+            None => false,
+        },
+    };
+    let mut pos = offset;
+    while pos < end {
+        let within = pos % block;
+        let n = (block - within).min(end - pos);
+        match map(pos / block)? {
+            Some(BlockMap::Data(host)) => {
+                let h = host.saturating_add(within);
+                match run.as_mut() {
+                    Some((start, rlen)) if *start + *rlen == h => *rlen += n,
+                    _ => {
+                        if !flush(&mut run, &mut out) {
+                            return Ok(None);
+                        }
+                        run = Some((h, n));
+                    }
+                }
+            }
+            Some(BlockMap::Zero) => {
+                if !flush(&mut run, &mut out) {
+                    return Ok(None);
+                }
+                StoredSlice::push(&mut out, StoredSlice::Zero { len: n as u32 });
+            }
+            None => return Ok(None),
+        }
+        pos += n;
+    }
+    Ok(flush(&mut run, &mut out).then_some(out))
 }
 
 /// Generic `extents` for block-mapped formats (one `map` call per block; no data read).

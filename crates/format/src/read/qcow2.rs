@@ -5,10 +5,10 @@
 //! images marked corrupt, unknown incompatible features.
 
 use super::{
-    be32, be64, check_disk_size, clip, invalid, read_or_zero, unsupported, EntryWidth, ExtentList,
-    TableCache,
+    be32, be64, check_disk_size, clip, invalid, read_or_zero, unsupported, BlockMap, EntryWidth,
+    ExtentList, TableCache,
 };
-use crate::io::{Extent, ExtentKind, ReadAt, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ReadAt, StoredSlice, VirtualDisk};
 use crate::Result;
 use std::sync::Arc;
 
@@ -323,6 +323,19 @@ impl VirtualDisk for Qcow2Reader {
             }
         }
         Ok(first.and_then(|h| self.src.stored_chunk(h, len)))
+    }
+
+    /// Plain data clusters and holes as the source stores them; compressed ones: `None`.
+    fn stored_slices(&mut self, offset: u64, len: u64) -> Result<Option<Vec<StoredSlice>>> {
+        let src = Arc::clone(&self.src);
+        super::slices_mapped(&*src, self.p.size, self.cs(), offset, len, |c| {
+            let e = self.l2_entry(c)?;
+            Ok(match self.decode(e)? {
+                Map::Zero => Some(BlockMap::Zero),
+                Map::Data(h) => Some(BlockMap::Data(h)),
+                Map::Compressed { .. } => None,
+            })
+        })
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -2,7 +2,7 @@
 //! has one (`SEEK_DATA`/`SEEK_HOLE`), else the whole file is `Data`.
 
 use super::{clip, read_or_zero, ExtentList};
-use crate::io::{Extent, ExtentKind, ReadAt, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ReadAt, StoredSlice, VirtualDisk};
 use crate::Result;
 use std::sync::Arc;
 
@@ -51,6 +51,13 @@ impl VirtualDisk for RawReader {
             return Ok(None);
         }
         Ok(self.src.stored_chunk(offset, len))
+    }
+
+    fn stored_slices(&mut self, offset: u64, len: u64) -> Result<Option<Vec<StoredSlice>>> {
+        if offset.saturating_add(len) > self.size {
+            return Ok(None);
+        }
+        Ok(self.src.stored_slices(offset, len))
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -2,7 +2,7 @@
 //! 1 MiB blocks by default) is loaded whole, capped at 16 MiB. Differencing images are refused.
 
 use super::{check_disk_size, invalid, le32, le64, read_mapped, read_vec, unsupported, BlockMap};
-use crate::io::{Extent, ExtentKind, ReadAt, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ReadAt, StoredSlice, VirtualDisk};
 use crate::Result;
 use std::sync::Arc;
 
@@ -102,6 +102,14 @@ impl VirtualDisk for VdiReader {
                 BlockMap::Zero => ExtentKind::Zero,
                 BlockMap::Data(_) => ExtentKind::Data,
             })
+        })
+    }
+
+    fn stored_slices(&mut self, offset: u64, len: u64) -> Result<Option<Vec<StoredSlice>>> {
+        let this = &*self;
+        let (size, block) = (this.h.disk_size, this.h.block_size);
+        super::slices_mapped(&*this.src, size, block, offset, len, |b| {
+            Ok(Some(this.map(b)))
         })
     }
 

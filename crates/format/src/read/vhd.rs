@@ -7,7 +7,7 @@
 use super::{
     be16, be32, be64, clip, invalid, read_mapped, read_or_zero, unsupported, BlockMap, ExtentList,
 };
-use crate::io::{Extent, ExtentKind, ReadAt, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ReadAt, StoredSlice, VirtualDisk};
 use crate::Result;
 use std::sync::Arc;
 
@@ -171,7 +171,55 @@ impl VhdReader {
     }
 }
 
+/// Loads the sector bitmap of block `idx` (BAT entry `e`, `bmb` bytes) into the cache.
+fn load_bitmap(
+    src: &dyn ReadAt,
+    bitmap: &mut Option<(u64, Vec<u8>, bool)>,
+    idx: u64,
+    e: u32,
+    bmb: u64,
+) -> Result<()> {
+    if matches!(bitmap, Some((i, _, _)) if *i == idx) {
+        return Ok(());
+    }
+    let mut bm = match bitmap.take() {
+        Some((_, v, _)) => v,
+        None => Vec::new(),
+    };
+    bm.resize(bmb as usize, 0);
+    read_or_zero(src, &mut bm, e as u64 * 512)?;
+    let full = bm.iter().all(|&b| b == 0xff);
+    *bitmap = Some((idx, bm, full));
+    Ok(())
+}
+
 impl VirtualDisk for VhdReader {
+    /// A fixed disk's range is the file's; a dynamic disk's blocks are holes or, when their
+    /// sector bitmap is full, the file's bytes after the bitmap. A block with clear bits: `None`.
+    fn stored_slices(&mut self, offset: u64, len: u64) -> Result<Option<Vec<StoredSlice>>> {
+        let src = Arc::clone(&self.src);
+        let Kind::Dynamic {
+            bat,
+            block,
+            bitmap_bytes,
+            bitmap,
+        } = &mut self.kind
+        else {
+            let inside = offset.checked_add(len).is_some_and(|e| e <= self.size);
+            return Ok(src.stored_slices(offset, len).filter(|_| inside));
+        };
+        let (block, bmb) = (*block, *bitmap_bytes);
+        super::slices_mapped(&*src, self.size, block, offset, len, |idx| {
+            let e = bat.get(idx as usize).copied().unwrap_or(u32::MAX);
+            if e == u32::MAX {
+                return Ok(Some(BlockMap::Zero));
+            }
+            load_bitmap(&*src, bitmap, idx, e, bmb)?;
+            let whole = matches!(bitmap, Some((_, _, true)));
+            Ok(whole.then_some(BlockMap::Data((e as u64 * 512).saturating_add(bmb))))
+        })
+    }
+
     fn virtual_size(&self) -> u64 {
         self.size
     }
@@ -240,16 +288,7 @@ impl VirtualDisk for VhdReader {
                     let n = (block - pos % block).min(end - pos);
                     let e = bat.get(idx as usize).copied().unwrap_or(u32::MAX);
                     if e != u32::MAX {
-                        if !matches!(bitmap, Some((i, _, _)) if *i == idx) {
-                            let mut bm = match bitmap.take() {
-                                Some((_, v, _)) => v,
-                                None => Vec::new(),
-                            };
-                            bm.resize(bmb as usize, 0);
-                            read_or_zero(src, &mut bm, e as u64 * 512)?;
-                            let full = bm.iter().all(|&b| b == 0xff);
-                            *bitmap = Some((idx, bm, full));
-                        }
+                        load_bitmap(src, bitmap, idx, e, bmb)?;
                         if let Some((_, bm, false)) = bitmap {
                             let first = pos % block / 512;
                             let last = (pos % block + n).div_ceil(512);

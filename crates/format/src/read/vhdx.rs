@@ -8,7 +8,7 @@ use super::{
     clip, invalid, le16, le32, le64, read_mapped, read_vec, unsupported, BlockMap, EntryWidth,
     TableCache,
 };
-use crate::io::{Extent, ExtentKind, ReadAt, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ReadAt, StoredSlice, VirtualDisk};
 use crate::Result;
 use std::sync::Arc;
 
@@ -308,6 +308,12 @@ impl VirtualDisk for VhdxReader {
                 BlockMap::Data(_) => ExtentKind::Data,
             })
         })
+    }
+
+    fn stored_slices(&mut self, offset: u64, len: u64) -> Result<Option<Vec<StoredSlice>>> {
+        let (vs, bs) = (self.p.virtual_size, self.p.block_size);
+        let src = self.src.clone();
+        super::slices_mapped(&*src, vs, bs, offset, len, |b| self.map(b).map(Some))
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {

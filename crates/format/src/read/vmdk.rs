@@ -6,10 +6,10 @@
 //! (parent hints), compressed grains without markers.
 
 use super::{
-    clip, invalid, le16, le32, le64, read_or_zero, read_vec, unsupported, EntryWidth, ExtentList,
-    TableCache,
+    clip, invalid, le16, le32, le64, read_or_zero, read_vec, unsupported, BlockMap, EntryWidth,
+    ExtentList, TableCache,
 };
-use crate::io::{Extent, ExtentKind, ReadAt, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ReadAt, StoredSlice, VirtualDisk};
 use crate::Result;
 use std::sync::Arc;
 
@@ -284,6 +284,18 @@ impl VirtualDisk for VmdkReader {
             pos += n;
         }
         Ok(out.v)
+    }
+
+    /// Plain grains and holes as the source stores them; compressed grains: `None`.
+    fn stored_slices(&mut self, offset: u64, len: u64) -> Result<Option<Vec<StoredSlice>>> {
+        let src = Arc::clone(&self.src);
+        super::slices_mapped(&*src, self.size, self.grain, offset, len, |g| {
+            Ok(match self.map(g)? {
+                Map::Zero => Some(BlockMap::Zero),
+                Map::Data(h) => Some(BlockMap::Data(h)),
+                Map::Compressed(_) => None,
+            })
+        })
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
