@@ -41,8 +41,9 @@ const MAGIC: &[u8; 8] = b"OIMSCMP1";
 pub const MAX_SOURCES: usize = 8;
 /// Most slices one composition may hold.
 const MAX_SLICES: usize = 4096;
-/// Source chunks kept by the read cache (each up to a chunk in size).
-const SOURCE_CACHE: usize = 4;
+/// Source chunks kept by the read cache (each up to a chunk in size): a chunk drawn from two
+/// sources and the one its successor, read ahead at the same time, adds.
+const SOURCE_CACHE: usize = 3;
 
 /// Key of a composed chunk: `composed/ab/cd/<hex>`.
 pub fn composed_key(id: &ChunkId) -> String {
@@ -248,10 +249,13 @@ impl Store {
             Err(e) => return Err(e),
         };
         let (len, slices) = from_bytes(&bytes, &key)?;
-        let mut out = vec![0u8; len as usize];
+        let mut out = ObjectBuf::pooled(len as usize);
         let mut pos = 0usize;
         for s in &slices {
             let n = s.len() as usize;
+            if let StoredSlice::Zero { .. } = s {
+                out[pos..pos + n].fill(0);
+            }
             if let StoredSlice::Chunk { chunk, offset, .. } = s {
                 let src = self.source_chunk(&ChunkId(*chunk))?;
                 let at = *offset as usize;
@@ -268,7 +272,7 @@ impl Store {
             }
             pos += n;
         }
-        Ok(Some(ObjectBuf::from(out)))
+        Ok(Some(out))
     }
 
     /// A source chunk of a composition, from the cache or read and verified.

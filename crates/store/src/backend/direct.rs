@@ -238,6 +238,19 @@ impl ObjectBuf {
         self.start += range.start;
     }
 
+    /// A buffer of `len` bytes of unspecified content, from the pool of aligned buffers when
+    /// one is free or can be made (a `Vec` otherwise): for bytes the caller overwrites whole.
+    pub fn pooled(len: usize) -> ObjectBuf {
+        match take_buf(len) {
+            Some(buf) => ObjectBuf {
+                mem: Mem::Aligned(Some(buf)),
+                start: 0,
+                end: len,
+            },
+            None => ObjectBuf::from(vec![0u8; len]),
+        }
+    }
+
     /// The bytes as a `Vec` (free for a `Vec`-backed buffer seen whole, a copy otherwise).
     pub fn into_vec(mut self) -> Vec<u8> {
         match &mut self.mem {
