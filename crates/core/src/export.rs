@@ -28,6 +28,7 @@ use crate::import::{parse_file_url, BITMAP_SUFFIX};
 use crate::jobs::{insert_job, Job, JobType, NewJob, Progress};
 use crate::objects::{PartTag, PartWriter};
 use crate::Service;
+use openims_format::io::StoredSlice;
 use openims_format::write::{
     write_image_resumable, AllocationBitmap, OutputFormat, SlottedQcow2, WriteCheckpoint,
     WriteOptions,
@@ -831,12 +832,25 @@ impl PartSequence {
         Ok(self.parts)
     }
 
-    fn append(&mut self, mut data: &[u8]) -> Result<()> {
+    fn append(&mut self, data: &[u8]) -> Result<()> {
+        self.append_sliced(data, None)
+    }
+
+    /// Appends bytes the store holds as `slices` (see [`PartWriter::append_sliced`]).
+    fn append_sliced(&mut self, mut data: &[u8], slices: Option<&[StoredSlice]>) -> Result<()> {
+        let mut done = 0u64;
         while !data.is_empty() {
             let w = self.writer();
             let room = (EXPORT_PART_SIZE - w.size()) as usize;
             let n = room.min(data.len());
-            w.append(&data[..n])?;
+            match slices {
+                Some(s) => {
+                    let part = StoredSlice::range(s, done, n as u64);
+                    w.append_sliced(&data[..n], Some(&part))?
+                }
+                None => w.append(&data[..n])?,
+            }
+            done += n as u64;
             data = &data[n..];
             if w.size() == EXPORT_PART_SIZE {
                 self.close_part()?;
@@ -895,20 +909,40 @@ impl UploadSink {
     }
 }
 
-impl ImageSink for UploadSink {
-    fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+impl UploadSink {
+    /// Appends `buf` (whose bytes the store holds as `slices`, if given): the header window
+    /// first, then the body parts.
+    fn append(&mut self, mut buf: &[u8], slices: Option<&[StoredSlice]>) -> std::io::Result<()> {
+        let mut head = 0usize;
         if self.position < self.body_start {
-            let n = ((self.body_start - self.position) as usize).min(buf.len());
-            self.head.extend_from_slice(&buf[..n]);
-            self.position += n as u64;
-            buf = &buf[n..];
+            head = ((self.body_start - self.position) as usize).min(buf.len());
+            self.head.extend_from_slice(&buf[..head]);
+            self.position += head as u64;
+            buf = &buf[head..];
         }
         if !buf.is_empty() {
-            let r = self.body.append(buf);
+            let rest = slices.map(|s| StoredSlice::range(s, head as u64, buf.len() as u64));
+            let r = self.body.append_sliced(buf, rest.as_deref());
             self.io(r)?;
             self.position += buf.len() as u64;
         }
         Ok(())
+    }
+}
+
+impl ImageSink for UploadSink {
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.append(buf, None)
+    }
+
+    /// The body's chunks made of the image's bytes are stored as compositions of the image's
+    /// chunks (a plaintext image; an encrypted one has no slices to give).
+    fn wants_slices(&self) -> bool {
+        true
+    }
+
+    fn write_sliced(&mut self, buf: &[u8], slices: &[StoredSlice]) -> std::io::Result<()> {
+        self.append(buf, Some(slices))
     }
 
     fn patch(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {

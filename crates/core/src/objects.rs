@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// Chunk index and its bytes, on the way to a worker.
-type ChunkJob = (usize, Vec<u8>);
+type ChunkJob = (usize, Vec<u8>, Vec<(u32, StoredSlice)>);
 /// Chunk index and what it became (`None`: all zero, not stored).
 type ChunkDone = Result<(usize, Option<ChunkId>)>;
 
@@ -52,6 +52,9 @@ pub struct PartWriter {
     store: Arc<Store>,
     chunk_size: usize,
     buf: Vec<u8>,
+    /// Where bytes of `buf` already are in the store (offset in `buf`, slice), as
+    /// [`PartWriter::append_sliced`] was told.
+    known: Vec<(u32, StoredSlice)>,
     md5: Option<Md5>,
     size: u64,
     max_size: u64,
@@ -96,6 +99,7 @@ impl PartWriter {
             store,
             chunk_size,
             buf: Vec::with_capacity(chunk_size),
+            known: Vec::new(),
             md5: (tag == PartTag::Md5).then(Md5::new),
             size: 0,
             max_size,
@@ -152,9 +156,10 @@ impl PartWriter {
             },
         };
         let full = std::mem::replace(&mut self.buf, fresh);
+        let known = std::mem::take(&mut self.known);
         let index = self.next_index;
         self.next_index += 1;
-        let sent = self.jobs.as_ref().map(|tx| tx.send((index, full)));
+        let sent = self.jobs.as_ref().map(|tx| tx.send((index, full, known)));
         if !matches!(sent, Some(Ok(()))) {
             return Err(CoreError::Internal("chunk writers exited".into()));
         }
@@ -162,7 +167,14 @@ impl PartWriter {
     }
 
     /// Appends bytes (the error form of `write_all`).
-    pub fn append(&mut self, mut data: &[u8]) -> Result<()> {
+    pub fn append(&mut self, data: &[u8]) -> Result<()> {
+        self.append_sliced(data, None)
+    }
+
+    /// Appends bytes that the store already holds as `slices` (covering `data` exactly): a
+    /// chunk of the part made mostly of such bytes is stored as a composition of them
+    /// ([`Store::put_chunk_described`]) instead of its bytes.
+    pub fn append_sliced(&mut self, mut data: &[u8], slices: Option<&[StoredSlice]>) -> Result<()> {
         if let Some(e) = &self.failed {
             return Err(CoreError::Internal(format!(
                 "the writer failed earlier: {e}"
@@ -180,9 +192,18 @@ impl PartWriter {
             h.update(data);
         }
         self.size += data.len() as u64;
+        let mut done = 0u64;
         while !data.is_empty() {
             let room = self.chunk_size - self.buf.len();
             let n = room.min(data.len());
+            if let Some(slices) = slices {
+                let mut at = self.buf.len() as u32;
+                for s in StoredSlice::range(slices, done, n as u64) {
+                    self.known.push((at, s));
+                    at += s.len();
+                }
+            }
+            done += n as u64;
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
             if self.buf.len() == self.chunk_size {
@@ -295,12 +316,19 @@ fn chunk_worker(
             let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
             rx.recv()
         };
-        let Ok((index, mut buf)) = job else { return };
+        let Ok((index, mut buf, known)) = job else {
+            return;
+        };
         let r = if is_all_zero(&buf) {
             Ok((index, None))
-        } else {
+        } else if known.is_empty() {
             store
                 .put_chunk(&buf)
+                .map(|id| (index, Some(id)))
+                .map_err(CoreError::from)
+        } else {
+            store
+                .put_chunk_described(&buf, &known)
                 .map(|id| (index, Some(id)))
                 .map_err(CoreError::from)
         };
@@ -559,23 +587,13 @@ impl ReadAt for ObjectReader {
         let mut pos = offset;
         while pos < end {
             let (start, m) = self.mapped_part(pos)?;
-            let within = pos - start;
-            let cs = u64::from(m.chunk_size());
-            let k = (within / cs) as usize;
-            let at = within % cs;
-            let n = (m.chunk_len(k).checked_sub(at)?).min(end - pos);
+            let n = (start + m.virtual_size()).min(end) - pos;
             if n == 0 {
                 return None;
             }
-            let slice = match m.chunks().get(k)? {
-                Some(id) => StoredSlice::Chunk {
-                    chunk: *id.as_bytes(),
-                    offset: at as u32,
-                    len: n as u32,
-                },
-                None => StoredSlice::Zero { len: n as u32 },
-            };
-            StoredSlice::push(&mut out, slice);
+            for s in m.slices(pos - start, n)? {
+                StoredSlice::push(&mut out, s);
+            }
             pos += n;
         }
         Some(out)

@@ -273,7 +273,7 @@ async fn imports_and_exports_of_unencrypted_images_reference_chunks_instead_of_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_qcow2_import_composes_the_image_from_the_uploaded_objects_chunks() {
+async fn qcow2_imports_and_vhd_exports_compose_chunks_from_the_other_sides_chunks() {
     const MIB: usize = 1 << 20;
     let (dir, svc, c) = service_with_bucket().await;
     // 13 MiB of data from 0.5 MiB on in a 24 MiB disk, as a compact qcow2 (64 KiB clusters
@@ -347,4 +347,39 @@ async fn a_qcow2_import_composes_the_image_from_the_uploaded_objects_chunks() {
     let mut back = vec![0u8; raw.len()];
     d.read_at(0, &mut back).expect("read");
     assert!(back == raw, "the image differs from the uploaded disk");
+
+    // A vhd export interleaves sector bitmaps with the image's bytes: the body's chunks are
+    // compositions of the image's (composed) chunks and the bitmaps; only the header window
+    // (footer copy, header, BAT) is written as bytes.
+    let (chunks_before, composed_before) = (
+        stored_chunks(dir.path()),
+        store_files(dir.path(), "composed"),
+    );
+    let job = svc
+        .export_image(
+            &c,
+            &image_id,
+            ExportRequest {
+                bucket_url: "bkt1:back.vhd".into(),
+                file_format: Some("vhd".into()),
+                is_quick_export: false,
+            },
+        )
+        .await
+        .expect("export accepted");
+    let j = wait(&svc, &c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let added = stored_chunks(dir.path()) - chunks_before;
+    assert!(added <= 2, "the vhd export wrote {added} chunks");
+    assert!(store_files(dir.path(), "composed") > composed_before);
+    let reader = svc
+        .buckets()
+        .open_object_reader(&c.project_id, "bkt1", "back.vhd")
+        .await
+        .expect("exported object");
+    let mut d =
+        openims_format::read::open(Arc::new(reader), openims_format::DiskFormat::Vhd).expect("vhd");
+    let mut back = vec![0u8; raw.len()];
+    d.read_at(0, &mut back).expect("read");
+    assert!(back == raw, "the vhd export differs from the image");
 }

@@ -199,6 +199,33 @@ impl StoredSlice {
         self.len() == 0
     }
 
+    /// The part of `slices` (covering consecutive bytes) that covers bytes
+    /// `[from, from + len)` of them.
+    pub fn range(slices: &[StoredSlice], from: u64, len: u64) -> Vec<StoredSlice> {
+        let end = from.saturating_add(len);
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        for s in slices {
+            let (a, b) = (pos, pos + u64::from(s.len()));
+            pos = b;
+            let (lo, hi) = (a.max(from), b.min(end));
+            if lo >= hi {
+                continue;
+            }
+            let (skip, n) = ((lo - a) as u32, (hi - lo) as u32);
+            let part = match *s {
+                StoredSlice::Chunk { chunk, offset, .. } => StoredSlice::Chunk {
+                    chunk,
+                    offset: offset + skip,
+                    len: n,
+                },
+                StoredSlice::Zero { .. } => StoredSlice::Zero { len: n },
+            };
+            StoredSlice::push(&mut out, part);
+        }
+        out
+    }
+
     /// Appends `s` to `v`, merging it into the last slice when it continues it (the next
     /// bytes of the same chunk, or more zeros); empty slices are dropped.
     pub fn push(v: &mut Vec<StoredSlice>, s: StoredSlice) {
@@ -338,5 +365,16 @@ pub trait ImageSink {
     /// `write::write_image_resumable`). `Ok(false)`: not now (try again later). Default: never.
     fn seal(&mut self) -> std::io::Result<bool> {
         Ok(false)
+    }
+    /// Whether the sink uses [`ImageSink::write_sliced`]'s slices (writers then ask the disk
+    /// for them). Default: `false`.
+    fn wants_slices(&self) -> bool {
+        false
+    }
+    /// Appends `buf`, which the disk being written holds as `slices` of chunks of a
+    /// content-addressed store (they cover `buf` exactly): a sink storing into that store may
+    /// reference them instead of storing the bytes again. Default: [`ImageSink::write_all`].
+    fn write_sliced(&mut self, buf: &[u8], _slices: &[StoredSlice]) -> std::io::Result<()> {
+        self.write_all(buf)
     }
 }

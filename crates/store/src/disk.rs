@@ -320,6 +320,15 @@ impl VirtualDisk for ManifestDisk {
         Ok(out)
     }
 
+    /// The manifest's own chunks (a plaintext manifest only).
+    fn stored_slices(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> openims_format::Result<Option<Vec<openims_format::io::StoredSlice>>> {
+        Ok(self.manifest.slices(offset, len))
+    }
+
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> openims_format::Result<()> {
         self.read(offset, buf)
             .map_err(|e| FormatError::Io(e.into_io_error()))

@@ -552,7 +552,7 @@ fn worker(
             let first = claimed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
             if first {
                 store
-                    .put_chunk_from(id, data, job.slices.as_deref())
+                    .put_chunk_from(id, data, job.slices.map(crate::compose::Piece::from_slices))
                     .map(|put| Outcome::Stored { id, put })
             } else {
                 // Repeated within this ingest: another worker handles (or handled) it.

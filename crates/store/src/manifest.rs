@@ -17,6 +17,7 @@
 
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
+use openims_format::io::StoredSlice;
 use std::collections::HashSet;
 
 const MAGIC: &[u8; 8] = b"OIMSMANI";
@@ -129,6 +130,37 @@ impl Manifest {
     /// Byte offset of chunk `index` in the virtual disk.
     pub fn chunk_offset(&self, index: usize) -> u64 {
         index as u64 * u64::from(self.chunk_size)
+    }
+
+    /// `[offset, offset + len)` of the disk as slices of its chunks (zero chunks as zeros);
+    /// `None` for an encrypted manifest (its chunk ids are not content addresses of the
+    /// bytes) or a range past the end.
+    pub fn slices(&self, offset: u64, len: u64) -> Option<Vec<StoredSlice>> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.virtual_size && len <= u64::from(u32::MAX))?;
+        if self.is_encrypted() {
+            return None;
+        }
+        let cs = u64::from(self.chunk_size);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let k = (pos / cs) as usize;
+            let at = pos % cs;
+            let n = (cs - at).min(end - pos) as u32;
+            let s = match self.chunks.get(k)? {
+                Some(id) => StoredSlice::Chunk {
+                    chunk: id.0,
+                    offset: at as u32,
+                    len: n,
+                },
+                None => StoredSlice::Zero { len: n },
+            };
+            StoredSlice::push(&mut out, s);
+            pos += u64::from(n);
+        }
+        Some(out)
     }
 
     /// Length of chunk `index` (the last chunk may be short; 0 past the end).

@@ -5,7 +5,6 @@ use crate::crypto::{self, Dek};
 use crate::error::{Result, StoreError};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use openims_format::io::StoredSlice;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -256,13 +255,13 @@ impl Store {
     }
 
     /// Stores chunk `id` (`ChunkId::hash(data)`) unless it is stored (touching it then): as
-    /// a composition of `slices` of stored chunks when they are given and usable (see
-    /// [`crate::compose`]), else its bytes.
+    /// a composition of `pieces` when they are given and usable (see [`crate::compose`]),
+    /// else its bytes.
     pub(crate) fn put_chunk_from(
         &self,
         id: ChunkId,
         data: &[u8],
-        slices: Option<&[StoredSlice]>,
+        pieces: Option<Vec<crate::compose::Piece>>,
     ) -> Result<Put> {
         if data.is_empty() || data.len() > MAX_CHUNK_SIZE as usize {
             return Err(StoreError::Invalid(format!(
@@ -279,8 +278,8 @@ impl Store {
         if self.touch_chunk(false, &id)? {
             return Ok(Put::Present);
         }
-        if let Some(slices) = slices.filter(|_| self.composes()) {
-            if self.put_composed(&id, data, slices)? {
+        if let Some(pieces) = pieces.filter(|_| self.composes()) {
+            if self.put_composed(&id, data, pieces)? {
                 return Ok(Put::Composed);
             }
         }

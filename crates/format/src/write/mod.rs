@@ -28,7 +28,7 @@
 //! Bit `i` set means `[i * g, (i + 1) * g)` of the raw output may hold non-zero bytes; clear
 //! means it is all zeros (a consumer may skip it).
 
-use crate::io::{Extent, ExtentKind, ImageSink, VirtualDisk};
+use crate::io::{Extent, ExtentKind, ImageSink, StoredSlice, VirtualDisk};
 use crate::{FormatError, Result};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{mpsc, Arc, Mutex};
@@ -217,9 +217,10 @@ pub fn write_image_resumable(
     };
     let mut last_checkpoint = sink.position();
     let unit = w.unit();
+    let want_slices = sink.wants_slices();
     run_pipeline(
         disk,
-        unit,
+        (unit, want_slices),
         w.codec(),
         threads,
         first_unit,
@@ -267,7 +268,7 @@ pub fn write_image_resumable(
 pub fn write_bitmap(disk: &mut dyn VirtualDisk, granularity_log2: u32) -> Result<Vec<u8>> {
     let mut bm = AllocationBitmap::new(disk.virtual_size(), granularity_log2)?;
     let unit = bm.granularity();
-    run_pipeline(disk, unit, Codec::None, 0, 0, &mut |b: &Batch| {
+    run_pipeline(disk, (unit, false), Codec::None, 0, 0, &mut |b: &Batch| {
         for (i, u) in b.units.iter().enumerate() {
             if matches!(u, Unit::Raw(_)) {
                 bm.set(b.first + i as u64);
@@ -397,6 +398,9 @@ pub(crate) struct Batch {
     pub units: Vec<Unit>,
     pub buf: Vec<u8>,
     pub cbuf: Vec<u8>,
+    /// Per unit, where the disk holds its bytes in a chunk store (only when the sink wants
+    /// them, see [`ImageSink::wants_slices`]; empty otherwise).
+    pub slices: Vec<Option<Vec<StoredSlice>>>,
 }
 
 /// What a format writer implements; the driver feeds it batches in order.
@@ -631,7 +635,7 @@ const BATCH_MAX_UNITS: usize = 1 << 16;
 fn produce(
     disk: &mut dyn VirtualDisk,
     cur: &mut ExtentCursor,
-    unit: u64,
+    (unit, want_slices): (u64, bool),
     first: u64,
     max_bytes: usize,
     mut b: Batch,
@@ -647,6 +651,7 @@ fn produce(
     b.unit = unit;
     b.units.clear();
     b.cbuf.clear();
+    b.slices.clear();
     let mut used = 0usize;
     // Pending read: (virtual offset, buffer offset, len).
     let mut pend: Option<(u64, usize, usize)> = None;
@@ -655,6 +660,9 @@ fn produce(
         let s = u * unit;
         if cur.has_data(disk, s, s + unit)? {
             b.units.push(Unit::Raw(used));
+            if want_slices {
+                b.slices.push(unit_slices(disk, s, unit)?);
+            }
             match &mut pend {
                 Some((_, _, l)) => *l += us,
                 None => pend = Some((s, used, us)),
@@ -665,6 +673,9 @@ fn produce(
                 disk.read_at(vo, &mut b.buf[bo..bo + l])?;
             }
             b.units.push(Unit::Hole);
+            if want_slices {
+                b.slices.push(None);
+            }
         }
         u += 1;
     }
@@ -672,6 +683,33 @@ fn produce(
         disk.read_at(vo, &mut b.buf[bo..bo + l])?;
     }
     Ok(b)
+}
+
+/// Where the disk holds unit `[s, s + unit)` (zeros past its end) in a chunk store.
+fn unit_slices(disk: &mut dyn VirtualDisk, s: u64, unit: u64) -> Result<Option<Vec<StoredSlice>>> {
+    let inside = unit.min(disk.virtual_size().saturating_sub(s));
+    let Some(mut v) = disk.stored_slices(s, inside)? else {
+        return Ok(None);
+    };
+    if inside < unit {
+        StoredSlice::push(
+            &mut v,
+            StoredSlice::Zero {
+                len: (unit - inside) as u32,
+            },
+        );
+    }
+    Ok(Some(v))
+}
+
+/// Writes the bytes of unit `i` of `b` (Raw or Comp), with the unit's slices when known.
+pub(crate) fn write_unit(sink: &mut dyn ImageSink, b: &Batch, i: usize) -> Result<()> {
+    let u = b.units[i];
+    match (u, b.slices.get(i).and_then(Option::as_deref)) {
+        (Unit::Raw(_), Some(slices)) => sink.write_sliced(unit_bytes(b, u), slices)?,
+        _ => sink.write_all(unit_bytes(b, u))?,
+    }
+    Ok(())
 }
 
 /// Per-worker compressor state.
@@ -803,7 +841,7 @@ impl Compressor {
 /// Runs reader thread -> workers -> in-order consumer (the calling thread).
 fn run_pipeline(
     disk: &mut dyn VirtualDisk,
-    unit: u64,
+    (unit, want_slices): (u64, bool),
     codec: Codec,
     threads: usize,
     first_unit: u64,
@@ -828,10 +866,11 @@ fn run_pipeline(
             units: Vec::new(),
             buf: Vec::new(),
             cbuf: Vec::new(),
+            slices: Vec::new(),
         };
         let mut next = first_unit;
         while next < total {
-            b = produce(disk, &mut cur, unit, next, max_bytes, b)?;
+            b = produce(disk, &mut cur, (unit, want_slices), next, max_bytes, b)?;
             c.transform(&mut b);
             consume(&b)?;
             next += b.units.len() as u64;
@@ -864,8 +903,9 @@ fn run_pipeline(
                     units: Vec::new(),
                     buf: Vec::new(),
                     cbuf: Vec::new(),
+                    slices: Vec::new(),
                 });
-                let r = produce(disk, &mut cur, unit, next_unit, max_bytes, b);
+                let r = produce(disk, &mut cur, (unit, want_slices), next_unit, max_bytes, b);
                 let stop = r.is_err();
                 if let Ok(b) = &r {
                     next_unit += b.units.len() as u64;

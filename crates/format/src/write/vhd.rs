@@ -157,7 +157,7 @@ impl FormatWriter for VhdDynWriter {
                     *e = sector;
                 }
                 sink.write_all(&BM)?;
-                sink.write_all(super::unit_bytes(b, u))?;
+                super::write_unit(sink, b, i)?;
             }
         }
         Ok(())
