@@ -11,6 +11,7 @@ use openims_core::import::{ImportKind, ImportRequest};
 use openims_core::jobs::JobStatus;
 use openims_core::objects::PutOptions;
 use openims_core::{Caller, ImageId, Service, ServiceConfig};
+use openims_format::DiskFormat::{Qcow2, Vhd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +70,41 @@ async fn wait(svc: &Service, c: &Caller, job: &str) -> openims_core::jobs::Job {
     panic!("job {job} did not finish");
 }
 
+/// Exports `image` to `bkt1:<key>` as `format`, waits for the job to succeed and reads the
+/// exported disk back (`len` bytes).
+async fn export_and_read(
+    svc: &Service,
+    c: &Caller,
+    image: &str,
+    key: &str,
+    format: openims_format::DiskFormat,
+    len: usize,
+) -> Vec<u8> {
+    let job = svc
+        .export_image(
+            c,
+            image,
+            ExportRequest {
+                bucket_url: format!("bkt1:{key}"),
+                file_format: Some(format.to_string()),
+                is_quick_export: false,
+            },
+        )
+        .await
+        .expect("export accepted");
+    let j = wait(svc, c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let reader = svc
+        .buckets()
+        .open_object_reader(&c.project_id, "bkt1", key)
+        .await
+        .expect("exported object");
+    let mut d = openims_format::read::open(Arc::new(reader), format).expect("readable");
+    let mut back = vec![0u8; len];
+    d.read_at(0, &mut back).expect("read");
+    back
+}
+
 fn disk(seed: u8) -> Vec<u8> {
     (0..3 * 1024 * 1024u32)
         .map(|i| (i % 251) as u8 ^ seed)
@@ -121,29 +157,7 @@ async fn a_replaced_object_fails_the_import_and_an_unchanged_one_imports_and_exp
     assert_eq!(img.status, ImageStatus::Active);
     assert_eq!(img.virtual_size, Some(3 * 1024 * 1024));
 
-    let job = svc
-        .export_image(
-            &c,
-            &image_id,
-            ExportRequest {
-                bucket_url: "bkt1:out.qcow2".into(),
-                file_format: Some("qcow2".into()),
-                is_quick_export: false,
-            },
-        )
-        .await
-        .expect("export accepted");
-    let j = wait(&svc, &c, job.as_str()).await;
-    assert_eq!(j.status, JobStatus::Success, "{j:?}");
-    let reader = svc
-        .buckets()
-        .open_object_reader(&c.project_id, "bkt1", "out.qcow2")
-        .await
-        .expect("exported object");
-    let mut d = openims_format::read::open(Arc::new(reader), openims_format::DiskFormat::Qcow2)
-        .expect("qcow2");
-    let mut back = vec![0u8; 3 * 1024 * 1024];
-    d.read_at(0, &mut back).expect("read");
+    let back = export_and_read(&svc, &c, &image_id, "out.qcow2", Qcow2, 3 * 1024 * 1024).await;
     assert!(back == disk(7), "the export differs from the imported disk");
 }
 
@@ -323,29 +337,7 @@ async fn qcow2_imports_and_vhd_exports_compose_chunks_from_the_other_sides_chunk
         .await
         .expect("delete"));
     svc.collect_garbage(Duration::ZERO).await.expect("gc");
-    let job = svc
-        .export_image(
-            &c,
-            &image_id,
-            ExportRequest {
-                bucket_url: "bkt1:back.qcow2".into(),
-                file_format: Some("qcow2".into()),
-                is_quick_export: false,
-            },
-        )
-        .await
-        .expect("export accepted");
-    let j = wait(&svc, &c, job.as_str()).await;
-    assert_eq!(j.status, JobStatus::Success, "{j:?}");
-    let reader = svc
-        .buckets()
-        .open_object_reader(&c.project_id, "bkt1", "back.qcow2")
-        .await
-        .expect("exported object");
-    let mut d = openims_format::read::open(Arc::new(reader), openims_format::DiskFormat::Qcow2)
-        .expect("qcow2");
-    let mut back = vec![0u8; raw.len()];
-    d.read_at(0, &mut back).expect("read");
+    let back = export_and_read(&svc, &c, &image_id, "back.qcow2", Qcow2, raw.len()).await;
     assert!(back == raw, "the image differs from the uploaded disk");
 
     // A vhd export interleaves sector bitmaps with the image's bytes: the body's chunks are
@@ -355,31 +347,9 @@ async fn qcow2_imports_and_vhd_exports_compose_chunks_from_the_other_sides_chunk
         stored_chunks(dir.path()),
         store_files(dir.path(), "composed"),
     );
-    let job = svc
-        .export_image(
-            &c,
-            &image_id,
-            ExportRequest {
-                bucket_url: "bkt1:back.vhd".into(),
-                file_format: Some("vhd".into()),
-                is_quick_export: false,
-            },
-        )
-        .await
-        .expect("export accepted");
-    let j = wait(&svc, &c, job.as_str()).await;
-    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let back = export_and_read(&svc, &c, &image_id, "back.vhd", Vhd, raw.len()).await;
     let added = stored_chunks(dir.path()) - chunks_before;
     assert!(added <= 2, "the vhd export wrote {added} chunks");
     assert!(store_files(dir.path(), "composed") > composed_before);
-    let reader = svc
-        .buckets()
-        .open_object_reader(&c.project_id, "bkt1", "back.vhd")
-        .await
-        .expect("exported object");
-    let mut d =
-        openims_format::read::open(Arc::new(reader), openims_format::DiskFormat::Vhd).expect("vhd");
-    let mut back = vec![0u8; raw.len()];
-    d.read_at(0, &mut back).expect("read");
     assert!(back == raw, "the vhd export differs from the image");
 }

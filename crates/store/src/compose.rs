@@ -448,14 +448,7 @@ impl Store {
 
     /// Reads a source chunk's own object (never a composition) and verifies it.
     fn read_source(&self, id: &ChunkId) -> Result<ObjectBuf> {
-        let data = self.read_stored(false, id)?;
-        if ChunkId::hash(&data) != *id {
-            return Err(StoreError::corrupt(
-                chunk_key(id),
-                "chunk content does not match its id",
-            ));
-        }
-        Ok(data)
+        crate::store::verified(id, self.read_stored(false, id)?)
     }
 }
 

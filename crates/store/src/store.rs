@@ -42,6 +42,17 @@ impl Default for StoreConfig {
     }
 }
 
+/// `data` if it hashes to plaintext chunk `id`, else `Corrupt`.
+pub(crate) fn verified(id: &ChunkId, data: ObjectBuf) -> Result<ObjectBuf> {
+    if ChunkId::hash(&data) != *id {
+        return Err(StoreError::corrupt(
+            chunk_key(id),
+            "chunk content does not match its id",
+        ));
+    }
+    Ok(data)
+}
+
 /// How [`Store::put_chunk_from`] stored a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Put {
@@ -225,14 +236,7 @@ impl Store {
 
     /// Like [`Store::get_chunk`], into a (possibly pooled, see [`Backend::get_buf`]) buffer.
     pub fn get_chunk_buf(&self, id: &ChunkId) -> Result<ObjectBuf> {
-        let data = self.read_object(false, id)?;
-        if ChunkId::hash(&data) != *id {
-            return Err(StoreError::corrupt(
-                chunk_key(id),
-                "chunk content does not match its id",
-            ));
-        }
-        Ok(data)
+        verified(id, self.read_object(false, id)?)
     }
 
     /// Stores a chunk (if not already stored) and returns its id. Not durable until

@@ -990,10 +990,10 @@ fn read_all_of(d: &mut MemDisk) -> Vec<u8> {
 }
 
 /// A file this store holds as the chunks of a manifest of its bytes (as a bucket object's
-/// part is held): it answers `ReadAt::stored_slices` for any range and counts bytes read.
+/// part is held): it answers `ReadAt::stored_slices` for any range from that manifest.
 struct SlicedFile {
     data: Vec<u8>,
-    chunks: Vec<Option<ChunkId>>,
+    manifest: Manifest,
 }
 
 impl SlicedFile {
@@ -1006,7 +1006,8 @@ impl SlicedFile {
                     .then(|| s.put_chunk(c).expect("put"))
             })
             .collect();
-        Arc::new(SlicedFile { data, chunks })
+        let manifest = Manifest::new(data.len() as u64, CS as u32, chunks).expect("manifest");
+        Arc::new(SlicedFile { data, manifest })
     }
 }
 
@@ -1018,28 +1019,7 @@ impl openims_format::ReadAt for SlicedFile {
         Ok(self.data.len() as u64)
     }
     fn stored_slices(&self, offset: u64, len: u64) -> Option<Vec<StoredSlice>> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.data.len() as u64)?;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let k = (pos / CS) as usize;
-            let at = pos % CS;
-            let chunk_end = ((k as u64 + 1) * CS).min(self.data.len() as u64);
-            let n = (chunk_end - pos).min(end - pos) as u32;
-            let s = match self.chunks[k] {
-                Some(id) => StoredSlice::Chunk {
-                    chunk: *id.as_bytes(),
-                    offset: at as u32,
-                    len: n,
-                },
-                None => StoredSlice::Zero { len: n },
-            };
-            StoredSlice::push(&mut out, s);
-            pos += u64::from(n);
-        }
-        Some(out)
+        self.manifest.slices(offset, len)
     }
 }
 
