@@ -70,6 +70,17 @@ async fn wait(svc: &Service, c: &Caller, job: &str) -> openims_core::jobs::Job {
     panic!("job {job} did not finish");
 }
 
+/// Imports `bkt1:<key>` as a system disk image and waits for the job to succeed.
+async fn import_ok(svc: &Service, c: &Caller, key: &str) -> openims_core::jobs::Job {
+    let job = svc
+        .import_image(c, ImportKind::System, None, request(key))
+        .await
+        .expect("import accepted");
+    let j = wait(svc, c, job.as_str()).await;
+    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    j
+}
+
 /// Exports `image` to `bkt1:<key>` as `format`, waits for the job to succeed and reads the
 /// exported disk back (`len` bytes).
 async fn export_and_read(
@@ -146,12 +157,7 @@ async fn a_replaced_object_fails_the_import_and_an_unchanged_one_imports_and_exp
     assert!(img.disk_manifest.is_none());
 
     // Unchanged: imports, and exports back as the same disk.
-    let job = svc
-        .import_image(&c, ImportKind::System, None, request("disk.raw"))
-        .await
-        .expect("import accepted");
-    let j = wait(&svc, &c, job.as_str()).await;
-    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let j = import_ok(&svc, &c, "disk.raw").await;
     let image_id = j.image_id.expect("image id");
     let img = svc.image(&c, &image_id).await.expect("image");
     assert_eq!(img.status, ImageStatus::Active);
@@ -201,12 +207,7 @@ async fn imports_and_exports_of_unencrypted_images_reference_chunks_instead_of_c
     let _workers = svc.spawn_workers(1, stop);
     // A raw object stored as whole chunks is imported by reference: nothing is written.
     let before = stored_chunks(dir.path());
-    let job = svc
-        .import_image(&c, ImportKind::System, None, request("src.raw"))
-        .await
-        .expect("import accepted");
-    let j = wait(&svc, &c, job.as_str()).await;
-    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let j = import_ok(&svc, &c, "src.raw").await;
     assert_eq!(stored_chunks(dir.path()), before, "the import wrote chunks");
     let image_id = j.image_id.expect("image id");
     let img = svc.image(&c, &image_id).await.expect("image");
@@ -253,12 +254,7 @@ async fn imports_and_exports_of_unencrypted_images_reference_chunks_instead_of_c
     // The exported qcow2 imported back: its data clusters are the object's chunks, laid out
     // verbatim, so the import references them and writes nothing.
     let before = stored_chunks(dir.path());
-    let job = svc
-        .import_image(&c, ImportKind::System, None, request("out.qcow2"))
-        .await
-        .expect("import accepted");
-    let j = wait(&svc, &c, job.as_str()).await;
-    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let j = import_ok(&svc, &c, "out.qcow2").await;
     assert_eq!(
         stored_chunks(dir.path()),
         before,
@@ -315,12 +311,7 @@ async fn qcow2_imports_and_vhd_exports_compose_chunks_from_the_other_sides_chunk
     let _workers = svc.spawn_workers(1, stop);
 
     let before = stored_chunks(dir.path());
-    let job = svc
-        .import_image(&c, ImportKind::System, None, request("src.qcow2"))
-        .await
-        .expect("import accepted");
-    let j = wait(&svc, &c, job.as_str()).await;
-    assert_eq!(j.status, JobStatus::Success, "{j:?}");
+    let j = import_ok(&svc, &c, "src.qcow2").await;
     assert_eq!(
         stored_chunks(dir.path()),
         before,
