@@ -6,7 +6,7 @@
 //! file and then drives the streaming reader over it whatever the verdict (see there).
 
 use openims_format::inspect::{inspect, InspectOptions};
-use openims_format::io::{Extent, ExtentKind, VirtualDisk};
+use openims_format::io::{Extent, ExtentKind, StoredSlice, VirtualDisk};
 use openims_format::{read, DiskFormat, FormatError, ReadAt};
 use std::sync::Arc;
 
@@ -165,7 +165,9 @@ pub struct ReadOutcome {
 /// - `extents()` returns ordered, adjacent, non-empty, merged extents exactly covering the
 ///   requested range clipped to the disk;
 /// - a zero extent reads as zeros; bytes past the end of the disk read as zeros;
-/// - reading a piece in one call or in two halves gives the same bytes.
+/// - reading a piece in one call or in two halves gives the same bytes;
+/// - where the reader says which bytes of its file a piece is (`stored_slices`, the file
+///   being held as 4 KiB chunks, see [`HeldFile`]), those bytes are the bytes it reads.
 ///
 /// When `inspect` found the file safe **and** detected `format`, both must agree on the virtual
 /// size, the reader must open it (`Unsupported` is allowed: the reader refuses a few things
@@ -178,7 +180,7 @@ pub fn check_read(file: Vec<u8>, format: DiskFormat) -> ReadOutcome {
     let opts = InspectOptions::default();
     let ins = inspect(&file, &opts).expect("in-memory inspect never returns Err");
     let safe = ins.is_safe() && ins.format == format;
-    let src: Arc<dyn ReadAt> = Arc::new(file);
+    let src: Arc<dyn ReadAt> = Arc::new(HeldFile(file));
     let out = walk(src, format);
     if std::env::var_os("OPENIMS_FUZZ_DEBUG").is_some() {
         eprintln!(
@@ -216,6 +218,70 @@ pub fn check_read(file: Vec<u8>, format: DiskFormat) -> ReadOutcome {
     out
 }
 
+/// Chunk size of the store a fuzzed file is said to be held in (small: slices cross chunks).
+const HELD_CHUNK: u64 = 4096;
+
+/// A fuzzed file that answers `stored_slices` as if a chunk store held it in [`HELD_CHUNK`]
+/// chunks whose ids are their indexes (all-zero chunks as zeros), so that what a reader says a
+/// range of its disk is made of can be compared with what it reads.
+pub struct HeldFile(pub Vec<u8>);
+
+impl ReadAt for HeldFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.0.as_slice().read_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.0.len() as u64)
+    }
+    fn stored_slices(&self, offset: u64, len: u64) -> Option<Vec<StoredSlice>> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.0.len() as u64)?;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let k = pos / HELD_CHUNK;
+            let chunk_end = ((k + 1) * HELD_CHUNK).min(self.0.len() as u64);
+            let n = (chunk_end - pos).min(end - pos);
+            let bytes = &self.0[(k * HELD_CHUNK) as usize..chunk_end as usize];
+            let s = if bytes.iter().all(|&b| b == 0) {
+                StoredSlice::Zero { len: n as u32 }
+            } else {
+                let mut chunk = [0u8; 32];
+                chunk[..8].copy_from_slice(&k.to_le_bytes());
+                StoredSlice::Chunk {
+                    chunk,
+                    offset: (pos % HELD_CHUNK) as u32,
+                    len: n as u32,
+                }
+            };
+            StoredSlice::push(&mut out, s);
+            pos += n;
+        }
+        Some(out)
+    }
+}
+
+/// The bytes `slices` of a [`HeldFile`] (read through `src`) stand for.
+fn held_bytes(src: &dyn ReadAt, slices: &[StoredSlice]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in slices {
+        match *s {
+            StoredSlice::Zero { len } => out.resize(out.len() + len as usize, 0),
+            StoredSlice::Chunk { chunk, offset, len } => {
+                let mut k = [0u8; 8];
+                k.copy_from_slice(&chunk[..8]);
+                let at = u64::from_le_bytes(k) * HELD_CHUNK + u64::from(offset);
+                let start = out.len();
+                out.resize(start + len as usize, 0);
+                src.read_exact_at(&mut out[start..], at)
+                    .expect("a slice lies inside the file");
+            }
+        }
+    }
+    out
+}
+
 fn note(out: &mut ReadOutcome, what: &str, e: FormatError) {
     if out.error.is_none() {
         out.unsupported = matches!(e, FormatError::Unsupported { .. });
@@ -226,7 +292,7 @@ fn note(out: &mut ReadOutcome, what: &str, e: FormatError) {
 /// Opens `src` as `format` and walks it (see [`check_read`]); never asserts on errors.
 pub fn walk(src: Arc<dyn ReadAt>, format: DiskFormat) -> ReadOutcome {
     let mut out = ReadOutcome::default();
-    let mut disk = match read::open(src, format) {
+    let mut disk = match read::open(Arc::clone(&src), format) {
         Ok(d) => d,
         Err(e) => {
             note(&mut out, "open", e);
@@ -269,7 +335,7 @@ pub fn walk(src: Arc<dyn ReadAt>, format: DiskFormat) -> ReadOutcome {
                 ExtentKind::Data => x.len,
                 ExtentKind::Zero => x.len.min(ZERO_SAMPLE),
             };
-            if let Err(e) = read_extent(&mut *disk, x, span, &mut budget, &mut out) {
+            if let Err(e) = read_extent(&mut *disk, &*src, x, span, &mut budget, &mut out) {
                 note(&mut out, "read", e);
                 return out;
             }
@@ -327,6 +393,7 @@ fn check_extents(ext: &[Extent], off: u64, len: u64, vsize: u64) {
 
 fn read_extent(
     disk: &mut dyn VirtualDisk,
+    src: &dyn ReadAt,
     x: Extent,
     span: u64,
     budget: &mut u64,
@@ -346,6 +413,14 @@ fn read_extent(
             assert!(
                 buf.iter().all(|&b| b == 0),
                 "zero extent {x:?} reads non-zero bytes near {pos}"
+            );
+        }
+        if let Some(slices) = disk.stored_slices(pos, n as u64)? {
+            let total: u64 = slices.iter().map(|s| u64::from(s.len())).sum();
+            assert_eq!(total, n as u64, "slices of [{pos}, +{n}) cover {total} bytes");
+            assert!(
+                held_bytes(src, &slices) == buf,
+                "the slices of [{pos}, +{n}) are not the bytes read there: {slices:?}"
             );
         }
         // Once per extent: the same bytes read in two unaligned halves.
