@@ -417,7 +417,10 @@ fn read_extent(
         }
         if let Some(slices) = disk.stored_slices(pos, n as u64)? {
             let total: u64 = slices.iter().map(|s| u64::from(s.len())).sum();
-            assert_eq!(total, n as u64, "slices of [{pos}, +{n}) cover {total} bytes");
+            assert_eq!(
+                total, n as u64,
+                "slices of [{pos}, +{n}) cover {total} bytes"
+            );
             assert!(
                 held_bytes(src, &slices) == buf,
                 "the slices of [{pos}, +{n}) are not the bytes read there: {slices:?}"
