@@ -232,18 +232,27 @@ impl StoredSlice {
         if s.is_empty() {
             return;
         }
-        match (v.last_mut(), s) {
+        if !v.last_mut().is_some_and(|last| last.extend(&s)) {
+            v.push(s);
+        }
+    }
+
+    /// Extends `self` by `next` when `next` continues it (the next bytes of the same chunk, or
+    /// more zeros); `false` (and `self` unchanged) otherwise.
+    pub fn extend(&mut self, next: &StoredSlice) -> bool {
+        match (self, *next) {
             (
-                Some(StoredSlice::Chunk { chunk, offset, len }),
+                StoredSlice::Chunk { chunk, offset, len },
                 StoredSlice::Chunk {
                     chunk: c,
                     offset: o,
                     len: l,
                 },
             ) if *chunk == c && offset.checked_add(*len) == Some(o) => *len += l,
-            (Some(StoredSlice::Zero { len }), StoredSlice::Zero { len: l }) => *len += l,
-            _ => v.push(s),
+            (StoredSlice::Zero { len }, StoredSlice::Zero { len: l }) => *len += l,
+            _ => return false,
         }
+        true
     }
 }
 

@@ -90,13 +90,10 @@ impl Piece {
             return;
         }
         match (v.last_mut(), p) {
-            (Some(Piece::Slice(_)), Piece::Slice(s)) => {
-                let Some(Piece::Slice(last)) = v.pop() else {
-                    return;
-                };
-                let mut merged = vec![last];
-                StoredSlice::push(&mut merged, s);
-                v.extend(merged.into_iter().map(Piece::Slice));
+            (Some(Piece::Slice(last)), Piece::Slice(s)) => {
+                if !last.extend(&s) {
+                    v.push(Piece::Slice(s));
+                }
             }
             (Some(Piece::Inline(a)), Piece::Inline(b)) => a.extend_from_slice(&b),
             (_, p) => v.push(p),
@@ -387,35 +384,32 @@ impl Store {
     /// Assembles composed chunk `id` from its sources (each verified against its id); `None`
     /// if it is not stored as a composition. The caller verifies the result against `id`.
     pub(crate) fn read_composed(&self, id: &ChunkId) -> Result<Option<ObjectBuf>> {
-        let key = composed_key(id);
-        let bytes = match self.inner.backend.get(&key) {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(pieces) = self.composition(id)? else {
+            return Ok(None);
         };
-        let (len, pieces) = from_bytes(&bytes, &key)?;
+        let len: u64 = pieces.iter().map(Piece::len).sum();
         let mut out = ObjectBuf::pooled(len as usize);
         let mut pos = 0usize;
         for p in &pieces {
             let n = p.len() as usize;
+            let to = &mut out[pos..pos + n];
             match p {
-                Piece::Slice(StoredSlice::Zero { .. }) => out[pos..pos + n].fill(0),
-                Piece::Inline(bytes) => out[pos..pos + n].copy_from_slice(bytes),
-                Piece::Slice(StoredSlice::Chunk { .. }) => {}
-            }
-            if let Piece::Slice(StoredSlice::Chunk { chunk, offset, .. }) = p {
-                let src = self.source_chunk(&ChunkId(*chunk))?;
-                let at = *offset as usize;
-                let part = src.get(at..at + n).ok_or_else(|| {
-                    StoreError::corrupt(
-                        &key,
-                        format!(
-                            "slice {at}+{n} lies outside its source chunk of {} bytes",
-                            src.len()
-                        ),
-                    )
-                })?;
-                out[pos..pos + n].copy_from_slice(part);
+                Piece::Slice(StoredSlice::Zero { .. }) => to.fill(0),
+                Piece::Inline(bytes) => to.copy_from_slice(bytes),
+                Piece::Slice(StoredSlice::Chunk { chunk, offset, .. }) => {
+                    let src = self.source_chunk(&ChunkId(*chunk))?;
+                    let at = *offset as usize;
+                    let part = src.get(at..at + n).ok_or_else(|| {
+                        StoreError::corrupt(
+                            composed_key(id),
+                            format!(
+                                "slice {at}+{n} lies outside its source chunk of {} bytes",
+                                src.len()
+                            ),
+                        )
+                    })?;
+                    to.copy_from_slice(part);
+                }
             }
             pos += n;
         }

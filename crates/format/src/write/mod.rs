@@ -217,7 +217,7 @@ pub fn write_image_resumable(
     };
     let mut last_checkpoint = sink.position();
     let unit = w.unit();
-    let want_slices = sink.wants_slices();
+    let want_slices = sink.wants_slices() && w.writes_slices();
     run_pipeline(
         disk,
         (unit, want_slices),
@@ -416,6 +416,11 @@ pub(crate) trait FormatWriter {
     fn batch(&mut self, b: &Batch, sink: &mut dyn ImageSink) -> Result<()>;
     /// Writes the tail and patches the header window; may return a side output (bitmap).
     fn finish(&mut self, sink: &mut dyn ImageSink) -> Result<Option<Vec<u8>>>;
+    /// Whether the writer hands units to the sink with their slices ([`write_unit`]): only
+    /// then does the pipeline ask the disk for them. Default: `false`.
+    fn writes_slices(&self) -> bool {
+        false
+    }
     /// The writer's state between two batches: with it, a writer made the same way continues
     /// ([`FormatWriter::restore`]) exactly as this one would. `None`: cannot resume.
     fn save(&self) -> Option<Vec<u8>> {

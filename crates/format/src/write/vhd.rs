@@ -145,6 +145,9 @@ impl FormatWriter for VhdDynWriter {
         sink.write_zeros(self.data_start)?;
         Ok(())
     }
+    fn writes_slices(&self) -> bool {
+        true
+    }
     fn batch(&mut self, b: &Batch, sink: &mut dyn ImageSink) -> Result<()> {
         const BM: [u8; BITMAP] = [0xff; BITMAP];
         for (i, &u) in b.units.iter().enumerate() {
